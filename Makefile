@@ -1,0 +1,39 @@
+# Every target runs inside .venv/ at the repository root; `make install` builds it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test unit integration demo bench soak clean
+
+install: $(STAMP)
+
+# torch goes first with its exact pin: a looser spec with no torch present would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q unit_tests integration_tests
+
+unit: install
+	$(PY) -m pytest -q unit_tests
+
+integration: install
+	$(PY) -m pytest -q integration_tests
+
+demo: install
+	$(PY) -m etcd_rdzv.demo
+
+bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks.run --quick
+
+soak: install
+	$(PY) -m benchmarks.soak
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,151 @@
+"""The wire format of ``RendezvousState``: versioned JSON, validated on the way in. Never pickle.
+
+Format (version 1), UTF-8 JSON object::
+
+    {"format": "torch-rdzv-state", "version": 1,
+     "round": 3, "complete": true, "closed": false, "deadline": null, "cursor": 17,
+     "participants": [{"addr": "10.0.0.1", "pid": 41, "local_id": 0, "rank": 0}, ...],
+     "wait_list": [{"addr": ..., "pid": ..., "local_id": ...}, ...],
+     "redundancy_list": [...]}
+
+Join announcements posted to a backend's mailbox use ``{"join": {"addr", "pid", "local_id"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from torch.distributed.elastic.rendezvous import RendezvousStateError
+
+from .state import NodeDesc, RendezvousState
+
+FORMAT = "torch-rdzv-state"
+VERSION = 1
+# A state for tens of thousands of nodes stays far below this; a larger value is not ours.
+MAX_STATE_BYTES = 16 * 1024 * 1024
+
+
+def _node_to_json(node: NodeDesc) -> dict[str, Any]:
+    return {"addr": node.addr, "pid": node.pid, "local_id": node.local_id}
+
+
+def encode_state(state: RendezvousState) -> bytes:
+    """Serialize ``state``; participants and lists are sorted so equal states encode equally."""
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "round": state.round,
+        "complete": state.complete,
+        "closed": state.closed,
+        "deadline": state.deadline,
+        "cursor": state.cursor,
+        "participants": [
+            {**_node_to_json(n), "rank": r} for n, r in sorted(state.participants.items())
+        ],
+        "wait_list": [_node_to_json(n) for n in sorted(state.wait_list)],
+        "redundancy_list": [_node_to_json(n) for n in sorted(state.redundancy_list)],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _fail(where: str, problem: str) -> RendezvousStateError:
+    return RendezvousStateError(
+        f"The rendezvous state at {where} is corrupt: {problem}. "
+        "Reset the run (for etcd: `etcd-rdzv reset RUN_ID --yes`) or use a new run id."
+    )
+
+
+def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in doc:
+        raise _fail(where, f"field '{name}' is missing")
+    value = doc[name]
+    # bool is an int in Python; a flag must not pass as a number nor a number as a flag.
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise _fail(where, f"field '{name}' has {type(value).__name__} {value!r}")
+    return value
+
+
+def _node(doc: Any, where: str) -> NodeDesc:
+    if not isinstance(doc, dict):
+        raise _fail(where, f"a node entry is {type(doc).__name__}, not an object")
+    addr = _field(doc, "addr", str, where)
+    pid = _field(doc, "pid", int, where)
+    local_id = _field(doc, "local_id", int, where)
+    if not addr or pid < 0 or local_id < 0:
+        raise _fail(where, f"node entry {doc!r} is out of range")
+    return NodeDesc(addr, pid, local_id)
+
+
+def _node_list(doc: dict[str, Any], name: str, where: str) -> list[tuple[NodeDesc, dict]]:
+    entries = _field(doc, name, list, where)
+    nodes = [(_node(e, where), e) for e in entries]
+    if len({n for n, _ in nodes}) != len(nodes):
+        raise _fail(where, f"'{name}' names a node twice")
+    return nodes
+
+
+def _load_json(data: bytes, where: str) -> Any:
+    if not isinstance(data, (bytes, bytearray)):
+        raise _fail(where, f"value is {type(data).__name__}, not bytes")
+    if len(data) > MAX_STATE_BYTES:
+        raise _fail(where, f"value is {len(data)} bytes, over the {MAX_STATE_BYTES} byte limit")
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(where, f"value is not UTF-8 JSON ({exc})") from None
+
+
+def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
+    """Parse and validate a state written by ``encode_state``.
+
+    Raises:
+        RendezvousStateError: naming ``where`` and what is wrong, for any value that is not a
+            well-formed version-1 state.
+    """
+    doc = _load_json(data, where)
+    if not isinstance(doc, dict):
+        raise _fail(where, f"value is a JSON {type(doc).__name__}, not an object")
+    if doc.get("format") != FORMAT:
+        raise _fail(where, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+    if doc.get("version") != VERSION:
+        raise _fail(
+            where,
+            f"format version {doc.get('version')!r} is not supported (this library reads "
+            f"version {VERSION}); upgrade every node to the same release",
+        )
+    state = RendezvousState(
+        round=_field(doc, "round", int, where),
+        complete=_field(doc, "complete", bool, where),
+        closed=_field(doc, "closed", bool, where),
+        cursor=_field(doc, "cursor", int, where),
+    )
+    deadline = doc.get("deadline")
+    if deadline is not None:
+        deadline = _field(doc, "deadline", (int, float), where)
+        if not math.isfinite(deadline):
+            raise _fail(where, f"deadline {deadline!r} is not a finite time")
+        state.deadline = float(deadline)
+    if state.round < 0 or state.cursor < 0:
+        raise _fail(where, "round and cursor must not be negative")
+    for node, entry in _node_list(doc, "participants", where):
+        state.participants[node] = _field(entry, "rank", int, where)
+    if state.complete and sorted(state.participants.values()) != list(range(len(state.participants))):
+        raise _fail(where, "the ranks of a complete round are not 0..n-1")
+    state.wait_list = {n for n, _ in _node_list(doc, "wait_list", where)}
+    state.redundancy_list = {n for n, _ in _node_list(doc, "redundancy_list", where)}
+    return state
+
+
+def encode_join(node: NodeDesc) -> bytes:
+    """Serialize a join announcement for ``node``."""
+    return json.dumps({"join": _node_to_json(node)}, separators=(",", ":")).encode()
+
+
+def decode_join(data: bytes, where: str = "the mailbox") -> NodeDesc:
+    """Parse a join announcement; raises ``RendezvousStateError`` if it is malformed."""
+    doc = _load_json(data, where)
+    if not isinstance(doc, dict) or "join" not in doc:
+        raise _fail(where, "a join announcement lacks its 'join' object")
+    return _node(doc["join"], where)

@@ -1,0 +1,126 @@
+"""An in-process backend: the reference implementation of the backend contract, for tests and
+for several handlers in one process (threads) sharing one ``MemoryStore``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection
+
+from .backend import Liveness, Mailbox, RendezvousBackend, Token
+
+
+class MemoryStore:
+    """The shared server side: one state per run, a join log and heartbeat times.
+
+    ``clock`` returns seconds; tests pass a fake one to expire heartbeats without sleeping.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.changed = threading.Condition()
+        self.states: dict[str, tuple[bytes, int]] = {}
+        self.logs: dict[str, list[bytes]] = {}
+        self.beats: dict[str, dict[str, float]] = {}
+        self.writes = 0
+        self.bytes_written = 0
+
+
+class MemoryMailbox(Mailbox):
+    def __init__(self, store: MemoryStore, run_id: str) -> None:
+        self._store = store
+        self._run_id = run_id
+
+    def post(self, record: bytes) -> None:
+        with self._store.changed:
+            self._store.logs.setdefault(self._run_id, []).append(bytes(record))
+            self._store.writes += 1
+            self._store.bytes_written += len(record)
+
+    def read(self, cursor: int) -> tuple[list[bytes], int]:
+        with self._store.changed:
+            log = self._store.logs.get(self._run_id, [])
+            return list(log[cursor:]), max(cursor, len(log))
+
+
+class MemoryLiveness(Liveness):
+    def __init__(self, store: MemoryStore, run_id: str) -> None:
+        self._store = store
+        self._run_id = run_id
+
+    def beat(self, node_key: str, ttl: float) -> None:
+        with self._store.changed:
+            self._store.beats.setdefault(self._run_id, {})[node_key] = self._store.clock()
+
+    def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
+        with self._store.changed:
+            beats = self._store.beats.get(self._run_id, {})
+            now = self._store.clock()
+            return {k for k in node_keys if k in beats and now - beats[k] <= ttl}
+
+    def forget(self, node_key: str) -> None:
+        with self._store.changed:
+            self._store.beats.get(self._run_id, {}).pop(node_key, None)
+
+
+class MemoryBackend(RendezvousBackend):
+    """A backend over a ``MemoryStore``; the token is a version number that grows on each write.
+
+    ``use_mailbox=False`` makes the core write joins into the state directly, so tests can cover
+    both paths.
+    """
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        run_id: str,
+        name: str = "memory",
+        use_mailbox: bool = True,
+    ) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._name = name
+        self._mailbox = MemoryMailbox(store, run_id) if use_mailbox else None
+        self._liveness = MemoryLiveness(store, run_id)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def get_state(self) -> tuple[bytes, Token] | None:
+        with self._store.changed:
+            return self._store.states.get(self._run_id)
+
+    def set_state(self, state: bytes, token: Token | None = None) -> tuple[bytes, Token, bool] | None:
+        with self._store.changed:
+            current = self._store.states.get(self._run_id)
+            if (current is None and token is None) or (current is not None and current[1] == token):
+                version = 1 if current is None else current[1] + 1
+                self._store.states[self._run_id] = (bytes(state), version)
+                self._store.writes += 1
+                self._store.bytes_written += len(state)
+                self._store.changed.notify_all()
+                return bytes(state), version, True
+            if current is None:
+                return None
+            return current[0], current[1], False
+
+    def wait_for_change(self, token: Token | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._store.changed:
+            while True:
+                current = self._store.states.get(self._run_id)
+                if (current[1] if current else None) != token:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._store.changed.wait(remaining)
+
+    @property
+    def mailbox(self) -> Mailbox | None:
+        return self._mailbox
+
+    @property
+    def liveness(self) -> Liveness:
+        return self._liveness

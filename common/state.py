@@ -1,0 +1,94 @@
+"""The rendezvous state shared by every node of a run, and the identity of a node."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class NodeDesc:
+    """One rendezvous participant: a handler in one process on one host.
+
+    Ordering (addr, pid, local_id) is what assigns ranks when a round completes, as in torch.
+    """
+
+    addr: str
+    pid: int
+    local_id: int
+
+    @property
+    def key(self) -> str:
+        """A string naming this node in keys and logs, in torch's format ``addr_pid_localid``."""
+        return f"{self.addr}_{self.pid}_{self.local_id}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class NodeDescGenerator:
+    """Creates distinct ``NodeDesc`` values for the handlers of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def generate(self, local_addr: str | None = None) -> NodeDesc:
+        """Return a new node for this process, addressed by ``local_addr`` or the host's FQDN."""
+        with self._lock:
+            local_id = next(self._ids)
+        return NodeDesc(local_addr or socket.getfqdn(), os.getpid(), local_id)
+
+
+@dataclass
+class RendezvousState:
+    """The state of one run.
+
+    Attributes:
+        round: the current round; it grows by one each time a completed round empties.
+        complete: whether the current round has formed its group.
+        deadline: wall-clock time (UNIX seconds) at which a round that reached ``min_nodes``
+            completes, or ``None`` while it has fewer.
+        closed: whether the run accepts no more rounds.
+        participants: the nodes of the current round with their ranks (0 until complete).
+        wait_list: nodes that arrived after completion and want the next round.
+        redundancy_list: nodes beyond ``max_nodes`` that wait for a free place.
+        cursor: the mailbox position up to which join announcements are folded in.
+    """
+
+    round: int = 0
+    complete: bool = False
+    deadline: float | None = None
+    closed: bool = False
+    participants: dict[NodeDesc, int] = field(default_factory=dict)
+    wait_list: set[NodeDesc] = field(default_factory=set)
+    redundancy_list: set[NodeDesc] = field(default_factory=set)
+    cursor: int = 0
+
+    def nodes(self) -> set[NodeDesc]:
+        """Every node the state names, in any list."""
+        return set(self.participants) | self.wait_list | self.redundancy_list
+
+    def remove_participant(self, node: NodeDesc, min_nodes: int) -> None:
+        """Drop ``node`` from the participants and repair the round around its absence.
+
+        A complete round that loses its last participant opens the next round; an incomplete round
+        that falls below ``min_nodes`` loses its last-call deadline.
+        """
+        del self.participants[node]
+        if self.complete:
+            if not self.participants:
+                self.complete = False
+                self.round += 1
+        elif len(self.participants) < min_nodes:
+            self.deadline = None
+
+    def remove_node(self, node: NodeDesc, min_nodes: int) -> None:
+        """Drop ``node`` from whichever lists hold it."""
+        self.wait_list.discard(node)
+        self.redundancy_list.discard(node)
+        if node in self.participants:
+            self.remove_participant(node, min_nodes)

@@ -1,0 +1,11 @@
+import pytest
+
+from rdzv_common.memory import MemoryBackend, MemoryStore
+from unit_tests.backend_contract import BackendContract
+
+
+class TestMemoryBackend(BackendContract):
+    @pytest.fixture
+    def make_backend(self):
+        store = MemoryStore()
+        return lambda run_id: MemoryBackend(store, run_id)
