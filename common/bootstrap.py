@@ -1,0 +1,53 @@
+"""The store that bootstraps the trainers' process group (NCCL, gloo), published once per round.
+
+With torch's shared-store mode on, rank 0's agent hosts a ``TCPStore`` the trainers connect to.
+A fresh server is started for every round and its address is published under that round's
+prefix, so that (a) a node joining in a later round finds it, and (b) no trainer key (such as an
+NCCL unique id) can leak from one round or restart into the next (pytorch issue #135712).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous import RendezvousStoreInfo
+
+
+def shared_store_enabled() -> bool:
+    """Whether trainers use the agent-hosted store; torch's opt-out variable turns it off."""
+    return os.getenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0") != "1"
+
+
+class TrainerStoreHost:
+    """Hosts (on rank 0) and publishes (to every rank) the trainers' store for each round."""
+
+    def __init__(self, addr: str) -> None:
+        self._addr = addr
+        self._server: dist.TCPStore | None = None
+
+    @property
+    def server(self) -> dist.TCPStore | None:
+        """The server this node hosts for the current round, if it is rank 0."""
+        return self._server
+
+    def publish(self, rank: int, round_store: dist.Store) -> RendezvousStoreInfo:
+        """Return the round's store address; rank 0 starts a fresh server and publishes it.
+
+        ``round_store`` must be private to the round (prefixed by run id and round), and every
+        rank of the round must call this. Non-zero ranks block until rank 0 has published.
+        """
+        self.stop()
+        if not shared_store_enabled():
+            return RendezvousStoreInfo.build(rank, round_store, local_addr=self._addr)
+        port = None
+        if rank == 0:
+            self._server = dist.TCPStore(
+                host_name=self._addr, port=0, is_master=True, multi_tenant=True, wait_for_workers=False
+            )
+            port = self._server.port
+        return RendezvousStoreInfo.build(rank, round_store, local_addr=self._addr, server_port=port)
+
+    def stop(self) -> None:
+        """Drop the server of the previous round; its trainers are gone by now."""
+        self._server = None

@@ -1,0 +1,148 @@
+"""Runs a rendezvous operation to completion against the shared state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from torch.distributed.elastic.events import NodeState
+from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
+
+from .backend import RendezvousBackend
+from .codec import encode_join
+from .events import record_event
+from .holder import StateHolder
+from .ops import ADD_ACTIONS, Action, Context, Op, apply
+from .settings import RendezvousSettings
+from .state import NodeDesc
+
+logger = logging.getLogger(__name__)
+
+
+class OpExecutor:
+    """Drives one node's operations: sync, decide, act, until the operation finishes.
+
+    Waiting is done on the backend's change notification, never on a fixed sleep. Joins go through
+    the mailbox when the backend has one: the node announces itself once and then only helps fold
+    announcements in, so concurrent joiners do not each need their own winning write.
+    """
+
+    def __init__(
+        self,
+        node: NodeDesc,
+        holder: StateHolder,
+        backend: RendezvousBackend,
+        settings: RendezvousSettings,
+    ) -> None:
+        self._node = node
+        self._holder = holder
+        self._backend = backend
+        self._settings = settings
+        self._last_beat = float("-inf")
+        # The (round, action) this node last announced; an announcement stays pending until folded.
+        self._announced: tuple[int, Action] | None = None
+        # Monotonic time the current run first saw this node among the participants.
+        self.placed_at: float | None = None
+
+    def beat(self) -> None:
+        """Send a heartbeat now."""
+        self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl)
+        self._last_beat = time.monotonic()
+
+    def _keep_alive_due(self) -> bool:
+        return time.monotonic() - self._last_beat >= self._settings.keep_alive_interval
+
+    def _describe(self, action: Action) -> str:
+        state = self._holder.state
+        return (
+            f"The node '{self._node}' chose {action.name} in round {state.round} of the "
+            f"rendezvous '{self._settings.run_id}' ({len(state.participants)} participants, "
+            f"{len(state.wait_list)} waiting, {len(state.redundancy_list)} redundant, "
+            f"complete={state.complete}, closed={state.closed})."
+        )
+
+    def run(
+        self,
+        op: Op,
+        deadline: float,
+        update_deadline: Callable[[float], float] | None = None,
+    ) -> None:
+        """Run ``op`` until it returns ``FINISH``.
+
+        Args:
+            op: the decision function.
+            deadline: monotonic time after which the op times out.
+            update_deadline: given the join timeout, a new deadline; called when a redundant node
+                starts competing for a place again.
+
+        Raises:
+            RendezvousClosedError: the run is closed.
+            RendezvousTimeoutError: the deadline passed.
+        """
+        self.placed_at = None
+        while True:
+            has_set = self._holder.sync()
+            if has_set:
+                # Our own write read the mailbox after our announcement, so it placed us unless we
+                # were dropped as dead; either way a later join must announce afresh.
+                self._announced = None
+            if has_set is not None:
+                logger.debug(
+                    "The node '%s' %s its changes to the rendezvous '%s'.",
+                    self._node,
+                    "synced" if has_set else "lost the race to sync",
+                    self._settings.run_id,
+                )
+            state = self._holder.state
+            if self.placed_at is None and self._node in state.participants:
+                self.placed_at = time.monotonic()
+            ctx = Context(self._node, state, self._settings, self._keep_alive_due())
+            action = op(ctx, deadline)
+            if action is not Action.SYNC:
+                logger.debug(self._describe(action))
+            if action is Action.FINISH:
+                return
+            if action is Action.ERROR_CLOSED:
+                raise RendezvousClosedError(f"The rendezvous '{self._settings.run_id}' is closed.")
+            if action is Action.ERROR_TIMEOUT:
+                raise RendezvousTimeoutError(
+                    f"The node '{self._node}' timed out in round {state.round} of the rendezvous "
+                    f"'{self._settings.run_id}' with {len(state.participants)} of "
+                    f"{self._settings.min_nodes}..{self._settings.max_nodes} nodes."
+                )
+            if action is Action.SYNC:
+                self._wait(deadline)
+            elif action is Action.KEEP_ALIVE:
+                self.beat()
+            elif action in ADD_ACTIONS and self._backend.mailbox is not None:
+                self._announce(action)
+                self._holder.mark_dirty()
+            else:
+                if action is Action.MARK_RENDEZVOUS_COMPLETE or action is Action.MARK_RENDEZVOUS_CLOSED:
+                    record_event(self._settings, self._node, self._describe(action), NodeState.SUCCEEDED)
+                apply(action, state, self._node, self._settings)
+                if action is Action.REMOVE_FROM_REDUNDANCY_LIST and update_deadline is not None:
+                    deadline = update_deadline(self._settings.join_timeout)
+                self._holder.mark_dirty()
+
+    def _announce(self, action: Action) -> None:
+        announcement = (self._holder.state.round, action)
+        if announcement == self._announced:
+            return
+        if self._keep_alive_due():
+            # A join folded in for a node with no heartbeat would be dropped as dead at once.
+            self.beat()
+        self._backend.mailbox.post(encode_join(self._node))
+        self._announced = announcement
+
+    def _wait(self, deadline: float) -> None:
+        """Block until the state changes, a heartbeat or the last-call deadline is due, or timeout."""
+        timeouts = [
+            deadline - time.monotonic(),
+            self._last_beat + self._settings.keep_alive_interval - time.monotonic(),
+        ]
+        state = self._holder.state
+        if state.deadline is not None and self._node in state.participants:
+            timeouts.append(state.deadline - time.time())
+        self._backend.wait_for_change(self._holder.token, max(0.01, min(timeouts)))

@@ -1,0 +1,279 @@
+"""``DynamicRendezvousHandler``: torch's ``RendezvousHandler`` over any ``RendezvousBackend``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.elastic.events import NodeState
+from torch.distributed.elastic.rendezvous import (
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+)
+
+from .backend import RendezvousBackend
+from .bootstrap import TrainerStoreHost, shared_store_enabled
+from .events import record_event
+from .executor import OpExecutor
+from .holder import StateHolder
+from .ops import close_op, exit_op, join_op, keep_alive_op
+from .settings import RendezvousSettings, settings_from_params
+from .state import NodeDesc, NodeDescGenerator
+
+logger = logging.getLogger(__name__)
+
+_node_desc_generator = NodeDescGenerator()
+
+# How stale a state read by the agent's monitoring calls (num_nodes_waiting, is_closed) may be.
+# torchrun polls these every monitor interval; a short cache keeps that off the server.
+MONITOR_CACHE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class RendezvousTimings:
+    """How one ``next_rendezvous`` call spent its time (seconds) and its writes.
+
+    ``join_wait``: until this node was a participant; ``last_call_wait``: from then until the round
+    completed; ``writes``/``lost_writes``: compare-and-set attempts made and lost.
+    """
+
+    round: int
+    join_wait: float
+    last_call_wait: float
+    total: float
+    writes: int
+    lost_writes: int
+
+
+class DynamicRendezvousHandler(RendezvousHandler):
+    """A dynamic rendezvous with torch's semantics and a scalable, pickle-free state.
+
+    Use ``create_handler`` (or ``from_backend``) to build one.
+    """
+
+    def __init__(
+        self,
+        node: NodeDesc,
+        settings: RendezvousSettings,
+        backend_name: str,
+        store: dist.Store,
+        backend: RendezvousBackend,
+    ) -> None:
+        self._node = node
+        self._settings = settings
+        self._backend_name = backend_name
+        self._store = store
+        self._backend = backend
+        self._holder = StateHolder(backend, settings)
+        self._executor = OpExecutor(node, self._holder, backend, settings)
+        self._lock = threading.Lock()
+        self._heartbeat_stop: threading.Event | None = None
+        self._trainer_store = TrainerStoreHost(node.addr)
+        self.last_timings: RendezvousTimings | None = None
+
+    @classmethod
+    def from_backend(
+        cls,
+        run_id: str,
+        store: dist.Store,
+        backend: RendezvousBackend,
+        min_nodes: int,
+        max_nodes: int,
+        local_addr: str | None = None,
+        **timeouts: float,
+    ) -> DynamicRendezvousHandler:
+        """Build a handler for a new node of this process; ``timeouts`` are settings fields."""
+        settings = RendezvousSettings(run_id, min_nodes, max_nodes, **timeouts)
+        node = _node_desc_generator.generate(local_addr)
+        return cls(node, settings, backend.name, store, backend)
+
+    @property
+    def settings(self) -> RendezvousSettings:
+        return self._settings
+
+    @property
+    def node(self) -> NodeDesc:
+        return self._node
+
+    def get_backend(self) -> str:
+        return self._backend_name
+
+    @property
+    def use_agent_store(self) -> bool:
+        return shared_store_enabled()
+
+    def _record(self, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None) -> None:
+        record_event(self._settings, self._node, message, node_state, rank)
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        """Leave the previous round and join the next; see torch's ``RendezvousHandler``."""
+        msg = (
+            f"The node '{self._node}' attempts to join the next round of the rendezvous "
+            f"'{self._settings.run_id}'."
+        )
+        self._record(msg)
+        logger.info(msg)
+        started = time.monotonic()
+        writes, lost = self._holder.writes, self._holder.failed_writes
+        try:
+            self._stop_heartbeats()
+            with self._lock:
+                self._executor.beat()
+                deadline = started + self._settings.join_timeout
+                self._executor.run(exit_op, deadline)
+                self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
+                placed_at = self._executor.placed_at or time.monotonic()
+            self._start_heartbeats()
+            state = self._holder.state
+            rank, world_size = state.participants[self._node], len(state.participants)
+            round_store = dist.PrefixStore(f"torch.rendezvous.{self._settings.run_id}.{state.round}", self._store)
+            store_info = self._trainer_store.publish(rank, round_store)
+        except Exception as e:
+            self._record(f"{type(e).__name__}: {e}", NodeState.FAILED)
+            raise
+
+        finished = time.monotonic()
+        self.last_timings = RendezvousTimings(
+            round=state.round,
+            join_wait=placed_at - started,
+            last_call_wait=finished - placed_at,
+            total=finished - started,
+            writes=self._holder.writes - writes,
+            lost_writes=self._holder.failed_writes - lost,
+        )
+        msg = (
+            f"The node '{self._node}' has joined round {state.round} of the rendezvous "
+            f"'{self._settings.run_id}' as rank {rank} in a world of size {world_size} "
+            f"(total {self.last_timings.total:.3f}s, join wait {self.last_timings.join_wait:.3f}s, "
+            f"last call {self.last_timings.last_call_wait:.3f}s, {self.last_timings.writes} writes, "
+            f"{self.last_timings.lost_writes} lost)."
+        )
+        self._record(msg, rank=rank)
+        logger.info(msg)
+        return RendezvousInfo(round_store, rank, world_size, store_info)
+
+    def _guarded(self, fn):
+        try:
+            with self._lock:
+                return fn()
+        except Exception as e:
+            self._record(f"{type(e).__name__}: {e}", NodeState.FAILED)
+            raise
+
+    def is_closed(self) -> bool:
+        def read() -> bool:
+            self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
+            return self._holder.state.closed
+
+        return self._guarded(read)
+
+    def set_closed(self) -> None:
+        self._guarded(self._close)
+
+    def num_nodes_waiting(self) -> int:
+        def read() -> int:
+            self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
+            return len(self._holder.state.wait_list)
+
+        return self._guarded(read)
+
+    def get_run_id(self) -> str:
+        return self._settings.run_id
+
+    def shutdown(self) -> bool:
+        """Close the run, end this node's liveness and release the backend; see torch's contract."""
+        self._stop_heartbeats()
+        try:
+            with self._lock:
+                self._close()
+            return True
+        except RendezvousError as ex:
+            msg = (
+                f"The node '{self._node}' has failed to shutdown the rendezvous "
+                f"'{self._settings.run_id}' due to an error of type {type(ex).__name__}."
+            )
+            self._record(msg, NodeState.FAILED)
+            logger.warning(msg)
+            return False
+        finally:
+            self._trainer_store.stop()
+            try:
+                self._backend.liveness.forget(self._node.key)
+            except RendezvousError as ex:
+                logger.warning("The node '%s' could not end its liveness: %s", self._node, ex)
+            self._backend.close()
+
+    def _close(self) -> None:
+        self._executor.run(close_op, time.monotonic() + self._settings.close_timeout)
+        msg = f"The node '{self._node}' has closed the rendezvous '{self._settings.run_id}'."
+        self._record(msg, NodeState.SUCCEEDED)
+        logger.info(msg)
+
+    def _keep_alive(self) -> None:
+        with self._lock:
+            try:
+                self._executor.run(keep_alive_op, time.monotonic() + self._settings.heartbeat_timeout)
+                logger.debug("The node '%s' sent a keep-alive heartbeat.", self._node)
+            except RendezvousError as ex:
+                msg = (
+                    f"The node '{self._node}' has failed to send a keep-alive heartbeat to the "
+                    f"rendezvous '{self._settings.run_id}' due to an error of type {type(ex).__name__}."
+                )
+                self._record(msg, NodeState.FAILED)
+                logger.warning(msg)
+
+    def _start_heartbeats(self) -> None:
+        stop = threading.Event()
+        self._heartbeat_stop = stop
+        thread = threading.Thread(
+            target=_heartbeat_loop,
+            args=(weakref.ref(self), stop, self._settings.keep_alive_interval),
+            name=f"RendezvousKeepAliveTimer_{self._node.local_id}",
+            daemon=True,
+        )
+        thread.start()
+
+    def _stop_heartbeats(self) -> None:
+        if self._heartbeat_stop is not None:
+            self._heartbeat_stop.set()
+            self._heartbeat_stop = None
+
+
+def _heartbeat_loop(handler_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
+    # Holds the handler only weakly so an abandoned handler can still be collected.
+    while not stop.wait(interval):
+        handler = handler_ref()
+        if handler is None:
+            return
+        handler._keep_alive()
+        del handler
+
+
+def create_handler(
+    store: dist.Store, backend: RendezvousBackend, params: RendezvousParameters
+) -> DynamicRendezvousHandler:
+    """Create a handler for ``params`` over ``backend``, handing ``store`` to the agents.
+
+    Reads ``join_timeout``, ``last_call_timeout``, ``close_timeout``, ``heartbeat_timeout``,
+    ``keep_alive_interval`` and ``keep_alive_max_attempt`` (see ``settings.CORE_KEYS``).
+
+    Raises:
+        ValueError: a configuration value is invalid; the message names the key and the value.
+    """
+    try:
+        settings = settings_from_params(params)
+        node = _node_desc_generator.generate(params.local_addr)
+        return DynamicRendezvousHandler(node, settings, params.backend, store, backend)
+    except Exception as e:
+        from torch.distributed.elastic.events import construct_and_record_rdzv_event
+
+        construct_and_record_rdzv_event(
+            message=f"{type(e).__name__}: {e}", run_id=params.run_id, node_state=NodeState.FAILED
+        )
+        raise

@@ -1,0 +1,126 @@
+"""The local copy of the shared state, kept in step with the backend by compare-and-set."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .backend import RendezvousBackend, Token
+from .codec import decode_join, decode_state, encode_state
+from .ops import fold_join
+from .settings import RendezvousSettings
+from .state import NodeDesc, RendezvousState
+
+logger = logging.getLogger(__name__)
+
+
+class StateHolder:
+    """Holds this node's view of the run's state and writes its changes back.
+
+    Every write first folds the join announcements waiting in the backend's mailbox and drops
+    nodes whose liveness lapsed, so one successful compare-and-set admits every pending join.
+    A failed write leaves the holder with the state that won; the caller decides again from it.
+    """
+
+    def __init__(self, backend: RendezvousBackend, settings: RendezvousSettings) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._state = RendezvousState()
+        self._token: Token | None = None
+        self._dirty = False
+        self._last_sync = float("-inf")
+        # node key -> monotonic time it was last seen alive; only positive answers are cached, so a
+        # node is never declared dead from a stale answer.
+        self._seen_alive: dict[str, float] = {}
+        self.writes = 0
+        self.failed_writes = 0
+
+    @property
+    def state(self) -> RendezvousState:
+        return self._state
+
+    @property
+    def token(self) -> Token | None:
+        return self._token
+
+    def mark_dirty(self) -> None:
+        """Have the next ``sync`` write the local state (as changed by the caller) back."""
+        self._dirty = True
+
+    def sync(self, max_age: float = 0.0) -> bool | None:
+        """Read the shared state, or write the local one if it is dirty.
+
+        Args:
+            max_age: a clean read may be skipped if the last sync is younger than this.
+
+        Returns:
+            ``None`` for a read, else whether the write won.
+
+        Raises:
+            RendezvousStateError: the stored state does not decode.
+            RendezvousConnectionError: the backend is unreachable.
+        """
+        where = f"the {self._backend.name} backend, run '{self._settings.run_id}'"
+        has_set: bool | None = None
+        if self._dirty:
+            cursor = self._fold_mailbox()
+            self._drop_dead(self._state)
+            response = self._backend.set_state(encode_state(self._state), self._token)
+            has_set = bool(response and response[2])
+            self.writes += 1
+            self.failed_writes += 0 if has_set else 1
+            if has_set and cursor is not None:
+                self._backend.mailbox.trim(cursor)
+        elif time.monotonic() - self._last_sync < max_age:
+            return None
+        else:
+            response = self._backend.get_state()
+
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        if response is None:
+            self._state, self._token = RendezvousState(), None
+        else:
+            self._state, self._token = decode_state(response[0], where), response[1]
+            if not has_set:
+                self._drop_dead(self._state)
+        return has_set
+
+    def _fold_mailbox(self) -> int | None:
+        """Fold every announced join into the local state; return the new cursor if any moved."""
+        mailbox = self._backend.mailbox
+        if mailbox is None:
+            return None
+        records, cursor = mailbox.read(self._state.cursor)
+        where = f"the mailbox of run '{self._settings.run_id}'"
+        for record in records:
+            fold_join(self._state, decode_join(record, where), self._settings)
+        moved = cursor != self._state.cursor
+        self._state.cursor = cursor
+        return cursor if moved else None
+
+    def _drop_dead(self, state: RendezvousState) -> None:
+        nodes = state.nodes()
+        if not nodes:
+            return
+        now = time.monotonic()
+        fresh_for = self._settings.keep_alive_interval
+        unknown = {n.key: n for n in nodes if now - self._seen_alive.get(n.key, float("-inf")) > fresh_for}
+        if not unknown:
+            return
+        alive = self._backend.liveness.alive(list(unknown), self._settings.liveness_ttl)
+        for key in alive:
+            self._seen_alive[key] = now
+        for key, node in unknown.items():
+            if key not in alive:
+                self._seen_alive.pop(key, None)
+                logger.debug(
+                    "Detected dead node '%s' in run '%s', removing it from the rendezvous",
+                    node,
+                    self._settings.run_id,
+                )
+                state.remove_node(node, self._settings.min_nodes)
+
+    def forget_alive(self, node: NodeDesc) -> None:
+        """Stop trusting a cached 'alive' answer for ``node``."""
+        self._seen_alive.pop(node.key, None)
