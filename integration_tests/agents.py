@@ -1,0 +1,112 @@
+"""Launching real ``torchrun`` agent processes for the integration tests, and cleaning them up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@dataclass
+class Agent:
+    """One torchrun agent in its own process group (so its workers die with it)."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class AgentGroup:
+    """Agents of one job sharing a result directory; ``close`` kills whatever still runs."""
+
+    workdir: Path
+    backend: str
+    endpoint: str
+    run_id: str
+    nnodes: str
+    conf: dict[str, str] = field(default_factory=dict)
+    max_restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    agents: list[Agent] = field(default_factory=list)
+
+    @property
+    def result_dir(self) -> Path:
+        path = self.workdir / "results"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def start(self, script: str = "allreduce.py", conf: dict[str, str] | None = None) -> Agent:
+        """Start one more agent; ``conf`` adds ``--rdzv-conf`` keys for this agent only."""
+        merged = {**self.conf, **(conf or {})}
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nnodes={self.nnodes}", "--nproc-per-node=1",
+            f"--rdzv-backend={self.backend}", f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}", f"--max-restarts={self.max_restarts}",
+            "--monitor-interval=0.5", "--local-addr=127.0.0.1",
+        ]
+        if merged:
+            cmd.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in merged.items()))
+        cmd.append(str(SCRIPTS / script))
+        log = self.workdir / f"agent{len(self.agents)}.log"
+        env = {**os.environ, "RESULT_DIR": str(self.result_dir), "PYTHONUNBUFFERED": "1", **self.env}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        agent = Agent(proc, log)
+        self.agents.append(agent)
+        return agent
+
+    def wait(self, timeout: float, agents: list[Agent] | None = None) -> list[int]:
+        """Wait for ``agents`` (default: all) to exit; return their exit codes.
+
+        Raises:
+            AssertionError: with every agent's log, if one is still running at ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        codes = []
+        for agent in agents or self.agents:
+            try:
+                codes.append(agent.proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"agent still running after {timeout}s\n{self.logs()}") from None
+        return codes
+
+    def results(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.result_dir.glob("*.json"))]
+
+    def wait_for_results(self, count: int, timeout: float) -> list[dict]:
+        """Wait until ``count`` result files exist (workers of any restart)."""
+        deadline = time.monotonic() + timeout
+        while len(self.results()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.results()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- agent {i} ---\n{a.output()[-4000:]}" for i, a in enumerate(self.agents))
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.kill()
+        for agent in self.agents:
+            try:
+                agent.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
