@@ -8,13 +8,15 @@ Format (version 1), UTF-8 JSON object::
      "wait_list": [{"addr": ..., "pid": ..., "local_id": ...}, ...],
      "redundancy_list": [...]}
 
-Join announcements posted to a backend's mailbox use ``{"join": {"addr", "pid", "local_id"}}``.
+Announcements posted to a backend's mailbox are ``{"join": NODE}`` and
+``{"leave": NODE, "round": N}``, NODE being ``{"addr", "pid", "local_id"}``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousStateError
@@ -131,21 +133,39 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
         raise _fail(where, "round and cursor must not be negative")
     for node, entry in _node_list(doc, "participants", where):
         state.participants[node] = _field(entry, "rank", int, where)
-    if state.complete and sorted(state.participants.values()) != list(range(len(state.participants))):
-        raise _fail(where, "the ranks of a complete round are not 0..n-1")
+    ranks = list(state.participants.values())
+    if any(r < 0 for r in ranks) or (state.complete and len(set(ranks)) != len(ranks)):
+        raise _fail(where, "participant ranks are negative or, in a complete round, repeated")
     state.wait_list = {n for n, _ in _node_list(doc, "wait_list", where)}
     state.redundancy_list = {n for n, _ in _node_list(doc, "redundancy_list", where)}
     return state
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """A record posted to a backend's mailbox: ``node`` joins, or leaves round ``round``."""
+
+    kind: str
+    node: NodeDesc
+    round: int | None = None
+
+
 def encode_join(node: NodeDesc) -> bytes:
-    """Serialize a join announcement for ``node``."""
+    """Serialize the announcement that ``node`` wants to join."""
     return json.dumps({"join": _node_to_json(node)}, separators=(",", ":")).encode()
 
 
-def decode_join(data: bytes, where: str = "the mailbox") -> NodeDesc:
-    """Parse a join announcement; raises ``RendezvousStateError`` if it is malformed."""
+def encode_leave(node: NodeDesc, round: int) -> bytes:
+    """Serialize the announcement that ``node`` leaves the participants of ``round``."""
+    return json.dumps({"leave": _node_to_json(node), "round": round}, separators=(",", ":")).encode()
+
+
+def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement:
+    """Parse a mailbox record; raises ``RendezvousStateError`` if it is malformed."""
     doc = _load_json(data, where)
-    if not isinstance(doc, dict) or "join" not in doc:
-        raise _fail(where, "a join announcement lacks its 'join' object")
-    return _node(doc["join"], where)
+    if isinstance(doc, dict) and "join" in doc:
+        return Announcement("join", _node(doc["join"], where))
+    if isinstance(doc, dict) and "leave" in doc:
+        round_ = _field(doc, "round", int, where)
+        return Announcement("leave", _node(doc["leave"], where), round_)
+    raise _fail(where, "a mailbox record is neither a 'join' nor a 'leave' announcement")

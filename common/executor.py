@@ -10,10 +10,10 @@ from torch.distributed.elastic.events import NodeState
 from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
 
 from .backend import RendezvousBackend
-from .codec import encode_join
+from .codec import encode_join, encode_leave
 from .events import record_event
 from .holder import StateHolder
-from .ops import ADD_ACTIONS, Action, Context, Op, apply
+from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply
 from .settings import RendezvousSettings
 from .state import NodeDesc
 
@@ -40,7 +40,7 @@ class OpExecutor:
         self._backend = backend
         self._settings = settings
         self._last_beat = float("-inf")
-        # The (round, action) this node last announced; an announcement stays pending until folded.
+        # The (round, action) this node last announced; it stays pending until a write folds it.
         self._announced: tuple[int, Action] | None = None
         # Monotonic time the current run first saw this node among the participants.
         self.placed_at: float | None = None
@@ -115,7 +115,7 @@ class OpExecutor:
                 self._wait(deadline)
             elif action is Action.KEEP_ALIVE:
                 self.beat()
-            elif action in ADD_ACTIONS and self._backend.mailbox is not None:
+            elif action in ANNOUNCED_ACTIONS and self._backend.mailbox is not None:
                 self._announce(action)
                 self._holder.mark_dirty()
             else:
@@ -133,7 +133,11 @@ class OpExecutor:
         if self._keep_alive_due():
             # A join folded in for a node with no heartbeat would be dropped as dead at once.
             self.beat()
-        self._backend.mailbox.post(encode_join(self._node))
+        if action is Action.REMOVE_FROM_PARTICIPANTS:
+            record = encode_leave(self._node, self._holder.state.round)
+        else:
+            record = encode_join(self._node)
+        self._backend.mailbox.post(record)
         self._announced = announcement
 
     def _wait(self, deadline: float) -> None:

@@ -124,6 +124,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         try:
             self._stop_heartbeats()
             with self._lock:
+                self._holder.refresh_liveness()
                 self._executor.beat()
                 deadline = started + self._settings.join_timeout
                 self._executor.run(exit_op, deadline)

@@ -6,10 +6,10 @@ import logging
 import time
 
 from .backend import RendezvousBackend, Token
-from .codec import decode_join, decode_state, encode_state
-from .ops import fold_join
+from .codec import decode_announcement, decode_state, encode_state
+from .ops import fold_join, fold_leave
 from .settings import RendezvousSettings
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,18 @@ class StateHolder:
         return has_set
 
     def _fold_mailbox(self) -> int | None:
-        """Fold every announced join into the local state; return the new cursor if any moved."""
+        """Fold every announcement into the local state; return the new cursor if it moved."""
         mailbox = self._backend.mailbox
         if mailbox is None:
             return None
         records, cursor = mailbox.read(self._state.cursor)
         where = f"the mailbox of run '{self._settings.run_id}'"
         for record in records:
-            fold_join(self._state, decode_join(record, where), self._settings)
+            announcement = decode_announcement(record, where)
+            if announcement.kind == "join":
+                fold_join(self._state, announcement.node, self._settings)
+            else:
+                fold_leave(self._state, announcement.node, announcement.round, self._settings)
         moved = cursor != self._state.cursor
         self._state.cursor = cursor
         return cursor if moved else None
@@ -121,6 +125,6 @@ class StateHolder:
                 )
                 state.remove_node(node, self._settings.min_nodes)
 
-    def forget_alive(self, node: NodeDesc) -> None:
-        """Stop trusting a cached 'alive' answer for ``node``."""
-        self._seen_alive.pop(node.key, None)
+    def refresh_liveness(self) -> None:
+        """Ask the backend afresh about every node at the next sync (a new rendezvous starts)."""
+        self._seen_alive.clear()

@@ -44,6 +44,8 @@ class Action(Enum):
 ADD_ACTIONS = frozenset(
     {Action.ADD_TO_PARTICIPANTS, Action.ADD_TO_WAIT_LIST, Action.ADD_TO_REDUNDANCY_LIST}
 )
+# Actions a mailbox can carry: joins, and leaving a round, which commutes with other leaves.
+ANNOUNCED_ACTIONS = ADD_ACTIONS | {Action.REMOVE_FROM_PARTICIPANTS}
 
 
 @dataclass
@@ -168,6 +170,14 @@ def apply(action: Action, state: RendezvousState, node: NodeDesc, settings: Rend
         state.closed = True
     else:
         raise ValueError(f"{action} does not change the state")
+
+
+def fold_leave(state: RendezvousState, node: NodeDesc, round: int, settings: RendezvousSettings) -> bool:
+    """Apply ``node``'s announced exit from ``round``; a stale or repeated one changes nothing."""
+    if state.round != round or node not in state.participants:
+        return False
+    apply(Action.REMOVE_FROM_PARTICIPANTS, state, node, settings)
+    return True
 
 
 def fold_join(state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> Action | None:
