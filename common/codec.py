@@ -4,6 +4,7 @@ Format (version 1), UTF-8 JSON object::
 
     {"format": "torch-rdzv-state", "version": 1,
      "round": 3, "complete": true, "closed": false, "deadline": null, "cursor": 17,
+     "world_size": 2,
      "participants": [{"addr": "10.0.0.1", "pid": 41, "local_id": 0, "rank": 0}, ...],
      "wait_list": [{"addr": ..., "pid": ..., "local_id": ...}, ...],
      "redundancy_list": [...]}
@@ -43,6 +44,7 @@ def encode_state(state: RendezvousState) -> bytes:
         "closed": state.closed,
         "deadline": state.deadline,
         "cursor": state.cursor,
+        "world_size": state.world_size,
         "participants": [
             {**_node_to_json(n), "rank": r} for n, r in sorted(state.participants.items())
         ],
@@ -111,10 +113,11 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
         raise _fail(where, f"value is a JSON {type(doc).__name__}, not an object")
     if doc.get("format") != FORMAT:
         raise _fail(where, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-    if doc.get("version") != VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version != VERSION:  # noqa: E721 - True must not pass as 1
         raise _fail(
             where,
-            f"format version {doc.get('version')!r} is not supported (this library reads "
+            f"format version {version!r} is not supported (this library reads "
             f"version {VERSION}); upgrade every node to the same release",
         )
     state = RendezvousState(
@@ -122,6 +125,7 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
         complete=_field(doc, "complete", bool, where),
         closed=_field(doc, "closed", bool, where),
         cursor=_field(doc, "cursor", int, where),
+        world_size=_field(doc, "world_size", int, where),
     )
     deadline = doc.get("deadline")
     if deadline is not None:
@@ -129,15 +133,22 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
         if not math.isfinite(deadline):
             raise _fail(where, f"deadline {deadline!r} is not a finite time")
         state.deadline = float(deadline)
-    if state.round < 0 or state.cursor < 0:
-        raise _fail(where, "round and cursor must not be negative")
+    if state.round < 0 or state.cursor < 0 or state.world_size < 0:
+        raise _fail(where, "round, cursor and world_size must not be negative")
     for node, entry in _node_list(doc, "participants", where):
         state.participants[node] = _field(entry, "rank", int, where)
     ranks = list(state.participants.values())
-    if any(r < 0 for r in ranks) or (state.complete and len(set(ranks)) != len(ranks)):
-        raise _fail(where, "participant ranks are negative or, in a complete round, repeated")
+    if state.complete and (
+        len(set(ranks)) != len(ranks) or not all(0 <= r < state.world_size for r in ranks)
+    ):
+        raise _fail(where, f"the ranks {sorted(ranks)} do not fit a complete group of {state.world_size}")
+    if not state.complete and (state.world_size != 0 or any(ranks)):
+        raise _fail(where, "an incomplete round carries ranks or a world size")
     state.wait_list = {n for n, _ in _node_list(doc, "wait_list", where)}
     state.redundancy_list = {n for n, _ in _node_list(doc, "redundancy_list", where)}
+    lists = [set(state.participants), state.wait_list, state.redundancy_list]
+    if sum(map(len, lists)) != len(set().union(*lists)):
+        raise _fail(where, "a node is in more than one of participants, wait_list, redundancy_list")
     return state
 
 

@@ -70,7 +70,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._backend_name = backend_name
         self._store = store
         self._backend = backend
-        self._holder = StateHolder(backend, settings)
+        self._holder = StateHolder(backend, settings, node)
         self._executor = OpExecutor(node, self._holder, backend, settings)
         self._lock = threading.Lock()
         self._heartbeat_stop: threading.Event | None = None
@@ -132,7 +132,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 placed_at = self._executor.placed_at or time.monotonic()
             self._start_heartbeats()
             state = self._holder.state
-            rank, world_size = state.participants[self._node], len(state.participants)
+            rank, world_size = state.participants[self._node], state.world_size
             round_store = dist.PrefixStore(f"torch.rendezvous.{self._settings.run_id}.{state.round}", self._store)
             store_info = self._trainer_store.publish(rank, round_store)
         except Exception as e:

@@ -9,7 +9,7 @@ from .backend import RendezvousBackend, Token
 from .codec import decode_announcement, decode_state, encode_state
 from .ops import fold_join, fold_leave
 from .settings import RendezvousSettings
-from .state import RendezvousState
+from .state import NodeDesc, RendezvousState
 
 logger = logging.getLogger(__name__)
 
@@ -19,16 +19,23 @@ class StateHolder:
 
     Every write first folds the join announcements waiting in the backend's mailbox and drops
     nodes whose liveness lapsed, so one successful compare-and-set admits every pending join.
+    The holder's own ``node`` is never dropped: it knows it is alive, and dropping itself from a
+    round it was admitted to would split that round's group.
     A failed write leaves the holder with the state that won; the caller decides again from it.
     """
 
-    def __init__(self, backend: RendezvousBackend, settings: RendezvousSettings) -> None:
+    def __init__(
+        self, backend: RendezvousBackend, settings: RendezvousSettings, node: NodeDesc | None = None
+    ) -> None:
         self._backend = backend
+        self._node = node
         self._settings = settings
         self._state = RendezvousState()
         self._token: Token | None = None
         self._dirty = False
         self._last_sync = float("-inf")
+        # The round that was already complete in the last stored state we saw, if any.
+        self._completed_round: int | None = None
         # node key -> monotonic time it was last seen alive; only positive answers are cached, so a
         # node is never declared dead from a stale answer.
         self._seen_alive: dict[str, float] = {}
@@ -65,6 +72,10 @@ class StateHolder:
         if self._dirty:
             cursor = self._fold_mailbox()
             self._drop_dead(self._state)
+            if self._state.complete and self._completed_round != self._state.round:
+                # This write completes the round: nobody has seen its ranks yet, so ranks stay
+                # dense (0..n-1) even if folding or liveness just removed a participant.
+                self._state.assign_ranks()
             response = self._backend.set_state(encode_state(self._state), self._token)
             has_set = bool(response and response[2])
             self.writes += 1
@@ -82,8 +93,9 @@ class StateHolder:
             self._state, self._token = RendezvousState(), None
         else:
             self._state, self._token = decode_state(response[0], where), response[1]
-            if not has_set:
-                self._drop_dead(self._state)
+        self._completed_round = self._state.round if self._state.complete else None
+        if response is not None and not has_set:
+            self._drop_dead(self._state)
         return has_set
 
     def _fold_mailbox(self) -> int | None:
@@ -104,7 +116,7 @@ class StateHolder:
         return cursor if moved else None
 
     def _drop_dead(self, state: RendezvousState) -> None:
-        nodes = state.nodes()
+        nodes = state.nodes() - {self._node} if self._node else state.nodes()
         if not nodes:
             return
         now = time.monotonic()

@@ -164,8 +164,7 @@ def apply(action: Action, state: RendezvousState, node: NodeDesc, settings: Rend
     elif action is Action.MARK_RENDEZVOUS_COMPLETE:
         state.complete = True
         state.deadline = None
-        for rank, member in enumerate(sorted(state.participants)):
-            state.participants[member] = rank
+        state.assign_ranks()
     elif action is Action.MARK_RENDEZVOUS_CLOSED:
         state.closed = True
     else:

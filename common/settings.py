@@ -59,7 +59,7 @@ def _positive(params: RendezvousParameters, key: str, integral: bool) -> float:
         value = int(raw) if integral else float(raw)
         if integral and isinstance(raw, float) and raw != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(
             f"The rendezvous configuration option '{key}' is {raw!r}; it must be {kind}."
         ) from None

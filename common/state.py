@@ -57,6 +57,9 @@ class RendezvousState:
         wait_list: nodes that arrived after completion and want the next round.
         redundancy_list: nodes beyond ``max_nodes`` that wait for a free place.
         cursor: the mailbox position up to which join announcements are folded in.
+        world_size: the size of the group the current round formed when it completed (0 before).
+            It stays fixed while participants later leave the complete round, so every member
+            reports the same world size whenever it reads the state.
     """
 
     round: int = 0
@@ -67,6 +70,7 @@ class RendezvousState:
     wait_list: set[NodeDesc] = field(default_factory=set)
     redundancy_list: set[NodeDesc] = field(default_factory=set)
     cursor: int = 0
+    world_size: int = 0
 
     def nodes(self) -> set[NodeDesc]:
         """Every node the state names, in any list."""
@@ -82,9 +86,16 @@ class RendezvousState:
         if self.complete:
             if not self.participants:
                 self.complete = False
+                self.world_size = 0
                 self.round += 1
         elif len(self.participants) < min_nodes:
             self.deadline = None
+
+    def assign_ranks(self) -> None:
+        """Give the participants ranks 0..n-1 in (addr, pid, local_id) order; fix the world size."""
+        for rank, member in enumerate(sorted(self.participants)):
+            self.participants[member] = rank
+        self.world_size = len(self.participants)
 
     def remove_node(self, node: NodeDesc, min_nodes: int) -> None:
         """Drop ``node`` from whichever lists hold it."""

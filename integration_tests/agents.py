@@ -14,6 +14,25 @@ from pathlib import Path
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, children first, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The parent pid is the 2nd field after the parenthesised command name.
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 @dataclass
 class Agent:
     """One torchrun agent in its own process group (so its workers die with it)."""
@@ -22,10 +41,16 @@ class Agent:
     log: Path
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Signal the agent and every process under it, as if its machine died.
+
+        torchrun starts workers in sessions of their own, so the agent's process group alone
+        would leave them running.
+        """
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -89,15 +114,18 @@ class AgentGroup:
                 raise AssertionError(f"agent still running after {timeout}s\n{self.logs()}") from None
         return codes
 
-    def results(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.result_dir.glob("*.json"))]
+    def results(self, kind: str = "rank") -> list[dict]:
+        """Finished workers' results (``kind="rank"``) or started workers' markers ("started")."""
+        return [json.loads(p.read_text()) for p in sorted(self.result_dir.glob(f"{kind}*.json"))]
 
-    def wait_for_results(self, count: int, timeout: float) -> list[dict]:
-        """Wait until ``count`` result files exist (workers of any restart)."""
+    def wait_for_started(self, world_size: int, count: int, timeout: float) -> None:
+        """Wait until ``count`` workers run in a world of ``world_size``."""
         deadline = time.monotonic() + timeout
-        while len(self.results()) < count and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if sum(m["world_size"] == world_size for m in self.results("started")) >= count:
+                return
             time.sleep(0.2)
-        return self.results()
+        raise AssertionError(f"{count} workers of world size {world_size} did not start\n{self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(f"--- agent {i} ---\n{a.output()[-4000:]}" for i, a in enumerate(self.agents))

@@ -19,6 +19,9 @@ def main() -> None:
     expect = int(os.environ.get("EXPECT_WORLD", world))
     restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     give_up = time.monotonic() + float(os.environ.get("WORKER_PATIENCE", "90"))
+    marker = os.path.join(os.environ["RESULT_DIR"], f"started-rank{rank}-restart{restart}-pid{os.getpid()}.json")
+    with open(marker, "w") as f:
+        json.dump({"rank": rank, "world_size": world, "restart": restart}, f)
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
     while world != expect:

@@ -1,0 +1,243 @@
+"""The etcd backend's configuration, read from torch's ``RendezvousParameters`` and checked whole
+before anything touches the network."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+from rdzv_common.settings import CORE_KEYS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 2379
+DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_TTL = 7200.0
+
+# The ``--rdzv-conf`` keys this backend reads.
+ETCD_KEYS = frozenset(
+    {
+        "protocol",
+        "ca_cert",
+        "ssl_cert",
+        "ssl_cert_key",
+        "username",
+        "password",
+        "read_timeout",
+        "key_prefix",
+        "ttl",
+    }
+)
+# Keys torch's launcher puts into the configuration itself (``timeout``: launcher/api.py;
+# ``rank``: run.py for static rendezvous) or that its other backends document and a user may carry
+# over when switching backends; none deserves a warning.
+TORCH_KEYS = frozenset({"timeout", "rank", "is_host", "store_type", "local_addr"})
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """How to reach etcd and where this run's keys live.
+
+    Attributes:
+        endpoints: ``(host, port)`` pairs tried in turn on failure; an IPv6 host is kept bare.
+        protocol: ``"http"`` or ``"https"``.
+        ca_cert: root certificate that signs the server's; ``None`` uses the system roots.
+        ssl_cert, ssl_cert_key: the client certificate and its key, both or neither.
+        username, password: etcd credentials, both or neither.
+        read_timeout: seconds one request may take, and the bound on retrying a failed one.
+        key_prefix: the directory that holds one state key per run.
+        ttl: seconds a run's keys outlive the run's last activity.
+    """
+
+    endpoints: tuple[tuple[str, int], ...]
+    protocol: str = "http"
+    ca_cert: str | None = None
+    ssl_cert: str | None = None
+    ssl_cert_key: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    ttl: float = DEFAULT_TTL
+
+    def describe_endpoints(self) -> str:
+        """The endpoints as a user wrote them, for messages."""
+        return ",".join(format_endpoint(host, port) for host, port in self.endpoints)
+
+
+def format_endpoint(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets (as gRPC targets and URLs want it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_endpoints(endpoint: str | None) -> tuple[tuple[str, int], ...]:
+    """Parse ``host[:port][,host[:port]...]``; an empty endpoint means ``localhost:2379`` (torch's
+    default).
+
+    Raises:
+        ValueError: naming the malformed entry.
+    """
+    if endpoint is None or not endpoint.strip():
+        return (("localhost", DEFAULT_PORT),)
+    return tuple(_parse_one(item.strip(), endpoint) for item in endpoint.split(","))
+
+
+def _bad_endpoint(entry: str, endpoint: str, problem: str) -> ValueError:
+    return ValueError(
+        f"The rendezvous endpoint '{endpoint}' is invalid: entry '{entry}' {problem}. Pass "
+        "--rdzv-endpoint as HOST[:PORT] or a comma-separated list of them, "
+        "e.g. 'etcd-0:2379,etcd-1:2379' or '[::1]:2379'."
+    )
+
+
+def _parse_one(entry: str, endpoint: str) -> tuple[str, int]:
+    if not entry:
+        raise _bad_endpoint(entry, endpoint, "is empty")
+    if "://" in entry:
+        raise _bad_endpoint(entry, endpoint, "has a URL scheme; drop it and set protocol=https in --rdzv-conf for TLS")
+    if entry.startswith("["):
+        host, sep, rest = entry[1:].partition("]")
+        if not sep:
+            raise _bad_endpoint(entry, endpoint, "lacks the closing ']' of its IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _bad_endpoint(entry, endpoint, f"has '{host}' in brackets, which is no IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise _bad_endpoint(entry, endpoint, "has text after its IPv6 address that is not ':PORT'")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise _bad_endpoint(entry, endpoint, "looks like a bare IPv6 address; write it in brackets")
+    else:
+        host, sep, port_text = entry.partition(":")
+        if not sep:
+            port_text = None
+        if not _HOSTNAME.match(host):
+            raise _bad_endpoint(entry, endpoint, f"has the invalid host name '{host}'")
+    if port_text is None:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise _bad_endpoint(entry, endpoint, f"has port '{port_text}', which is not an integer in 1..65535")
+    return host, int(port_text)
+
+
+def _option(params: RendezvousParameters, key: str) -> str | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"The rendezvous configuration option '{key}' is {value!r}; it must be a string.")
+    return value.strip() or None
+
+
+def _seconds(params: RendezvousParameters, key: str, default: float) -> float:
+    raw = params.get(key, default)
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"The rendezvous configuration option '{key}' is {raw!r}; it must be a positive number "
+            f"of seconds (default {default:g})."
+        )
+    return value
+
+
+def _existing_file(params: RendezvousParameters, key: str) -> str | None:
+    path = _option(params, key)
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(
+            f"The rendezvous configuration option '{key}' is '{path}', which is not a readable "
+            "file; pass the path of a PEM file that exists on this node."
+        )
+    return path
+
+
+def _warn_unknown_keys(params: RendezvousParameters) -> None:
+    known = ETCD_KEYS | TORCH_KEYS | CORE_KEYS.keys()
+    for key in sorted(set(params.config) - known):
+        logger.warning(
+            "The rendezvous configuration option '%s' is not known to the etcd backend and is "
+            "ignored; known options: %s.",
+            key,
+            ", ".join(sorted(ETCD_KEYS | CORE_KEYS.keys())),
+        )
+
+
+def config_from_params(params: RendezvousParameters) -> EtcdConfig:
+    """Read and validate the etcd backend's options from ``params``.
+
+    Unknown ``--rdzv-conf`` keys are logged as warnings, not rejected, since torch and the shared
+    rendezvous core read keys of their own from the same dictionary.
+
+    Raises:
+        ValueError: for any invalid option, naming the key, the value and the fix.
+    """
+    endpoints = parse_endpoints(params.endpoint)
+
+    protocol = (_option(params, "protocol") or "http").lower()
+    if protocol not in ("http", "https"):
+        raise ValueError(
+            f"The rendezvous configuration option 'protocol' is {params.get('protocol')!r}; it "
+            "must be 'http' or 'https'."
+        )
+
+    ca_cert = _existing_file(params, "ca_cert")
+    ssl_cert = _existing_file(params, "ssl_cert")
+    ssl_cert_key = _existing_file(params, "ssl_cert_key")
+    if (ssl_cert is None) != (ssl_cert_key is None):
+        given, missing = ("ssl_cert", "ssl_cert_key") if ssl_cert else ("ssl_cert_key", "ssl_cert")
+        raise ValueError(
+            f"The rendezvous configuration option '{given}' is set but '{missing}' is not; a "
+            "client certificate needs its private key, so pass both or neither."
+        )
+    if protocol == "http" and (ca_cert or ssl_cert):
+        raise ValueError(
+            "The rendezvous configuration sets TLS files (ca_cert/ssl_cert/ssl_cert_key) but "
+            "'protocol' is 'http'; set protocol=https to use TLS, or drop the TLS options."
+        )
+
+    username = _option(params, "username")
+    password = params.get("password")
+    if password is not None and not isinstance(password, str):
+        raise ValueError("The rendezvous configuration option 'password' must be a string.")
+    if (username is None) != (not password):
+        given, missing = ("username", "password") if username else ("password", "username")
+        raise ValueError(
+            f"The rendezvous configuration option '{given}' is set but '{missing}' is not; etcd "
+            "authentication needs both."
+        )
+
+    key_prefix = _option(params, "key_prefix") or DEFAULT_KEY_PREFIX
+    if not key_prefix.startswith("/") or key_prefix == "/":
+        raise ValueError(
+            f"The rendezvous configuration option 'key_prefix' is {key_prefix!r}; it must be an "
+            f"absolute key directory such as '{DEFAULT_KEY_PREFIX}'."
+        )
+
+    config = EtcdConfig(
+        endpoints=endpoints,
+        protocol=protocol,
+        ca_cert=ca_cert,
+        ssl_cert=ssl_cert,
+        ssl_cert_key=ssl_cert_key,
+        username=username,
+        password=password or None,
+        read_timeout=_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT),
+        key_prefix=key_prefix.rstrip("/"),
+        ttl=_seconds(params, "ttl", DEFAULT_TTL),
+    )
+    _warn_unknown_keys(params)
+    return config

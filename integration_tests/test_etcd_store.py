@@ -1,0 +1,135 @@
+"""``EtcdStore`` against a real etcd, directly and wrapped in torch's ``PrefixStore``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from etcd_rdzv.client import EtcdClient
+from etcd_rdzv.config import EtcdConfig, parse_endpoints
+from etcd_rdzv.store import STORE_PREFIX, EtcdStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def store(etcd_run):
+    etcd = EtcdClient(EtcdConfig(endpoints=parse_endpoints(etcd_run.endpoint), read_timeout=10))
+    yield EtcdStore(etcd, f"{STORE_PREFIX}/{etcd_run.run_id}", timeout=timedelta(seconds=10))
+    etcd.close()
+
+
+def test_set_get_and_value_types(store):
+    store.set("text", "value")
+    store.set("raw", b"\x00\xffbytes")
+    assert store.get("text") == b"value"
+    assert store.get("raw") == b"\x00\xffbytes"
+    store.set("text", "changed")
+    assert store.get("text") == b"changed"
+
+
+def test_blocking_get_times_out_with_a_store_error(store):
+    store.set_timeout(timedelta(seconds=0.5))
+    started = time.monotonic()
+    with pytest.raises(dist.DistStoreError, match="missing-key"):
+        store.get("missing-key")
+    assert 0.4 < time.monotonic() - started < 3
+
+
+def test_blocking_get_is_woken_by_a_later_set(store):
+    threading.Timer(0.3, lambda: store.set("late", "here")).start()
+    started = time.monotonic()
+    assert store.get("late") == b"here"
+    assert time.monotonic() - started < 3
+
+
+def test_add_is_atomic_across_threads(store):
+    assert store.add("counter", 5) == 5
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: store.add("counter", 1), range(40)))
+    assert sorted(results) == list(range(6, 46))
+    assert store.get("counter") == b"45"
+    assert store.add("counter", -45) == 0
+
+
+def test_add_on_a_value_set_as_text(store):
+    store.set("n", "41")
+    assert store.add("n", 1) == 42
+
+
+def test_compare_set_follows_tcpstore_semantics(store):
+    # Absent key, non-empty expectation: nothing is set, the expectation comes back.
+    assert store.compare_set("k", "old", "new") == b"old"
+    assert not store.check(["k"])
+    # Absent key, empty expectation: set.
+    assert store.compare_set("k", "", "first") == b"first"
+    # Match: swapped.
+    assert store.compare_set("k", "first", "second") == b"second"
+    # Mismatch: the current value comes back, unchanged.
+    assert store.compare_set("k", "wrong", "third") == b"second"
+    assert store.get("k") == b"second"
+
+
+def test_wait_and_check(store):
+    assert store.check([]) is True
+    assert store.check(["a"]) is False
+    threading.Timer(0.2, lambda: store.set("a", "1")).start()
+    threading.Timer(0.4, lambda: store.set("b", "2")).start()
+    store.wait(["a", "b"])
+    assert store.check(["a", "b"])
+    with pytest.raises(dist.DistStoreError):
+        store.wait(["a", "never"], timedelta(seconds=0.3))
+
+
+def test_delete_and_num_keys(store):
+    assert store.num_keys() == 0
+    store.set("x", "1")
+    store.set("y", "2")
+    assert store.num_keys() == 2
+    assert store.delete_key("x") is True
+    assert store.delete_key("x") is False
+    assert store.num_keys() == 1
+
+
+def test_multi_get_and_multi_set(store):
+    keys = [f"k{i}" for i in range(200)]  # more than one transaction's worth
+    store.multi_set(keys, [f"v{i}" for i in range(200)])
+    assert store.multi_get(keys) == [f"v{i}".encode() for i in range(200)]
+    with pytest.raises(ValueError):
+        store.multi_set(["a"], [])
+
+
+def test_append(store):
+    store.append("log", "a")
+    store.append("log", b"b")
+    assert store.get("log") == b"ab"
+
+
+def test_prefix_store_wrapping(store):
+    wrapped = dist.PrefixStore("round/1", store)
+    wrapped.set("MASTER_ADDR", "127.0.0.1")
+    assert wrapped.get("MASTER_ADDR") == b"127.0.0.1"
+    assert store.get("round/1/MASTER_ADDR") == b"127.0.0.1"
+    assert wrapped.add("members", 2) == 2
+    assert wrapped.compare_set("c", "", "x") == b"x"
+    wrapped.multi_set(["r0", "r1"], ["a", "b"])
+    assert wrapped.multi_get(["r0", "r1"]) == [b"a", b"b"]
+    wrapped.wait(["r0", "r1"])
+    wrapped.wait(["r0"], timedelta(seconds=1))
+    assert wrapped.check(["r0", "members"])
+    assert wrapped.delete_key("r0")
+    assert wrapped.num_keys() == 4
+    wrapped.set_timeout(timedelta(seconds=0.3))
+    with pytest.raises(dist.DistStoreError):
+        wrapped.get("absent")
+
+
+def test_store_timeout_property(store):
+    assert store.timeout == timedelta(seconds=10)
+    store.set_timeout(timedelta(seconds=3))
+    assert store.timeout == timedelta(seconds=3)
