@@ -40,13 +40,16 @@ class TrainerStoreHost:
         self.stop()
         if not shared_store_enabled():
             return RendezvousStoreInfo.build(rank, round_store, local_addr=self._addr)
-        port = None
+        keys = [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
         if rank == 0:
             self._server = dist.TCPStore(
                 host_name=self._addr, port=0, is_master=True, multi_tenant=True, wait_for_workers=False
             )
-            port = self._server.port
-        return RendezvousStoreInfo.build(rank, round_store, local_addr=self._addr, server_port=port)
+            # One write and one blocking read per rank, where torch's build() makes two of each.
+            round_store.multi_set(keys, [self._addr, str(self._server.port)])
+            return RendezvousStoreInfo(self._addr, self._server.port)
+        addr, port = round_store.multi_get(keys)
+        return RendezvousStoreInfo(addr.decode(), int(port.decode()))
 
     def stop(self) -> None:
         """Drop the server of the previous round; its trainers are gone by now."""

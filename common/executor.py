@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from torch.distributed.elastic.events import NodeState
 from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
 
 from .backend import RendezvousBackend
-from .codec import encode_join, encode_leave
+from .codec import decode_announcement, encode_join, encode_leave
 from .events import record_event
 from .holder import StateHolder
 from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply
@@ -18,6 +19,10 @@ from .settings import RendezvousSettings
 from .state import NodeDesc
 
 logger = logging.getLogger(__name__)
+
+# How long (seconds, drawn at random) a node waits for the oldest announcement's poster to fold
+# before it folds the batch itself.
+FOLD_FALLBACK = (0.2, 0.6)
 
 
 class OpExecutor:
@@ -81,8 +86,10 @@ class OpExecutor:
             RendezvousTimeoutError: the deadline passed.
         """
         self.placed_at = None
+        synced = False
         while True:
-            has_set = self._holder.sync()
+            has_set = None if synced else self._holder.sync()
+            synced = False
             if has_set:
                 # Our own write read the mailbox after our announcement, so it placed us unless we
                 # were dropped as dead; either way a later join must announce afresh.
@@ -117,7 +124,7 @@ class OpExecutor:
                 self.beat()
             elif action in ANNOUNCED_ACTIONS and self._backend.mailbox is not None:
                 self._announce(action)
-                self._holder.mark_dirty()
+                synced = self._await_fold()
             else:
                 if action is Action.MARK_RENDEZVOUS_COMPLETE or action is Action.MARK_RENDEZVOUS_CLOSED:
                     record_event(self._settings, self._node, self._describe(action), NodeState.SUCCEEDED)
@@ -139,6 +146,28 @@ class OpExecutor:
             record = encode_join(self._node)
         self._backend.mailbox.post(record)
         self._announced = announcement
+
+    def _await_fold(self) -> bool:
+        """Fold the pending announcements if ours is the oldest; else let its poster do it.
+
+        Exactly one node, the poster of the oldest pending announcement, folds a batch at a time,
+        so concurrent joiners do not all race to write the same batch. If that node does not act
+        within a short random while (it died, or its record is stale), this node folds anyway.
+
+        Returns:
+            True if the holder was synced and the caller must decide afresh.
+        """
+        before = self._holder.token
+        records, _ = self._backend.mailbox.read(self._holder.state.cursor)
+        if records:
+            first = decode_announcement(records[0], f"the mailbox of run '{self._settings.run_id}'")
+            if first.node != self._node:
+                self._backend.wait_for_change(before, random.uniform(*FOLD_FALLBACK))
+                self._holder.sync()
+                if self._holder.token != before:
+                    return True
+        self._holder.mark_dirty()
+        return False
 
     def _wait(self, deadline: float) -> None:
         """Block until the state changes, a heartbeat or the last-call deadline is due, or timeout."""

@@ -73,9 +73,13 @@ class StateHolder:
             cursor = self._fold_mailbox()
             self._drop_dead(self._state)
             if self._state.complete and self._completed_round != self._state.round:
-                # This write completes the round: nobody has seen its ranks yet, so ranks stay
-                # dense (0..n-1) even if folding or liveness just removed a participant.
-                self._state.assign_ranks()
+                # This write completes the round and nobody has seen its ranks yet: if folding or
+                # liveness just removed participants, ranks stay dense (0..n-1), and a round left
+                # below min_nodes is not completed at all.
+                if len(self._state.participants) < self._settings.min_nodes:
+                    self._state.reopen()
+                else:
+                    self._state.assign_ranks()
             response = self._backend.set_state(encode_state(self._state), self._token)
             has_set = bool(response and response[2])
             self.writes += 1
@@ -121,13 +125,14 @@ class StateHolder:
             return
         now = time.monotonic()
         fresh_for = self._settings.keep_alive_interval
-        unknown = {n.key: n for n in nodes if now - self._seen_alive.get(n.key, float("-inf")) > fresh_for}
-        if not unknown:
+        if all(now - self._seen_alive.get(n.key, float("-inf")) <= fresh_for for n in nodes):
             return
-        alive = self._backend.liveness.alive(list(unknown), self._settings.liveness_ttl)
+        # Ask about every node at once: one request answers for all, and the answers stay fresh.
+        by_key = {n.key: n for n in nodes}
+        alive = self._backend.liveness.alive(list(by_key), self._settings.liveness_ttl)
         for key in alive:
             self._seen_alive[key] = now
-        for key, node in unknown.items():
+        for key, node in by_key.items():
             if key not in alive:
                 self._seen_alive.pop(key, None)
                 logger.debug(

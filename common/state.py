@@ -97,6 +97,13 @@ class RendezvousState:
             self.participants[member] = rank
         self.world_size = len(self.participants)
 
+    def reopen(self) -> None:
+        """Take back a completion nobody has seen: the round waits for nodes again."""
+        self.complete = False
+        self.deadline = None
+        self.world_size = 0
+        self.participants = dict.fromkeys(self.participants, 0)
+
     def remove_node(self, node: NodeDesc, min_nodes: int) -> None:
         """Drop ``node`` from whichever lists hold it."""
         self.wait_list.discard(node)

@@ -13,20 +13,18 @@ state key and the store's keys live on the run's shared lease (``RunLease``).
 from __future__ import annotations
 
 import threading
-import time
 
 import etcd3
 import etcd3.utils
-from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv_common.backend import Liveness, Mailbox, RendezvousBackend, Token
 
-from .client import EtcdClient, is_transient
+from .client import EtcdClient
 from .lease import RunLease, Session, is_lease_missing, revoke
 from .liveness import EtcdLiveness
 from .mailbox import EtcdMailbox
 from .store import STORE_PREFIX
-from .watch import wait_for_events
+from .keywatch import KeyWatch, watches
 
 
 def state_key(key_prefix: str, run_id: str) -> str:
@@ -59,10 +57,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self._session = Session(etcd)
         self._mailbox = EtcdMailbox(etcd, f"{self._key}/joins/", self._session)
         self._liveness = EtcdLiveness(etcd, f"{self._key}/alive/", self._run_lease)
-        # The revision at which a read last found no state: a watch for its creation starts after it.
-        self._absent_at: int | None = None
         self._close_lock = threading.Lock()
         self._closed = False
+        self._watch: KeyWatch | None = None
 
     @property
     def name(self) -> str:
@@ -80,7 +77,6 @@ class EtcdRendezvousBackend(RendezvousBackend):
     def get_state(self) -> tuple[bytes, Token] | None:
         response = self._etcd.request(lambda c: c.get_response(self._key))
         if not response.kvs:
-            self._absent_at = response.header.revision
             return None
         kv = response.kvs[0]
         return kv.value, kv.mod_revision
@@ -110,26 +106,14 @@ class EtcdRendezvousBackend(RendezvousBackend):
         return value, meta.mod_revision, False
 
     def wait_for_change(self, token: Token | None, timeout: float) -> None:
-        """Watch the state key from the revision after ``token`` until its first event or
-        ``timeout``; a change made since ``token`` ends the wait at once, and so does an etcd
-        outage that lasts until ``timeout``."""
-        if token is not None:
-            start = token + 1
-        elif self._absent_at is not None:
-            start = self._absent_at + 1
-        else:
-            start = None
-        deadline = time.monotonic() + timeout
-        try:
-            self._etcd.request(
-                lambda c: wait_for_events(c, self._key.encode(), start, deadline - time.monotonic()),
-                budget=timeout,
-            )
-        except RendezvousConnectionError as exc:
-            # An outage only ends the wait early; the caller's next read reports it, after that
-            # read's own retries. What retrying cannot fix (auth, TLS) is reported now.
-            if not is_transient(exc.__cause__):
-                raise
+        """Wait on the process's shared watch of the state key until a revision after ``token``
+        or ``timeout``. No request is made; an etcd outage ends the wait at ``timeout``."""
+        with self._close_lock:
+            if self._watch is None and not self._closed:
+                self._watch = watches.acquire(self._etcd.config, self._key)
+            watch = self._watch
+        if watch is not None:
+            watch.wait_past(token, timeout)
 
     @property
     def mailbox(self) -> Mailbox | None:
@@ -169,7 +153,10 @@ class EtcdRendezvousBackend(RendezvousBackend):
             if self._closed:
                 return
             self._closed = True
+            watch, self._watch = self._watch, None
         try:
+            if watch is not None:
+                watches.release(self._etcd.config, self._key)
             self._session.close()
             self._liveness.close()
         finally:

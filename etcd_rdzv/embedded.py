@@ -52,12 +52,30 @@ class EtcdServer:
     ``close`` stops the server and deletes the directory.
     """
 
-    def __init__(self, binary: str, extra_args: Sequence[str] = (), scheme: str = "http") -> None:
+    def __init__(
+        self,
+        binary: str,
+        extra_args: Sequence[str] = (),
+        scheme: str = "http",
+        name: str = "test",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        initial_cluster: str | None = None,
+    ) -> None:
+        """
+        Args:
+            name: the member's name (``--name``).
+            client_port, peer_port: loopback ports; free ones are picked if not given.
+            initial_cluster: ``--initial-cluster`` for a member of a multi-member cluster, as
+                ``name=http://127.0.0.1:PEER,...``; by default the member forms a cluster alone.
+        """
         self.binary = binary
         self.extra_args = list(extra_args)
         self.scheme = scheme
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.name = name
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.initial_cluster = initial_cluster
         self.workdir = Path(tempfile.mkdtemp(prefix="etcd-test-"))
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
@@ -82,13 +100,13 @@ class EtcdServer:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         return [
             self.binary,
-            "--name=test",
+            f"--name={self.name}",
             f"--data-dir={self.data_dir}",
             f"--listen-client-urls={client_url}",
             f"--advertise-client-urls={client_url}",
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=test={peer_url}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={peer_url}'}",
             "--initial-cluster-state=new",
             "--listen-metrics-urls=",
             *self.extra_args,
@@ -100,12 +118,21 @@ class EtcdServer:
         Raises:
             RuntimeError: it exited or was not ready within ``timeout``; the message holds its log.
         """
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to serve (members of a new cluster only serve
+        once a quorum of them runs)."""
         if self.running:
             return
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Return once the launched server serves clients; see ``start``."""
         try:
             if not wait_for(self._ready, timeout):
                 self._fail(f"was not ready within {timeout:g}s")
@@ -155,6 +182,83 @@ class EtcdServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class EtcdCluster:
+    """A multi-member etcd cluster on loopback ports, each member with its own temporary data
+    directory: for failover tests. Members can be killed and restarted with their data.
+
+    ``close`` stops every member and deletes their directories.
+    """
+
+    def __init__(self, binary: str, size: int = 3, extra_args: Sequence[str] = ()) -> None:
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        names = [f"member{i}" for i in range(size)]
+        initial = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, ports))
+        self.members = [
+            EtcdServer(binary, extra_args, name=n, client_port=c, peer_port=p, initial_cluster=initial)
+            for n, (c, p) in zip(names, ports)
+        ]
+
+    @property
+    def endpoint(self) -> str:
+        """Every member's ``host:port``, comma-separated, as ``--rdzv-endpoint`` takes them."""
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every member that is not running and wait until all serve clients."""
+        try:
+            for member in self.members:
+                member.launch()
+            for member in self.members:
+                member.wait_ready(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def leader(self, timeout: float = 10.0) -> EtcdServer:
+        """The member that leads the cluster now, as the running members report it.
+
+        Raises:
+            RuntimeError: no running member reported a leader within ``timeout``.
+        """
+        import etcd3  # not at module level: the embedded server itself needs no client
+
+        found: list[EtcdServer] = []
+
+        def ask() -> bool:
+            for member in self.members:
+                if not member.running:
+                    continue
+                client = etcd3.client(host="127.0.0.1", port=member.client_port, timeout=2)
+                try:
+                    status = client.status()
+                    urls = list(status.leader.client_urls) if status.leader is not None else []
+                except Exception:
+                    continue
+                finally:
+                    client.close()
+                for candidate in self.members:
+                    if candidate.running and f"http://{candidate.endpoint}" in urls:
+                        found.append(candidate)
+                        return True
+            return False
+
+        if not wait_for(ask, timeout, interval=0.1):
+            raise RuntimeError(f"no leader among the running members of {self.endpoint} within {timeout:g}s")
+        return found[-1]
+
+    def close(self) -> None:
+        """Stop every member and delete its directory."""
+        for member in self.members:
+            member.close()
+
+    def __enter__(self) -> EtcdCluster:
         self.start()
         return self
 

@@ -117,27 +117,29 @@ class RunLease:
     node revokes it, so the run's keys vanish ``ttl`` seconds after the whole run went quiet.
     """
 
+    # Renewal times are per process and lease id, so the handlers of one process renew once.
+    _lock = threading.Lock()
+    _renewed_at: dict[int, float] = {}
+
     def __init__(self, run_key: str, ttl: float) -> None:
         self.id = run_lease_id(run_key)
         self._ttl = max(1, math.ceil(ttl))
-        self._lock = threading.Lock()
-        self._renewed_at = float("-inf")
 
     def current(self, client: etcd3.MultiEndpointEtcd3Client) -> int:
         """The lease id, renewed (or granted, if it lapsed) first when due; call within a request."""
-        with self._lock:
-            if time.monotonic() - self._renewed_at < self._ttl / 4:
+        with RunLease._lock:
+            if time.monotonic() - RunLease._renewed_at.get(self.id, float("-inf")) < self._ttl / 4:
                 return self.id
             if not refresh(client, self.id):
                 try:
                     client.lease(self._ttl, lease_id=self.id)
                 except etcd3.exceptions.PreconditionFailedError:
                     pass  # another node granted it first
-            self._renewed_at = time.monotonic()
+            RunLease._renewed_at[self.id] = time.monotonic()
             return self.id
 
     def lost(self) -> None:
         """Have the next ``current`` grant the lease again; raises ``Retryable`` to redo the request."""
-        with self._lock:
-            self._renewed_at = float("-inf")
+        with RunLease._lock:
+            RunLease._renewed_at.pop(self.id, None)
         raise Retryable(f"run lease {self.id:x} expired")

@@ -1,0 +1,85 @@
+"""The c10d backend's options, read from torch's ``RendezvousParameters`` with the keys and
+defaults of torch's own c10d backend, and checked whole before anything touches the network."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+DEFAULT_PORT = 29400
+DEFAULT_READ_TIMEOUT = 60
+STORE_TYPES = ("tcp", "file")
+
+
+@dataclass(frozen=True)
+class C10dConfig:
+    """Which store to open and how.
+
+    Attributes:
+        store_type: ``"tcp"`` or ``"file"``.
+        read_timeout: seconds a ``TCPStore`` connection and its requests may take.
+        is_host: whether this node hosts the ``TCPStore``; ``None`` means infer from ``host``.
+        host, port: the ``TCPStore`` endpoint (``store_type="tcp"`` only).
+        path: the ``FileStore`` file; ``None`` means a fresh temporary file (``"file"`` only).
+    """
+
+    store_type: str
+    read_timeout: int
+    is_host: bool | None
+    host: str = "localhost"
+    port: int = DEFAULT_PORT
+    path: str | None = None
+
+
+def config_from_params(params: RendezvousParameters) -> C10dConfig:
+    """Read ``store_type`` (default ``tcp``), ``read_timeout`` (default 60, > 0), ``is_host`` and
+    the endpoint (``host[:port]``, default port 29400; for ``file`` the file's path, whose
+    directory must exist).
+
+    Raises:
+        ValueError: for an invalid option or endpoint, naming it and its value.
+    """
+    raw_type = params.get("store_type", "tcp")
+    store_type = raw_type.strip().lower() if isinstance(raw_type, str) else raw_type
+    if store_type not in STORE_TYPES:
+        raise ValueError(
+            f"The rendezvous configuration option 'store_type' is {raw_type!r}; it must be 'tcp' "
+            "or 'file'."
+        )
+    read_timeout = _read_timeout(params)
+    try:
+        is_host = params.get_as_bool("is_host")
+    except ValueError:
+        raise ValueError(
+            f"The rendezvous configuration option 'is_host' is {params.get('is_host')!r}; it must "
+            "be a boolean (true/false, yes/no, 1/0)."
+        ) from None
+    endpoint = (params.endpoint or "").strip()
+    if store_type == "file":
+        # FileStore retries a file it cannot create for minutes instead of failing.
+        if endpoint and not os.path.isdir(os.path.dirname(os.path.abspath(endpoint))):
+            raise ValueError(
+                f"The rendezvous endpoint '{endpoint}' is the FileStore's path, but its directory "
+                "does not exist."
+            )
+        return C10dConfig(store_type, read_timeout, is_host, path=endpoint or None)
+    host, port = parse_rendezvous_endpoint(endpoint, default_port=DEFAULT_PORT)
+    return C10dConfig(store_type, read_timeout, is_host, host=host, port=port)
+
+
+def _read_timeout(params: RendezvousParameters) -> int:
+    raw = params.get("read_timeout", DEFAULT_READ_TIMEOUT)
+    value = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str) and raw.strip().isdigit():
+        value = int(raw)
+    if value is None or value <= 0:
+        raise ValueError(
+            f"The rendezvous configuration option 'read_timeout' is {raw!r}; it must be a positive "
+            f"integer number of seconds (default {DEFAULT_READ_TIMEOUT})."
+        )
+    return value

@@ -1,0 +1,204 @@
+"""The backend contract and the c10d specifics over a TCPStore and a FileStore."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from torch.distributed import FileStore, TCPStore
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousStateError
+
+from c10d_rdzv.backend import C10dRendezvousBackend
+from c10d_rdzv.keys import RunKeys
+from unit_tests.backend_contract import BackendContract
+
+# Generous: in some sandboxes a TCPStore connection now and then takes seconds to open.
+TIMEOUT = timedelta(seconds=30)
+
+
+@pytest.fixture
+def tcp_server():
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def tcp_client(tcp_server):
+    """Each call opens one more client connection to the same server."""
+    return lambda: TCPStore("127.0.0.1", tcp_server.port, is_master=False, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def file_client(tmp_path):
+    path = str(tmp_path / "store")
+    return lambda: FileStore(path, -1)
+
+
+@pytest.fixture(params=["tcp", "file"])
+def client(request):
+    return request.getfixturevalue(f"{request.param}_client")
+
+
+class TestC10dTcpBackend(BackendContract):
+    liveness_ttl = 0.3
+
+    @pytest.fixture
+    def make_backend(self, tcp_client):
+        return lambda run_id: C10dRendezvousBackend(tcp_client(), run_id)
+
+
+class TestC10dFileBackend(BackendContract):
+    liveness_ttl = 0.3
+
+    @pytest.fixture
+    def make_backend(self, file_client):
+        return lambda run_id: C10dRendezvousBackend(file_client(), run_id)
+
+
+def test_keys_follow_the_documented_layout(client):
+    store = client()
+    backend = C10dRendezvousBackend(store, "a/run")
+    _, token, _ = backend.set_state(b"state")
+    backend.mailbox.post(b"join")
+    backend.liveness.beat("node-1", 10)
+    root = "torch.rendezvous.c10d_rdzv/a%2Frun/"
+    assert store.get(root + "state") == token
+    assert token.endswith(b"state") and len(token) == 16 + len(b"state")
+    assert store.get(root + "log") == b"4:join,"
+    assert store.add(root + "generation", 0) == 1
+    assert store.check([root + "changed/1", root + "hb/node-1"])
+
+
+def test_name_defaults_and_is_reported(client):
+    assert C10dRendezvousBackend(client(), "run").name == "c10d_rdzv"
+    assert C10dRendezvousBackend(client(), "run", name="alias").name == "alias"
+
+
+def test_empty_run_id_is_refused(client):
+    with pytest.raises(ValueError, match="run id"):
+        C10dRendezvousBackend(client(), "")
+
+
+def test_equal_states_written_twice_get_distinct_tokens(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    _, t1, _ = backend.set_state(b"same")
+    _, t2, has_set = backend.set_state(b"same", t1)
+    assert has_set and t2 != t1
+    # The first token stays stale although the state bytes are back to what it carried.
+    assert backend.set_state(b"other", t1) == (b"same", t2, False)
+
+
+def test_token_for_a_vanished_state_reads_none(client):
+    store = client()
+    backend = C10dRendezvousBackend(store, "run")
+    _, token, _ = backend.set_state(b"v1")
+    store.delete_key(RunKeys.for_run("run").state)
+    assert backend.set_state(b"v2", token) is None
+
+
+def test_foreign_token_is_refused_with_the_current_state(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    _, token, _ = backend.set_state(b"v1")
+    assert backend.set_state(b"v2", 7) == (b"v1", token, False)
+
+
+def test_write_between_reading_generation_and_state_is_not_missed(client):
+    a, b = C10dRendezvousBackend(client(), "run"), C10dRendezvousBackend(client(), "run")
+    _, token, _ = a.set_state(b"v1")
+    peek = a._calls.peek
+
+    def peek_then_write(key):
+        value = peek(key)
+        b.set_state(b"v2", token)
+        return value
+
+    a._calls.peek = peek_then_write
+    started = time.monotonic()
+    a.wait_for_change(token, timeout=20)
+    assert time.monotonic() - started < 5
+
+
+def test_waiting_does_not_hold_up_other_calls_on_the_same_store(tcp_client):
+    backend = C10dRendezvousBackend(tcp_client(), "run")
+    _, token, _ = backend.set_state(b"v1")
+    waiter = threading.Thread(target=backend.wait_for_change, args=(token, 1.5))
+    waiter.start()
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        backend.liveness.beat("node", 10)
+        assert time.monotonic() - started < 1
+    finally:
+        waiter.join()
+
+
+def test_old_wake_keys_are_deleted(client, monkeypatch):
+    monkeypatch.setattr("c10d_rdzv.backend.WAKE_KEYS_KEPT", 2)
+    store = client()
+    backend = C10dRendezvousBackend(store, "run")
+    keys = RunKeys.for_run("run")
+    _, token, _ = backend.set_state(b"v")
+    for _ in range(3):
+        _, token, _ = backend.set_state(b"v", token)
+    assert not store.check([keys.changed(1)]) and not store.check([keys.changed(2)])
+    assert store.check([keys.changed(3), keys.changed(4)])
+
+
+def test_mailbox_keeps_records_with_any_bytes(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    records = [b"", b"1:x,", b"\n\x00:,", b"{}" * 50]
+    for record in records:
+        backend.mailbox.post(record)
+    assert backend.mailbox.read(0)[0] == records
+
+
+def test_forgotten_node_stays_dead_and_keys_stay_on_the_fast_path(client):
+    store = client()
+    backend = C10dRendezvousBackend(store, "run")
+    backend.liveness.beat("a", 10)
+    backend.liveness.forget("a")
+    assert store.check([RunKeys.for_run("run").heartbeat("a")])
+    assert backend.liveness.alive(["a"], 10) == set()
+    assert backend.liveness.alive([], 10) == set()
+
+
+def test_corrupt_state_raises_state_error(client):
+    store = client()
+    key = RunKeys.for_run("run").state
+    store.set(key, b"not ours")
+    with pytest.raises(RendezvousStateError, match=key):
+        C10dRendezvousBackend(store, "run").get_state()
+
+
+@pytest.mark.parametrize("log", [b"x", b"4:join", b"9:join,", b"4:join,3"])
+def test_corrupt_mailbox_raises_state_error(client, log):
+    store = client()
+    key = RunKeys.for_run("run").log
+    store.set(key, log)
+    with pytest.raises(RendezvousStateError, match=key):
+        C10dRendezvousBackend(store, "run").mailbox.read(0)
+
+
+@pytest.mark.parametrize("value", [b"soon", b"nan", b"\xff"])
+def test_corrupt_heartbeat_raises_state_error(client, value):
+    store = client()
+    key = RunKeys.for_run("run").heartbeat("node")
+    store.set(key, value)
+    liveness = C10dRendezvousBackend(store, "run").liveness
+    with pytest.raises(RendezvousStateError, match=key):
+        liveness.alive(["node"], 10)
+    with pytest.raises(RendezvousStateError, match=key):
+        liveness.alive(["node", "never-beat"], 10)
+
+
+def test_store_failures_raise_connection_errors_naming_store_and_operation():
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+    port = server.port
+    client = TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
+    backend = C10dRendezvousBackend(client, "run")
+    del server
+    with pytest.raises(RendezvousConnectionError, match=rf"TCPStore 127\.0\.0\.1:{port}.*compare_set"):
+        backend.get_state()
+    with pytest.raises(RendezvousConnectionError, match="append"):
+        backend.mailbox.post(b"x")
