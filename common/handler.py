@@ -33,6 +33,8 @@ _node_desc_generator = NodeDescGenerator()
 # How stale a state read by the agent's monitoring calls (num_nodes_waiting, is_closed) may be.
 # torchrun polls these every monitor interval; a short cache keeps that off the server.
 MONITOR_CACHE_SECONDS = 1.0
+# How long an exiting process spends, at most, ending its liveness.
+EXIT_LEAVE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._heartbeat_stop: threading.Event | None = None
         self._trainer_store = TrainerStoreHost(node.addr)
         self.last_timings: RendezvousTimings | None = None
+        # A process that exits without shutdown() (torchrun skips it on SIGTERM so that the run
+        # stays open) leaves at once instead of after its liveness TTL.
+        self._leave_at_exit = weakref.finalize(self, _end_liveness, backend, node.key)
 
     @classmethod
     def from_backend(
@@ -204,6 +209,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return False
         finally:
             self._trainer_store.stop()
+            self._leave_at_exit.detach()
             try:
                 self._backend.liveness.forget(self._node.key)
             except RendezvousError as ex:
@@ -244,6 +250,19 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._heartbeat_stop is not None:
             self._heartbeat_stop.set()
             self._heartbeat_stop = None
+
+
+def _end_liveness(backend: RendezvousBackend, node_key: str) -> None:
+    # Best effort, bounded: an unreachable server must not hold up interpreter exit.
+    def forget() -> None:
+        try:
+            backend.liveness.forget(node_key)
+        except Exception as ex:
+            logger.debug("Could not end the liveness of '%s' at exit: %s", node_key, ex)
+
+    thread = threading.Thread(target=forget, name="RendezvousLeaveAtExit", daemon=True)
+    thread.start()
+    thread.join(EXIT_LEAVE_SECONDS)
 
 
 def _heartbeat_loop(handler_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
