@@ -127,7 +127,9 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
         cursor=_field(doc, "cursor", int, where),
         world_size=_field(doc, "world_size", int, where),
     )
-    deadline = doc.get("deadline")
+    if "deadline" not in doc:
+        raise _fail(where, "field 'deadline' is missing")
+    deadline = doc["deadline"]
     if deadline is not None:
         deadline = _field(doc, "deadline", (int, float), where)
         if not math.isfinite(deadline):
@@ -178,5 +180,7 @@ def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement
         return Announcement("join", _node(doc["join"], where))
     if isinstance(doc, dict) and "leave" in doc:
         round_ = _field(doc, "round", int, where)
+        if round_ < 0:
+            raise _fail(where, f"a leave announcement names round {round_}")
         return Announcement("leave", _node(doc["leave"], where), round_)
     raise _fail(where, "a mailbox record is neither a 'join' nor a 'leave' announcement")

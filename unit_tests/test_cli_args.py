@@ -1,0 +1,93 @@
+"""``etcd-rdzv`` without etcd: options and their environment variables, the configuration they
+build, one-line usage errors, and the lines ``watch`` prints for state changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from etcd_rdzv import cli
+from rdzv_common.codec import encode_state
+from rdzv_common.state import NodeDesc, RendezvousState
+
+A, B, C = NodeDesc("10.0.0.1", 5, 0), NodeDesc("10.0.0.2", 6, 0), NodeDesc("10.0.0.3", 77, 0)
+
+
+def config(argv: list[str], environ: dict[str, str] | None = None):
+    return cli.load_config(cli.build_parser().parse_args(argv), environ or {})
+
+
+def test_flags_map_to_the_backend_options_and_win_over_the_environment(tmp_path):
+    pem = tmp_path / "x.pem"
+    pem.write_text("-")
+    environ = {
+        "ETCD_RDZV_ENDPOINTS": "env-host:1",
+        "ETCD_RDZV_KEY_PREFIX": "/from/env",
+        "ETCD_RDZV_USER": "root",
+        "ETCD_RDZV_PASSWORD": "secret",
+    }
+    argv = ["--protocol", "https", "--ca-cert", str(pem), "status", "r", "--endpoints", "a:1,[::1]:2"]
+    argv += ["--cert", str(pem), "--key", str(pem), "--read-timeout", "2.5"]
+    got = config(argv, environ)
+    assert got.endpoints == (("a", 1), ("::1", 2))
+    assert (got.protocol, got.ca_cert, got.ssl_cert, got.ssl_cert_key) == ("https", str(pem), str(pem), str(pem))
+    assert (got.username, got.password, got.key_prefix, got.read_timeout) == ("root", "secret", "/from/env", 2.5)
+
+
+def test_defaults_suit_an_operator():
+    got = config(["list"], {"ETCD_RDZV_PROTOCOL": ""})
+    assert got.endpoints == (("localhost", 2379),)
+    assert (got.protocol, got.read_timeout, got.key_prefix) == ("http", cli.DEFAULT_READ_TIMEOUT, "/torch/elastic/rendezvous")
+
+
+@pytest.mark.parametrize(
+    "argv, environ, words",
+    [
+        (["status", "r", "--protocol", "ftp"], {}, "'protocol'"),
+        (["status", "r"], {"ETCD_RDZV_READ_TIMEOUT": "-1"}, "'read_timeout'"),
+        (["status", "r", "--cert", "/no/such.pem"], {}, "'ssl_cert'"),
+        (["status", "r", "--user", "u"], {}, "'password'"),
+        (["status"], {}, "RUN_ID"),
+        (["watch", "r", "--count", "0"], {}, "invalid count"),
+        ([], {}, "COMMAND"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(argv, environ, words, capsys):
+    assert cli.main(argv, environ) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("etcd-rdzv: error: ") and words in err
+
+
+def test_state_changes_read_as_events():
+    forming = RendezvousState(round=2, participants={A: 0, B: 0})
+    joined = RendezvousState(round=2, participants={A: 0, B: 0, C: 0}, deadline=1e9)
+    complete = RendezvousState(round=2, complete=True, participants={A: 0, B: 1, C: 2}, world_size=3)
+    left = RendezvousState(round=2, complete=True, participants={B: 1, C: 2}, world_size=3, closed=True)
+    assert cli.state_changes(forming, joined)[0] == "round 2: +10.0.0.3_77_0 joined participants"
+    assert cli.state_changes(joined, complete) == [
+        "round 2: last call cancelled",
+        "round 2 complete: world size 3 (10.0.0.1_5_0=0, 10.0.0.2_6_0=1, 10.0.0.3_77_0=2)",
+    ]
+    assert cli.state_changes(complete, left) == ["round 2: -10.0.0.1_5_0 left participants", "closed"]
+    assert cli.state_changes(None, forming)[0].startswith("state created: round 2 forming")
+    assert cli.state_changes(forming, RendezvousState(round=2, participants={A: 0, B: 0}, cursor=9)) == [
+        "round 2: state rewritten, nothing visible changed (join cursor 9)"
+    ]
+
+
+def test_the_watcher_reports_liveness_and_corruption():
+    keys = cli.RunKeys("/p/r", 10, encode_state(RendezvousState(complete=True, participants={A: 0}, world_size=1)),
+                       alive={A.key: 7})
+    watcher = cli.RunWatcher(keys)
+    assert watcher.on_liveness(A.key, False) == [f"node {A.key} lost liveness (participant, rank 0)"]
+    assert watcher.on_liveness(A.key, False) == []
+    assert watcher.on_state(b"\x00junk")[0].startswith("state is corrupt: ")
+    assert watcher.on_snapshot(cli.RunKeys("/p/r", 20, None)) == ["state deleted (the run was reset, or its keys expired)"]
+    assert watcher.revision == 21
+
+
+@pytest.mark.parametrize(
+    "relative, is_state",
+    [("run", True), ("a/b", True), ("run/joins/ab12", False), ("run/alive/10.0.0.1_5_0", False), ("x/joins", True)],
+)
+def test_list_tells_state_keys_from_a_runs_other_keys(relative, is_state):
+    assert cli._is_state_key(relative) is is_state

@@ -1,0 +1,508 @@
+"""In-process multi-handler scenarios: several ``DynamicRendezvousHandler`` threads over one
+``MemoryStore``, each with its own ``MemoryBackend`` and its own ``TCPStore`` client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+from torch.distributed.elastic.events import NodeState
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousInfo,
+    RendezvousTimeoutError,
+)
+
+import rdzv_common.events as rdzv_events
+import rdzv_common.handler as handler_mod
+from rdzv_common.codec import decode_state
+from rdzv_common.handler import DynamicRendezvousHandler
+from rdzv_common.memory import MemoryBackend, MemoryStore
+from rdzv_common.state import RendezvousState
+
+ADDR = "127.0.0.1"
+FAST = dict(
+    last_call_timeout=0.2,
+    keep_alive_interval=0.1,
+    keep_alive_max_attempt=5,
+    join_timeout=6.0,
+    close_timeout=3.0,
+    heartbeat_timeout=2.0,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class OffsetClock:
+    """Real monotonic time plus an offset a test can jump forward to expire heartbeats."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+class ClientPool:
+    """One TCPStore server for the module and reusable client connections to it.
+
+    Each handler needs a connection of its own (a client blocks per connection). Connections are
+    reused across tests (run ids differ, so keys do not collide) because opening a TCPStore
+    connection occasionally stalls for seconds in torch, and tests should not pay that often.
+    """
+
+    def __init__(self) -> None:
+        self.server = dist.TCPStore(ADDR, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+        self.free: list[dist.TCPStore] = []
+
+    def take(self) -> dist.TCPStore:
+        if self.free:
+            return self.free.pop()
+        return dist.TCPStore(ADDR, self.server.port, is_master=False, timeout=timedelta(seconds=10))
+
+    def give(self, clients) -> None:
+        self.free.extend(clients)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return ClientPool()
+
+
+class Cluster:
+    def __init__(self, run_id: str, mailbox: bool, pool: ClientPool) -> None:
+        self.run_id = run_id
+        self.mailbox = mailbox
+        self.clock = OffsetClock()
+        self.mem = MemoryStore(clock=self.clock)
+        self.pool = pool
+        self.clients: list[dist.TCPStore] = []
+        self.handlers: list[DynamicRendezvousHandler] = []
+        self.threads: list[threading.Thread] = []
+
+    def client(self) -> dist.TCPStore:
+        c = self.pool.take()
+        self.clients.append(c)
+        return c
+
+    def make(self, n: int, min_nodes: int, max_nodes: int, **overrides) -> list[DynamicRendezvousHandler]:
+        timeouts = {**FAST, **overrides}
+        made = []
+        for _ in range(n):
+            backend = MemoryBackend(self.mem, self.run_id, use_mailbox=self.mailbox)
+            h = DynamicRendezvousHandler.from_backend(
+                self.run_id, self.client(), backend, min_nodes, max_nodes, local_addr=ADDR, **timeouts
+            )
+            made.append(h)
+        self.handlers.extend(made)
+        return made
+
+    def state(self) -> RendezvousState:
+        entry = self.mem.states.get(self.run_id)
+        return decode_state(entry[0]) if entry else RendezvousState()
+
+    def start(self, fn) -> "Job":
+        job = Job(fn)
+        self.threads.append(job.thread)
+        return job
+
+    def rendezvous(self, handlers, timeout: float = 10.0) -> list:
+        jobs = [self.start(h.next_rendezvous) for h in handlers]
+        return [j.result(timeout) for j in jobs]
+
+    def teardown(self) -> None:
+        for h in self.handlers:
+            h._stop_heartbeats()
+        for t in self.threads:
+            t.join(timeout=10)
+        alive = [t for t in self.threads if t.is_alive()]
+        for h in self.handlers:
+            try:
+                h.shutdown()
+            except Exception:  # a failed shutdown of a test's leftover must not hide its result
+                pass
+        if not alive:  # a client a stuck thread may still use is not handed on
+            self.pool.give(self.clients)
+        assert not alive, f"threads still running: {alive}"
+
+
+class Job:
+    def __init__(self, fn) -> None:
+        self.value = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.value = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.error = e
+        finally:
+            self.done.set()
+
+    def result(self, timeout: float = 10.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the rendezvous call did not return in time"
+        return self.error if self.error is not None else self.value
+
+
+def connect_trainer(info) -> dist.TCPStore:
+    """Connect to a published trainer store as a trainer would.
+
+    A TCPStore connection now and then stalls in torch and times out; a trainer's own launcher
+    would retry, so the test does too rather than fail on that.
+    """
+    last: Exception | None = None
+    for _ in range(3):
+        try:
+            return dist.TCPStore(
+                info.master_addr, info.master_port, is_master=False, timeout=timedelta(seconds=3)
+            )
+        except dist.DistNetworkError as e:  # pragma: no cover - depends on timing
+            last = e
+    raise AssertionError(f"cannot reach the trainer store at {info}: {last}")
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(params=[True, False], ids=["mailbox", "direct"])
+def cluster(request, pool):
+    c = Cluster(f"run-{request.node.name}".replace("[", "-").replace("]", ""), request.param, pool)
+    yield c
+    c.teardown()
+
+
+@pytest.fixture
+def mailbox_cluster(request, pool):
+    c = Cluster(f"run-{request.node.name}", True, pool)
+    yield c
+    c.teardown()
+
+
+@pytest.fixture(autouse=True)
+def _no_monitor_cache(monkeypatch):
+    monkeypatch.setattr(handler_mod, "MONITOR_CACHE_SECONDS", 0.0)
+
+
+def _infos(results) -> list[RendezvousInfo]:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+def _check_group(infos: list[RendezvousInfo], world: int) -> None:
+    assert sorted(i.rank for i in infos) == list(range(world))
+    assert {i.world_size for i in infos} == {world}
+    addrs = {(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port) for i in infos}
+    assert len(addrs) == 1, addrs
+
+
+# --------------------------------------------------------------------------- forming a round
+
+
+def test_all_nodes_join_with_distinct_ranks(cluster):
+    handlers = cluster.make(4, 4, 4)
+    infos = _infos(cluster.rendezvous(handlers))
+    _check_group(infos, 4)
+    # Ranks follow node order (same host and pid: creation order).
+    assert [i.rank for i in infos] == [0, 1, 2, 3]
+    state = cluster.state()
+    assert state.complete and state.round == 0
+    assert {h.node: i.rank for h, i in zip(handlers, infos)} == state.participants
+    for h in handlers:
+        t = h.last_timings
+        assert t is not None and t.round == 0
+        assert t.total >= t.join_wait >= 0 and t.last_call_wait >= 0
+        assert t.total == pytest.approx(t.join_wait + t.last_call_wait, abs=1e-6)
+        assert t.writes >= 1 and 0 <= t.lost_writes <= t.writes
+
+
+def test_min_below_max_completes_after_last_call(cluster):
+    handlers = cluster.make(2, 2, 4, last_call_timeout=0.3)
+    started = time.monotonic()
+    infos = _infos(cluster.rendezvous(handlers))
+    elapsed = time.monotonic() - started
+    _check_group(infos, 2)
+    assert elapsed >= 0.25  # waited for the last call rather than completing at min_nodes
+    assert elapsed < 5
+    assert max(h.last_timings.last_call_wait for h in handlers) >= 0.2
+    state = cluster.state()
+    assert state.complete and state.deadline is None and len(state.participants) == 2
+
+
+def test_single_node_round(cluster):
+    (h,) = cluster.make(1, 1, 1)
+    (info,) = _infos(cluster.rendezvous([h]))
+    assert (info.rank, info.world_size) == (0, 1)
+    assert info.bootstrap_store_info.master_addr == ADDR
+
+
+# --------------------------------------------------------------------------- later rounds
+
+
+def test_late_node_waits_and_joins_next_round_with_that_rounds_master(cluster):
+    a, b, c = cluster.make(3, 2, 3)
+    first = _infos(cluster.rendezvous([a, b]))
+    _check_group(first, 2)
+    round0_port = first[0].bootstrap_store_info.master_port
+
+    late = cluster.start(c.next_rendezvous)
+    wait_until(lambda: a.num_nodes_waiting() == 1, what="the late node on the wait list")
+    assert b.num_nodes_waiting() == 1
+    assert cluster.state().wait_list == {c.node}
+    assert not late.done.is_set()
+
+    jobs = [cluster.start(a.next_rendezvous), cluster.start(b.next_rendezvous)]
+    infos = _infos([j.result() for j in jobs] + [late.result()])
+    _check_group(infos, 3)
+    assert cluster.state().round == 1
+    assert all(h.last_timings.round == 1 for h in (a, b, c))
+    # The node that joined in round 1 uses round 1's trainer store, hosted by round 1's rank 0.
+    rank0 = [h for h, i in zip((a, b, c), infos) if i.rank == 0][0]
+    c_info = infos[2]
+    assert c_info.bootstrap_store_info.master_addr == ADDR
+    assert c_info.bootstrap_store_info.master_port == rank0._trainer_store.server.port
+    assert a.num_nodes_waiting() == 0
+    assert round0_port > 0
+
+
+def test_redundant_node_moves_up_when_a_participant_leaves(cluster):
+    a, b, c = cluster.make(3, 2, 2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+
+    extra = cluster.start(c.next_rendezvous)
+    wait_until(lambda: cluster.state().redundancy_list == {c.node}, what="the redundancy list")
+    assert a.num_nodes_waiting() == 0  # redundant nodes do not ask for a restart
+
+    leaving = cluster.start(a.next_rendezvous)  # a leaves its round (exit) and joins the next
+    wait_until(lambda: c.node not in cluster.state().redundancy_list, what="c off the redundancy list")
+    wait_until(lambda: c.node in cluster.state().wait_list | set(cluster.state().participants), what="c placed")
+
+    staying = cluster.start(b.next_rendezvous)
+    results = {h: j for h, j in [(a, leaving), (b, staying), (c, extra)]}
+    # Two of the three form round 1 (max 2); the third is left waiting or redundant.
+    wait_until(lambda: sum(j.done.is_set() for j in results.values()) >= 2, timeout=8, what="round 1")
+    time.sleep(0.3)
+    done = {h: j for h, j in results.items() if j.done.is_set()}
+    assert len(done) == 2
+    infos = _infos([j.result() for j in done.values()])
+    _check_group(infos, 2)
+    state = cluster.state()
+    assert state.round == 1 and state.complete
+    (left_out,) = [h for h in results if h not in done]
+    assert left_out.node in state.redundancy_list | state.wait_list
+
+    # Closing the run releases it: redundant -> graceful exit, waiting -> closed.
+    next(iter(done)).set_closed()
+    err = results[left_out].result()
+    assert isinstance(err, (RendezvousGracefulExitError, RendezvousClosedError)), err
+    if left_out.node in state.redundancy_list:
+        assert isinstance(err, RendezvousGracefulExitError)
+
+
+def test_dead_node_is_removed_from_the_state(cluster):
+    a, b, c = cluster.make(3, 2, 3)
+    _check_group(_infos(cluster.rendezvous([a, b, c])), 3)
+    b._stop_heartbeats()  # b dies
+    time.sleep(0.3)  # let an in-flight heartbeat land before the clock jumps
+    cluster.clock.offset += 100.0  # every beat so far is now older than the liveness TTL
+    assert b.node.key not in b._backend.liveness.alive([b.node.key], b.settings.liveness_ttl)
+
+    infos = _infos(cluster.rendezvous([a, c]))
+    _check_group(infos, 2)
+    state = cluster.state()
+    assert b.node not in state.nodes()
+    assert set(state.participants) == {a.node, c.node}
+    assert state.round == 1
+
+
+def test_round_members_agree_on_world_size_when_a_lease_lapses(cluster):
+    # c waits for round 1; its lease lapses (liveness forgotten) while its process lives on, so it
+    # keeps acting and is placed in round 1. Whatever the others decide about c, every member of
+    # the round must report the same world size and ranks 0..n-1, or the trainers hang.
+    a, b, c = cluster.make(3, 2, 3)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    late = cluster.start(c.next_rendezvous)
+    wait_until(lambda: a.num_nodes_waiting() == 1, what="c waiting")
+    c._backend.liveness.forget(c.node.key)
+    infos = _infos(cluster.rendezvous([a, b]))
+    res = late.result()
+    members = list(zip((a, b), infos))
+    if isinstance(res, RendezvousInfo):
+        members.append((c, res))
+    rounds = {h.last_timings.round for h, _ in members}
+    assert rounds == {1}
+    got = {h.node.local_id: (i.rank, i.world_size) for h, i in members}
+    _check_group([i for _, i in members], len(members))
+    assert got  # for the failure message
+
+
+# --------------------------------------------------------------------------- closing
+
+
+def test_set_closed_propagates(cluster):
+    a, b, c = cluster.make(3, 2, 2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    extra = cluster.start(c.next_rendezvous)
+    wait_until(lambda: cluster.state().redundancy_list == {c.node}, what="c redundant")
+    assert not b.is_closed()
+
+    a.set_closed()
+    assert a.is_closed() and b.is_closed()
+    assert isinstance(extra.result(), RendezvousGracefulExitError)
+    with pytest.raises(RendezvousClosedError):
+        b.next_rendezvous()
+    assert cluster.state().closed
+    a.set_closed()  # idempotent
+    assert cluster.state().closed
+
+
+def test_join_timeout_rolls_the_node_back_out(cluster):
+    (a,) = cluster.make(1, 2, 3, join_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(RendezvousTimeoutError):
+        a.next_rendezvous()
+    assert 0.45 <= time.monotonic() - started < 5
+    state = cluster.state()
+    assert a.node not in state.nodes()
+    assert state.deadline is None and not state.complete
+
+
+def test_join_timeout_of_a_waiting_node(cluster):
+    a, b = cluster.make(2, 1, 2, join_timeout=0.6)
+    # With min 1 and max 2, a alone completes round 0 after the last call.
+    _check_group(_infos(cluster.rendezvous([a])), 1)
+    # b cannot join a complete round; it waits for round 1 that never starts, and times out.
+    with pytest.raises(RendezvousTimeoutError):
+        b.next_rendezvous()
+    state = cluster.state()
+    assert b.node not in state.nodes()
+    assert state.participants == {a.node: 0}
+
+
+# --------------------------------------------------------------------------- trainer store
+
+
+def test_bootstrap_info_uses_local_addr_and_rank0_server(cluster):
+    handlers = cluster.make(3, 3, 3)
+    infos = _infos(cluster.rendezvous(handlers))
+    _check_group(infos, 3)
+    assert all(h.use_agent_store for h in handlers)
+    rank0 = [h for h, i in zip(handlers, infos) if i.rank == 0][0]
+    server = rank0._trainer_store.server
+    assert server is not None
+    assert {i.bootstrap_store_info.master_addr for i in infos} == {ADDR}
+    assert {i.bootstrap_store_info.master_port for i in infos} == {server.port}
+    assert all(h._trainer_store.server is None for h in handlers if h is not rank0)
+
+
+def test_disabled_shared_store(cluster, monkeypatch):
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    handlers = cluster.make(2, 2, 2)
+    assert not any(h.use_agent_store for h in handlers)
+    infos = _infos(cluster.rendezvous(handlers))
+    _check_group(infos, 2)
+    assert {i.bootstrap_store_info.master_addr for i in infos} == {ADDR}
+    assert all(h._trainer_store.server is None for h in handlers)
+
+
+def test_trainer_store_is_fresh_every_round(cluster):
+    a, b = cluster.make(2, 2, 2)
+    first = _infos(cluster.rendezvous([a, b]))
+    _check_group(first, 2)
+    info0 = first[0].bootstrap_store_info
+    trainer0 = connect_trainer(info0)
+    trainer0.set("nccl_unique_id", b"round0-secret")
+    assert trainer0.check(["nccl_unique_id"])
+
+    second = _infos(cluster.rendezvous([a, b]))
+    _check_group(second, 2)
+    assert a.last_timings.round == 1
+    info1 = second[0].bootstrap_store_info
+    trainer1 = connect_trainer(info1)
+    assert not trainer1.check(["nccl_unique_id"])
+    trainer1.set("nccl_unique_id", b"round1")
+    assert trainer1.get("nccl_unique_id") == b"round1"
+
+
+def test_round_store_is_a_prefix_store_per_round(cluster):
+    a, b = cluster.make(2, 2, 2)
+    infos = _infos(cluster.rendezvous([a, b]))
+    raw = cluster.client()
+    for info in infos:
+        assert isinstance(info.store, dist.PrefixStore)
+    prefix0 = f"torch.rendezvous.{cluster.run_id}.0"
+    infos[0].store.set("probe", b"zero")
+    assert raw.get(f"{prefix0}/probe") == b"zero"
+    assert raw.get(f"{prefix0}/MASTER_ADDR") == ADDR.encode()
+    assert infos[1].store.get("probe") == b"zero"  # same round, same namespace
+
+    again = _infos(cluster.rendezvous([a, b]))
+    assert not again[0].store.check(["probe"])  # round 1 has its own namespace
+    again[0].store.set("probe", b"one")
+    assert raw.get(f"torch.rendezvous.{cluster.run_id}.1/probe") == b"one"
+    assert raw.get(f"{prefix0}/probe") == b"zero"
+
+
+# --------------------------------------------------------------------------- events, shutdown
+
+
+def test_events_are_recorded(mailbox_cluster, monkeypatch):
+    events = []
+    lock = threading.Lock()
+
+    def capture(**kw):
+        with lock:
+            events.append(kw)
+
+    monkeypatch.setattr(rdzv_events, "construct_and_record_rdzv_event", capture)
+    a, b = mailbox_cluster.make(2, 2, 3)  # completes at the last call: MARK_RENDEZVOUS_COMPLETE
+    infos = _infos(mailbox_cluster.rendezvous([a, b]))
+    _check_group(infos, 2)
+    for h, info in zip((a, b), infos):
+        mine = [e for e in events if e["local_id"] == h.node.local_id and e["pid"] == h.node.pid]
+        assert all(e["run_id"] == mailbox_cluster.run_id and e["hostname"] == ADDR for e in mine)
+        assert any("attempts to join" in e["message"] and e["node_state"] == NodeState.RUNNING for e in mine)
+        joined = [e for e in mine if "has joined" in e["message"]]
+        assert len(joined) == 1 and joined[0]["rank"] == info.rank
+    assert any(e["node_state"] == NodeState.SUCCEEDED and "MARK_RENDEZVOUS_COMPLETE" in e["message"] for e in events)
+
+    events.clear()
+    (lonely,) = mailbox_cluster.make(1, 2, 2, join_timeout=0.3)
+    lonely.set_closed()
+    with pytest.raises(RendezvousClosedError):
+        lonely.next_rendezvous()
+    failed = [e for e in events if e["node_state"] == NodeState.FAILED]
+    assert failed and "RendezvousClosedError" in failed[-1]["message"]
+    assert any(e["node_state"] == NodeState.SUCCEEDED and "closed" in e["message"] for e in events)
+
+
+def test_shutdown_closes_and_ends_liveness(cluster):
+    a, b = cluster.make(2, 2, 2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    ttl = a.settings.liveness_ttl
+    assert a._backend.liveness.alive([a.node.key, b.node.key], ttl) == {a.node.key, b.node.key}
+    assert a.shutdown() is True
+    assert a._backend.liveness.alive([a.node.key], ttl) == set()
+    assert cluster.state().closed
+    assert b.is_closed()
+    assert b._backend.liveness.alive([b.node.key], ttl) == {b.node.key}
+    # a's heartbeats stopped: its liveness does not come back.
+    time.sleep(3 * a.settings.keep_alive_interval)
+    assert a._backend.liveness.alive([a.node.key], ttl) == set()
+    with pytest.raises(RendezvousClosedError):
+        b.next_rendezvous()
+    assert b.shutdown() is True
