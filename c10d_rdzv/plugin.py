@@ -18,16 +18,11 @@ if TYPE_CHECKING:
 def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Build a rendezvous handler over the c10d store ``params`` describe; it reports
     ``params.backend`` as its name."""
-    from rdzv_common.handler import create_handler
+    from rdzv_common.handler import create_handler_with
 
     from .factory import create_backend
 
-    backend, store = create_backend(params)
-    try:
-        return create_handler(store, backend, params)
-    except BaseException:
-        backend.close()
-        raise
+    return create_handler_with(create_backend, params)
 
 
 def handler_creator() -> RendezvousHandlerCreator:

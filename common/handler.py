@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -200,12 +201,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._close()
             return True
         except RendezvousError as ex:
-            msg = (
-                f"The node '{self._node}' has failed to shutdown the rendezvous "
-                f"'{self._settings.run_id}' due to an error of type {type(ex).__name__}."
-            )
-            self._record(msg, NodeState.FAILED)
-            logger.warning(msg)
+            self._report_failure("shutdown", ex)
             return False
         finally:
             self._trainer_store.stop()
@@ -228,12 +224,15 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._executor.run(keep_alive_op, time.monotonic() + self._settings.heartbeat_timeout)
                 logger.debug("The node '%s' sent a keep-alive heartbeat.", self._node)
             except RendezvousError as ex:
-                msg = (
-                    f"The node '{self._node}' has failed to send a keep-alive heartbeat to the "
-                    f"rendezvous '{self._settings.run_id}' due to an error of type {type(ex).__name__}."
-                )
-                self._record(msg, NodeState.FAILED)
-                logger.warning(msg)
+                self._report_failure("send a keep-alive heartbeat to", ex)
+
+    def _report_failure(self, what: str, ex: RendezvousError) -> None:
+        msg = (
+            f"The node '{self._node}' has failed to {what} the rendezvous "
+            f"'{self._settings.run_id}' due to an error of type {type(ex).__name__}: {ex}"
+        )
+        self._record(msg, NodeState.FAILED)
+        logger.warning(msg)
 
     def _start_heartbeats(self) -> None:
         stop = threading.Event()
@@ -273,6 +272,22 @@ def _heartbeat_loop(handler_ref: weakref.ref, stop: threading.Event, interval: f
             return
         handler._keep_alive()
         del handler
+
+
+def create_handler_with(
+    make_backend: Callable[[RendezvousParameters], tuple[RendezvousBackend, dist.Store]],
+    params: RendezvousParameters,
+) -> DynamicRendezvousHandler:
+    """Build a backend with ``make_backend(params)`` and a handler over it (torchrun plugins).
+
+    The backend is closed again if the handler cannot be built (bad configuration).
+    """
+    backend, store = make_backend(params)
+    try:
+        return create_handler(store, backend, params)
+    except BaseException:
+        backend.close()
+        raise
 
 
 def create_handler(

@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -54,6 +56,8 @@ ENV_PREFIX = "ETCD_RDZV_"
 # An operator waits on the terminal: give up on an unreachable etcd sooner than the agents do.
 DEFAULT_READ_TIMEOUT = 10.0
 CLOSE_ATTEMPTS = 20
+# How often ``watch``'s main thread wakes up to act on a Ctrl-C.
+SIGNAL_CHECK_SECONDS = 0.2
 
 # CLI option (argparse dest) -> the backend's ``--rdzv-conf`` key; ``endpoints`` is the endpoint.
 CONF_KEYS: dict[str, str] = {
@@ -394,27 +398,32 @@ def summarize_state(state: RendezvousState) -> str:
     )
 
 
-def state_changes(old: RendezvousState | None, new: RendezvousState) -> list[str]:
-    """Human lines for the difference between two consecutive states; never empty."""
-    if old is None:
-        return [f"state created: {summarize_state(new)}"]
+def _changes(old: RendezvousState, new: RendezvousState) -> list[str]:
     r = new.round
     lines = [f"round {r} started"] if new.round != old.round else []
     lines += _list_changes(r, "participants", set(old.participants), set(new.participants))
     lines += _list_changes(r, "the wait list", old.wait_list, new.wait_list)
     lines += _list_changes(r, "the redundancy list", old.redundancy_list, new.redundancy_list)
-    if new.deadline != old.deadline:
-        lines.append(
-            f"round {r}: last call, completes by {_clock(new.deadline)}"
-            if new.deadline is not None
-            else f"round {r}: last call cancelled"
-        )
-    if new.complete and not (old.complete and old.round == new.round):
+    completed = new.complete and not (old.complete and old.round == new.round)
+    if new.deadline is not None and new.deadline != old.deadline:
+        lines.append(f"round {r}: last call, completes by {_clock(new.deadline)}")
+    elif new.deadline is None and old.deadline is not None and not completed:
+        lines.append(f"round {r}: last call cancelled")
+    if completed:
         ranks = ", ".join(f"{n}={rank}" for n, rank in sorted(new.participants.items(), key=lambda i: i[1]))
         lines.append(f"round {r} complete: world size {new.world_size} ({ranks})")
     if new.closed != old.closed:
         lines.append("closed" if new.closed else "reopened")
-    return lines or [f"round {r}: state rewritten, nothing visible changed (join cursor {new.cursor})"]
+    return lines
+
+
+def state_changes(old: RendezvousState | None, new: RendezvousState) -> list[str]:
+    """Human lines for the difference between two consecutive states (``old`` is ``None`` when
+    the state was just created); never empty."""
+    if old is None:
+        return [f"state created: {summarize_state(new)}", *_changes(RendezvousState(round=new.round), new)]
+    quiet = f"round {new.round}: state rewritten, nothing visible changed (join cursor {new.cursor})"
+    return _changes(old, new) or [quiet]
 
 
 class RunWatcher:
@@ -452,13 +461,13 @@ class RunWatcher:
 
     def on_state(self, value: bytes | None) -> list[str]:
         """Lines for the state key now holding ``value`` (``None``: deleted)."""
-        previous = self.state
+        previous, existed = self.state, self.value is not None
         self.value = value
         self.state, self.problem = self._decode(value)
         if self.problem is not None:
             return [f"state is corrupt: {self.problem}"]
         if self.state is None:
-            return ["state deleted (the run was reset, or its keys expired)"] if previous is not None else []
+            return ["state deleted (the run was reset, or its keys expired)"] if existed else []
         return state_changes(previous, self.state)
 
     def on_liveness(self, node_key: str, alive: bool) -> list[str]:
@@ -515,14 +524,26 @@ def _stamp(revision: int, line: str) -> str:
 
 @dataclass
 class WatchLimits:
-    """When ``watch`` stops: after ``count`` changes, or at monotonic time ``deadline``."""
+    """When ``watch`` stops: after ``count`` changes, at monotonic time ``deadline``, or on ``stop``
+    (from another thread), which also cancels the watch stream in progress (``call``)."""
 
     count: int | None
     deadline: float
     seen: int = 0
+    stopped: threading.Event = field(default_factory=threading.Event)
+    call: grpc.Future | None = None
 
     def done(self) -> bool:
-        return (self.count is not None and self.seen >= self.count) or time.monotonic() >= self.deadline
+        return (
+            self.stopped.is_set()
+            or (self.count is not None and self.seen >= self.count)
+            or time.monotonic() >= self.deadline
+        )
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.call is not None:
+            self.call.cancel()
 
     def remaining(self) -> float | None:
         """Seconds left, ``None`` without a deadline."""
@@ -559,12 +580,16 @@ def follow(client: etcd3.MultiEndpointEtcd3Client, watcher: RunWatcher, limits: 
         done.wait()  # ending the request stream would end the watch on the server
 
     call = etcdrpc.WatchStub(client.channel).Watch(requests(), timeout=limits.remaining(), metadata=client.metadata)
+    limits.call = call
     try:
+        if limits.done():
+            return True
         for response in call:
             if response.compact_revision:
                 return False
             if response.canceled:
-                raise CliError(f"etcd cancelled the watch on {watcher.key}: {response.cancel_reason or 'no reason given'}")
+                reason = response.cancel_reason or "no reason given"
+                raise CliError(f"etcd cancelled the watch on {watcher.key}: {reason}")
             for event in response.events:
                 if limits.done():
                     break
@@ -577,6 +602,7 @@ def follow(client: etcd3.MultiEndpointEtcd3Client, watcher: RunWatcher, limits: 
             return True
         fail_over(client, exc)
     finally:
+        limits.call = None
         done.set()
         call.cancel()
 
@@ -593,20 +619,35 @@ def _follow_with_retries(etcd: EtcdClient, watcher: RunWatcher, limits: WatchLim
                 raise
 
 
+def watch_run(etcd: EtcdClient, run_id: str, limits: WatchLimits) -> None:
+    """Print how the run looks, then each change to it, until ``limits`` are reached."""
+    keys = read_run_keys(etcd, run_id)
+    watcher = RunWatcher(keys)
+    _emit(_stamp(keys.revision, f"watching run '{run_id}': {watcher.describe()}"))
+    while not limits.done():
+        if not _follow_with_retries(etcd, watcher, limits):
+            keys = read_run_keys(etcd, run_id)
+            _report(keys.revision, watcher.on_snapshot(keys), limits)
+
+
 def cmd_watch(etcd: EtcdClient, args: argparse.Namespace) -> int:
-    """Print each change to a run until ``--count`` changes, ``--timeout`` or Ctrl-C (exit 0)."""
+    """Print each change to a run until ``--count`` changes, ``--timeout`` or Ctrl-C (exit 0).
+
+    The watch runs in a worker thread while this one waits in short steps (a signal that lands on
+    one of gRPC's threads is only acted on once this thread runs Python code): a Ctrl-C raised
+    inside gRPC's own code can leave its channel unable to close, so it is taken here, where it
+    ends the watch by cancelling it.
+    """
     deadline = time.monotonic() + args.timeout if args.timeout is not None else float("inf")
     limits = WatchLimits(args.count, deadline)
-    try:
-        keys = read_run_keys(etcd, args.run_id)
-        watcher = RunWatcher(keys)
-        _emit(_stamp(keys.revision, f"watching run '{args.run_id}': {watcher.describe()}"))
-        while not limits.done():
-            if not _follow_with_retries(etcd, watcher, limits):
-                keys = read_run_keys(etcd, args.run_id)
-                _report(keys.revision, watcher.on_snapshot(keys), limits)
-    except KeyboardInterrupt:
-        pass
+    with ThreadPoolExecutor(1, thread_name_prefix="etcd-rdzv-watch") as pool:
+        watching = pool.submit(watch_run, etcd, args.run_id, limits)
+        try:
+            while not watching.done():
+                futures.wait([watching], timeout=SIGNAL_CHECK_SECONDS)
+        except KeyboardInterrupt:
+            limits.stop()
+        watching.result()
     return 0
 
 
@@ -653,7 +694,9 @@ def close_run(backend: EtcdRendezvousBackend, run_id: str) -> tuple[RendezvousSt
     try:
         return retrying(_close_once, backend, run_id)
     except _Conflict:
-        raise CliError(f"run '{run_id}' kept changing during {CLOSE_ATTEMPTS} attempts to close it; try again") from None
+        raise CliError(
+            f"run '{run_id}' kept changing during {CLOSE_ATTEMPTS} attempts to close it; try again"
+        ) from None
 
 
 def cmd_close(etcd: EtcdClient, args: argparse.Namespace) -> int:

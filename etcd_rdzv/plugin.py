@@ -28,16 +28,11 @@ OVERRIDE_ENV = "TORCH_RDZV_ETCD_V2_OVERRIDE"
 
 def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Build a rendezvous handler on etcd v3 that reports ``params.backend`` as its name."""
-    from rdzv_common.handler import create_handler as create_dynamic_handler
+    from rdzv_common.handler import create_handler_with
 
     from .factory import create_backend
 
-    backend, store = create_backend(params, name=params.backend)
-    try:
-        return create_dynamic_handler(store, backend, params)
-    except BaseException:
-        backend.close()
-        raise
+    return create_handler_with(lambda p: create_backend(p, name=p.backend), params)
 
 
 def handler_creator() -> RendezvousHandlerCreator:
