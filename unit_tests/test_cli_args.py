@@ -36,7 +36,8 @@ def test_flags_map_to_the_backend_options_and_win_over_the_environment(tmp_path)
 def test_defaults_suit_an_operator():
     got = config(["list"], {"ETCD_RDZV_PROTOCOL": ""})
     assert got.endpoints == (("localhost", 2379),)
-    assert (got.protocol, got.read_timeout, got.key_prefix) == ("http", cli.DEFAULT_READ_TIMEOUT, "/torch/elastic/rendezvous")
+    assert (got.protocol, got.read_timeout) == ("http", cli.DEFAULT_READ_TIMEOUT)
+    assert got.key_prefix == "/torch/elastic/rendezvous"
 
 
 @pytest.mark.parametrize(
@@ -64,11 +65,18 @@ def test_state_changes_read_as_events():
     left = RendezvousState(round=2, complete=True, participants={B: 1, C: 2}, world_size=3, closed=True)
     assert cli.state_changes(forming, joined)[0] == "round 2: +10.0.0.3_77_0 joined participants"
     assert cli.state_changes(joined, complete) == [
-        "round 2: last call cancelled",
         "round 2 complete: world size 3 (10.0.0.1_5_0=0, 10.0.0.2_6_0=1, 10.0.0.3_77_0=2)",
     ]
+    assert cli.state_changes(joined, forming) == [
+        "round 2: -10.0.0.3_77_0 left participants",
+        "round 2: last call cancelled",
+    ]
     assert cli.state_changes(complete, left) == ["round 2: -10.0.0.1_5_0 left participants", "closed"]
-    assert cli.state_changes(None, forming)[0].startswith("state created: round 2 forming")
+    assert cli.state_changes(None, forming) == [
+        "state created: round 2 forming; 2 participant(s), 0 waiting, 0 redundant",
+        "round 2: +10.0.0.1_5_0 joined participants",
+        "round 2: +10.0.0.2_6_0 joined participants",
+    ]
     assert cli.state_changes(forming, RendezvousState(round=2, participants={A: 0, B: 0}, cursor=9)) == [
         "round 2: state rewritten, nothing visible changed (join cursor 9)"
     ]
@@ -81,7 +89,8 @@ def test_the_watcher_reports_liveness_and_corruption():
     assert watcher.on_liveness(A.key, False) == [f"node {A.key} lost liveness (participant, rank 0)"]
     assert watcher.on_liveness(A.key, False) == []
     assert watcher.on_state(b"\x00junk")[0].startswith("state is corrupt: ")
-    assert watcher.on_snapshot(cli.RunKeys("/p/r", 20, None)) == ["state deleted (the run was reset, or its keys expired)"]
+    deleted = watcher.on_snapshot(cli.RunKeys("/p/r", 20, None))
+    assert deleted == ["state deleted (the run was reset, or its keys expired)"]
     assert watcher.revision == 21
 
 

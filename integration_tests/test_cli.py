@@ -1,0 +1,233 @@
+"""``etcd-rdzv`` against a real etcd, with live rendezvous handlers in this process and the
+command run as a separate process (``python -m etcd_rdzv``) to check its output and exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import etcd3
+import etcd3.utils
+import pytest
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+from etcd_rdzv.factory import create_backend
+from etcd_rdzv.store import STORE_PREFIX
+from integration_tests.etcd_fixture import free_port
+from rdzv_common.codec import encode_state
+from rdzv_common.handler import DynamicRendezvousHandler, create_handler
+from rdzv_common.state import RendezvousState
+
+pytestmark = pytest.mark.timeout(60)
+
+COMMAND_TIMEOUT = 30
+
+
+def _clean_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_RDZV_")}
+    return {**env, **extra}
+
+
+def _connection(space) -> list[str]:
+    return ["--endpoints", space.endpoint, "--key-prefix", space.key_prefix, "--read-timeout", "5"]
+
+
+def cli(*args: str, env: Mapping[str, str] = {}) -> subprocess.CompletedProcess:
+    """Run ``python -m etcd_rdzv ARGS`` to completion, bounded by ``COMMAND_TIMEOUT``."""
+    return subprocess.run(
+        [sys.executable, "-m", "etcd_rdzv", *args],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        env=_clean_env(env),
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int) -> str:
+    """The command failed with ``code`` and said why in exactly one line; return that line."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("etcd-rdzv: error: "), result.stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def live_run(space, run_id: str) -> Iterator[list[DynamicRendezvousHandler]]:
+    """Two handlers that completed round 0 of ``run_id``; shut down on exit."""
+    params = RendezvousParameters(
+        backend="etcd_rdzv",
+        endpoint=space.endpoint,
+        run_id=run_id,
+        min_nodes=2,
+        max_nodes=2,
+        local_addr="127.0.0.1",
+        keep_alive_interval=1,
+        keep_alive_max_attempt=3,
+        key_prefix=space.key_prefix,
+        read_timeout=10,
+    )
+    handlers = []
+    try:
+        for _ in range(2):
+            backend, store = create_backend(params, name="etcd_rdzv")
+            handlers.append(create_handler(store, backend, params))
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda h: h.next_rendezvous(), handlers))
+        yield handlers
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+
+
+def run_keys(admin: etcd3.MultiEndpointEtcd3Client, space, run_id: str) -> set[str]:
+    """Every key of ``run_id``: its state key, the keys under it and its store's keys."""
+    state = f"{space.key_prefix}/{run_id}"
+    keys = {m.key.decode() for _, m in admin.get_prefix(state + "/", keys_only=True)}
+    keys |= {m.key.decode() for _, m in admin.get_prefix(f"{STORE_PREFIX}/{run_id}/", keys_only=True)}
+    return keys | ({state} if admin.get(state)[0] is not None else set())
+
+
+def test_status_and_list_show_a_live_run(etcd_run):
+    with live_run(etcd_run, etcd_run.run_id) as handlers:
+        result = cli("status", etcd_run.run_id, "--json", *_connection(etcd_run))
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert (doc["run_id"], doc["round"], doc["complete"], doc["closed"], doc["world_size"]) == (
+            etcd_run.run_id, 0, True, False, 2
+        )
+        assert sorted(p["rank"] for p in doc["participants"]) == [0, 1]
+        assert {p["node"] for p in doc["participants"]} == {h.node.key for h in handlers}
+        assert all(p["alive"] and p["lease_ttl"] > 0 and p["addr"] == "127.0.0.1" for p in doc["participants"])
+        assert doc["wait_list"] == doc["redundancy_list"] == []
+        assert doc["pending_joins"] == 0 and doc["mod_revision"] > 0
+
+        text = cli("status", etcd_run.run_id, *_connection(etcd_run))
+        assert text.returncode == 0, text.stderr
+        assert "0, complete, open, world size 2" in text.stdout
+        for handler in handlers:
+            assert f"{handler.node.key}  addr=127.0.0.1" in text.stdout
+        assert text.stdout.count("alive (lease") == 2
+
+        listed = cli("list", *_connection(etcd_run))
+        assert listed.returncode == 0, listed.stderr
+        assert f"{etcd_run.run_id}  round 0  participants 2  alive 2  complete  open" in listed.stdout
+        runs = json.loads(cli("list", "--json", *_connection(etcd_run)).stdout)["runs"]
+        assert [(r["run_id"], r["participants"], r["complete"], r["error"]) for r in runs] == [
+            (etcd_run.run_id, 2, True, None)
+        ]
+
+
+def _start_watch(space, *args: str) -> subprocess.Popen:
+    """Start ``watch`` and return once it printed its first line (it is watching from then on)."""
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "etcd_rdzv", "watch", space.run_id, *args, *_connection(space)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_clean_env(),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        header = pool.submit(watch.stdout.readline).result(timeout=COMMAND_TIMEOUT)
+    assert f"watching run '{space.run_id}': round 0 complete, world size 2" in header, header
+    return watch
+
+
+def test_watch_reports_close_and_close_ends_the_run(etcd_run):
+    with live_run(etcd_run, etcd_run.run_id) as handlers:
+        watch = _start_watch(etcd_run, "--count", "1", "--timeout", "20")
+        try:
+            closed = cli("close", etcd_run.run_id, *_connection(etcd_run))
+            assert closed.returncode == 0, closed.stderr
+            assert "closed at round 0" in closed.stdout
+            out, err = watch.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            watch.kill()
+        assert watch.returncode == 0, err
+        assert out.strip().endswith("] closed"), out
+
+        deadline = time.monotonic() + 10
+        while not all(h.is_closed() for h in handlers):
+            assert time.monotonic() < deadline, "the handlers never saw the run closed"
+            time.sleep(0.2)
+        again = cli("close", etcd_run.run_id, *_connection(etcd_run))
+        assert again.returncode == 0 and "already closed" in again.stdout
+
+
+def test_watch_exits_cleanly_on_ctrl_c(etcd_run):
+    with live_run(etcd_run, etcd_run.run_id):
+        watch = _start_watch(etcd_run)
+        try:
+            watch.send_signal(signal.SIGINT)
+            _, err = watch.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            watch.kill()
+        assert watch.returncode == 0 and err == ""
+
+
+def test_reset_deletes_every_key_of_its_run_and_nothing_else(etcd_run, etcd_admin):
+    other = etcd_run.run_id + "2"  # its keys start with this run's state key
+    try:
+        with live_run(etcd_run, other):
+            with live_run(etcd_run, etcd_run.run_id):
+                pass
+            mine = run_keys(etcd_admin, etcd_run, etcd_run.run_id)
+            assert f"{etcd_run.key_prefix}/{etcd_run.run_id}" in mine
+            assert any(k.startswith(f"{STORE_PREFIX}/{etcd_run.run_id}/") for k in mine)
+            theirs = {k for k in run_keys(etcd_admin, etcd_run, other) if "/joins/" not in k}
+
+            refused = cli("reset", etcd_run.run_id, *_connection(etcd_run))
+            assert "--yes" in assert_one_line_error(refused, 2)
+            assert f"state key {etcd_run.key_prefix}/{etcd_run.run_id} (present)" in refused.stdout
+            assert run_keys(etcd_admin, etcd_run, etcd_run.run_id) == mine
+
+            done = cli("reset", etcd_run.run_id, "--yes", *_connection(etcd_run))
+            assert done.returncode == 0, done.stderr
+            assert run_keys(etcd_admin, etcd_run, etcd_run.run_id) == set()
+            assert theirs <= run_keys(etcd_admin, etcd_run, other)
+            assert_one_line_error(cli("reset", etcd_run.run_id, "--yes", *_connection(etcd_run)), 3)
+    finally:
+        etcd_admin.delete_prefix(f"{STORE_PREFIX}/{other}/")
+
+
+def test_a_corrupt_state_is_one_line_that_says_to_reset(etcd_run, etcd_admin):
+    etcd_admin.put(f"{etcd_run.key_prefix}/{etcd_run.run_id}", os.urandom(64))
+    line = assert_one_line_error(cli("status", etcd_run.run_id, *_connection(etcd_run)), 1)
+    assert "corrupt" in line and f"etcd-rdzv reset {etcd_run.run_id} --yes" in line
+    listed = cli("list", *_connection(etcd_run))
+    assert listed.returncode == 0 and f"{etcd_run.run_id}  CORRUPT" in listed.stdout
+
+
+def test_an_unknown_run_exits_3(etcd_run):
+    line = assert_one_line_error(cli("status", "no-such-run", *_connection(etcd_run)), 3)
+    assert "not found" in line
+
+
+def test_an_unreachable_etcd_fails_fast_in_one_line():
+    started = time.monotonic()
+    result = cli("status", "any", "--endpoints", f"127.0.0.1:{free_port()}", "--read-timeout", "2")
+    assert "could not be reached" in assert_one_line_error(result, 1)
+    assert time.monotonic() - started < 15
+
+
+def test_an_invalid_option_exits_2_in_one_line():
+    assert "'protocol'" in assert_one_line_error(cli("status", "r", "--protocol", "ftp"), 2)
+
+
+def test_environment_configures_the_connection_and_flags_win(etcd_run, etcd_admin):
+    etcd_admin.put(f"{etcd_run.key_prefix}/{etcd_run.run_id}", encode_state(RendezvousState(round=4)))
+    env = {"ETCD_RDZV_ENDPOINTS": etcd_run.endpoint, "ETCD_RDZV_KEY_PREFIX": etcd_run.key_prefix}
+    from_env = cli("status", etcd_run.run_id, "--json", env=env)
+    assert from_env.returncode == 0, from_env.stderr
+    assert json.loads(from_env.stdout)["round"] == 4
+
+    wrong = {**env, "ETCD_RDZV_ENDPOINTS": f"127.0.0.1:{free_port()}", "ETCD_RDZV_READ_TIMEOUT": "2"}
+    flag_wins = cli("--endpoints", etcd_run.endpoint, "status", etcd_run.run_id, env=wrong)
+    assert flag_wins.returncode == 0, flag_wins.stderr
+    assert_one_line_error(cli("status", etcd_run.run_id, env=wrong), 1)
