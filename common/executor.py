@@ -96,9 +96,10 @@ class OpExecutor:
                 self._announced = None
             if has_set is not None:
                 logger.debug(
-                    "The node '%s' %s its changes to the rendezvous '%s'.",
+                    "The node '%s' %s its changes to round %d of the rendezvous '%s'.",
                     self._node,
                     "synced" if has_set else "lost the race to sync",
+                    self._holder.state.round,
                     self._settings.run_id,
                 )
             state = self._holder.state

@@ -176,6 +176,7 @@ def fold_leave(state: RendezvousState, node: NodeDesc, round: int, settings: Ren
     if state.round != round or node not in state.participants:
         return False
     apply(Action.REMOVE_FROM_PARTICIPANTS, state, node, settings)
+    logger.debug("Folded the exit of %s from round %d of the rendezvous '%s'.", node, round, settings.run_id)
     return True
 
 
@@ -189,5 +190,11 @@ def fold_join(state: RendezvousState, node: NodeDesc, settings: RendezvousSettin
     placement = _placement(state, node, settings)
     if placement is not None:
         apply(placement, state, node, settings)
-        logger.debug("Folded the join of %s into round %d: %s", node, state.round, placement.name)
+        logger.debug(
+            "Folded the join of %s into round %d of the rendezvous '%s': %s",
+            node,
+            state.round,
+            settings.run_id,
+            placement.name,
+        )
     return placement
