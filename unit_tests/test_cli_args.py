@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from etcd_rdzv import cli
+from etcd_rdzv.cli.changes import RunWatcher, state_changes
+from etcd_rdzv.cli.command_line import build_parser, main
+from etcd_rdzv.cli.options import DEFAULT_READ_TIMEOUT, load_config
+from etcd_rdzv.cli.runs import RunKeys, _is_state_key
 from rdzv_common.codec import encode_state
 from rdzv_common.state import NodeDesc, RendezvousState
 
@@ -13,7 +16,7 @@ A, B, C = NodeDesc("10.0.0.1", 5, 0), NodeDesc("10.0.0.2", 6, 0), NodeDesc("10.0
 
 
 def config(argv: list[str], environ: dict[str, str] | None = None):
-    return cli.load_config(cli.build_parser().parse_args(argv), environ or {})
+    return load_config(build_parser().parse_args(argv), environ or {})
 
 
 def test_flags_map_to_the_backend_options_and_win_over_the_environment(tmp_path):
@@ -36,7 +39,7 @@ def test_flags_map_to_the_backend_options_and_win_over_the_environment(tmp_path)
 def test_defaults_suit_an_operator():
     got = config(["list"], {"ETCD_RDZV_PROTOCOL": ""})
     assert got.endpoints == (("localhost", 2379),)
-    assert (got.protocol, got.read_timeout) == ("http", cli.DEFAULT_READ_TIMEOUT)
+    assert (got.protocol, got.read_timeout) == ("http", DEFAULT_READ_TIMEOUT)
     assert got.key_prefix == "/torch/elastic/rendezvous"
 
 
@@ -53,7 +56,7 @@ def test_defaults_suit_an_operator():
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(argv, environ, words, capsys):
-    assert cli.main(argv, environ) == 2
+    assert main(argv, environ) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("etcd-rdzv: error: ") and words in err
 
@@ -63,33 +66,33 @@ def test_state_changes_read_as_events():
     joined = RendezvousState(round=2, participants={A: 0, B: 0, C: 0}, deadline=1e9)
     complete = RendezvousState(round=2, complete=True, participants={A: 0, B: 1, C: 2}, world_size=3)
     left = RendezvousState(round=2, complete=True, participants={B: 1, C: 2}, world_size=3, closed=True)
-    assert cli.state_changes(forming, joined)[0] == "round 2: +10.0.0.3_77_0 joined participants"
-    assert cli.state_changes(joined, complete) == [
+    assert state_changes(forming, joined)[0] == "round 2: +10.0.0.3_77_0 joined participants"
+    assert state_changes(joined, complete) == [
         "round 2 complete: world size 3 (10.0.0.1_5_0=0, 10.0.0.2_6_0=1, 10.0.0.3_77_0=2)",
     ]
-    assert cli.state_changes(joined, forming) == [
+    assert state_changes(joined, forming) == [
         "round 2: -10.0.0.3_77_0 left participants",
         "round 2: last call cancelled",
     ]
-    assert cli.state_changes(complete, left) == ["round 2: -10.0.0.1_5_0 left participants", "closed"]
-    assert cli.state_changes(None, forming) == [
+    assert state_changes(complete, left) == ["round 2: -10.0.0.1_5_0 left participants", "closed"]
+    assert state_changes(None, forming) == [
         "state created: round 2 forming; 2 participant(s), 0 waiting, 0 redundant",
         "round 2: +10.0.0.1_5_0 joined participants",
         "round 2: +10.0.0.2_6_0 joined participants",
     ]
-    assert cli.state_changes(forming, RendezvousState(round=2, participants={A: 0, B: 0}, cursor=9)) == [
+    assert state_changes(forming, RendezvousState(round=2, participants={A: 0, B: 0}, cursor=9)) == [
         "round 2: state rewritten, nothing visible changed (join cursor 9)"
     ]
 
 
 def test_the_watcher_reports_liveness_and_corruption():
-    keys = cli.RunKeys("/p/r", 10, encode_state(RendezvousState(complete=True, participants={A: 0}, world_size=1)),
-                       alive={A.key: 7})
-    watcher = cli.RunWatcher(keys)
+    keys = RunKeys("/p/r", 10, encode_state(RendezvousState(complete=True, participants={A: 0}, world_size=1)),
+                   alive={A.key: 7})
+    watcher = RunWatcher(keys)
     assert watcher.on_liveness(A.key, False) == [f"node {A.key} lost liveness (participant, rank 0)"]
     assert watcher.on_liveness(A.key, False) == []
     assert watcher.on_state(b"\x00junk")[0].startswith("state is corrupt: ")
-    deleted = watcher.on_snapshot(cli.RunKeys("/p/r", 20, None))
+    deleted = watcher.on_snapshot(RunKeys("/p/r", 20, None))
     assert deleted == ["state deleted (the run was reset, or its keys expired)"]
     assert watcher.revision == 21
 
@@ -99,4 +102,4 @@ def test_the_watcher_reports_liveness_and_corruption():
     [("run", True), ("a/b", True), ("run/joins/ab12", False), ("run/alive/10.0.0.1_5_0", False), ("x/joins", True)],
 )
 def test_list_tells_state_keys_from_a_runs_other_keys(relative, is_state):
-    assert cli._is_state_key(relative) is is_state
+    assert _is_state_key(relative) is is_state

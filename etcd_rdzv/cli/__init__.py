@@ -1,0 +1,21 @@
+"""``etcd-rdzv``: look at and repair the rendezvous runs that live in etcd, without reading code.
+
+Subcommands::
+
+    etcd-rdzv status RUN_ID [--json]        one run: round, members, liveness, pending joins
+    etcd-rdzv watch RUN_ID [--timeout S] [--count N]
+                                            print each change to the run as it happens
+    etcd-rdzv list [--json]                 every run under the key prefix, one line each
+    etcd-rdzv close RUN_ID                  mark the run closed, so that its agents exit
+    etcd-rdzv reset RUN_ID --yes            delete every key of the run (the fix for a corrupt state)
+
+The connection options are the backend's ``--rdzv-conf`` keys, validated by the same code
+(``config_from_params``); each may also come from an ``ETCD_RDZV_*`` environment variable, and a
+flag wins over its variable. Failures print one line, ``etcd-rdzv: error: ...``, on stderr and exit
+with 2 (usage or configuration), 1 (etcd unreachable, corrupt state, other runtime failure) or
+3 (no such run).
+"""
+
+from .command_line import main
+
+__all__ = ["main"]

@@ -1,0 +1,112 @@
+"""``status``: one run's round, members with ranks and liveness, lists and pending joins, as a
+JSON document with stable keys or as text for a person."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rdzv_common.state import NodeDesc, RendezvousState
+
+from ..client import EtcdClient
+from .output import clock, emit_all
+from .runs import RunKeys, decode_run_state, lease_ttls, read_run_keys
+
+
+def _node_doc(node: NodeDesc, keys: RunKeys, ttls: Mapping[int, int]) -> dict[str, Any]:
+    lease = keys.alive.get(node.key)
+    ttl = ttls.get(lease) if lease is not None else None
+    return {
+        "node": node.key,
+        "addr": node.addr,
+        "pid": node.pid,
+        "local_id": node.local_id,
+        "alive": ttl is not None and ttl > 0,
+        "lease_id": lease,
+        "lease_ttl": ttl,
+    }
+
+
+def status_document(run_id: str, keys: RunKeys, state: RendezvousState, ttls: Mapping[int, int]) -> dict[str, Any]:
+    """The run's status with stable keys (``status --json``).
+
+    Nodes carry ``alive`` (their liveness key exists on an unexpired lease), ``lease_id`` and
+    ``lease_ttl`` (seconds left; ``None`` without a liveness key). Participants carry ``rank``,
+    ``None`` until the round is complete. etcd keeps no timestamps: the last change is the state
+    key's ``mod_revision`` (and its ``version``, the number of writes), against the cluster's
+    ``revision`` at the time of reading.
+    """
+    listed = {n.key for n in state.nodes()}
+    return {
+        "run_id": run_id,
+        "state_key": keys.key,
+        "revision": keys.revision,
+        "mod_revision": keys.mod_revision,
+        "version": keys.version,
+        "round": state.round,
+        "complete": state.complete,
+        "closed": state.closed,
+        "world_size": state.world_size,
+        "deadline": state.deadline,
+        "participants": [
+            {**_node_doc(n, keys, ttls), "rank": rank if state.complete else None}
+            for n, rank in sorted(state.participants.items(), key=lambda item: (item[1], item[0]))
+        ],
+        "wait_list": [_node_doc(n, keys, ttls) for n in sorted(state.wait_list)],
+        "redundancy_list": [_node_doc(n, keys, ttls) for n in sorted(state.redundancy_list)],
+        "pending_joins": sum(1 for r in keys.join_revisions if r > state.cursor),
+        "alive_unlisted": sorted(set(keys.alive) - listed),
+    }
+
+
+def _liveness_text(node: Mapping[str, Any]) -> str:
+    if node["alive"]:
+        return f"alive (lease {node['lease_id']:x}, {node['lease_ttl']}s left)"
+    if node["lease_id"] is None:
+        return "DEAD (no liveness key)"
+    return f"DEAD (lease {node['lease_id']:x} expired)"
+
+
+def _node_line(node: Mapping[str, Any]) -> str:
+    rank = node.get("rank")
+    where = f"addr={node['addr']} pid={node['pid']} local_id={node['local_id']}"
+    prefix = f"rank {rank if rank is not None else '-'}  " if "rank" in node else ""
+    return f"  {prefix}{node['node']}  {where}  {_liveness_text(node)}"
+
+
+def _section(title: str, nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"{title + ':':<18}{len(nodes)}", *(_node_line(n) for n in nodes)]
+
+
+def render_status(doc: Mapping[str, Any]) -> list[str]:
+    """``status``'s text: the lines of ``status_document``'s content for a person."""
+    progress = "complete" if doc["complete"] else "forming"
+    lines = [
+        f"{'run:':<18}{doc['run_id']}  (key {doc['state_key']})",
+        f"{'round:':<18}{doc['round']}, {progress}, {'CLOSED' if doc['closed'] else 'open'}, "
+        f"world size {doc['world_size']}",
+        f"{'last change:':<18}revision {doc['mod_revision']} (write #{doc['version']} of the state "
+        f"key; etcd is at revision {doc['revision']}; etcd records no wall-clock time)",
+    ]
+    if doc["deadline"] is not None:
+        left = doc["deadline"] - time.time()
+        lines.append(f"{'last call:':<18}round completes by {clock(doc['deadline'])} ({left:+.0f}s)")
+    lines += _section("participants", doc["participants"])
+    lines += _section("wait list", doc["wait_list"])
+    lines += _section("redundancy list", doc["redundancy_list"])
+    lines.append(f"{'pending joins:':<18}{doc['pending_joins']} announcement(s) not yet folded into the state")
+    if doc["alive_unlisted"]:
+        lines.append(f"{'alive, unlisted:':<18}{', '.join(doc['alive_unlisted'])}")
+    return lines
+
+
+def cmd_status(etcd: EtcdClient, args: argparse.Namespace) -> int:
+    """Print one run's status."""
+    keys = read_run_keys(etcd, args.run_id)
+    state = decode_run_state(keys, args.run_id)
+    doc = status_document(args.run_id, keys, state, lease_ttls(etcd, keys.alive.values()))
+    emit_all([json.dumps(doc, indent=2)] if args.json else render_status(doc))
+    return 0
