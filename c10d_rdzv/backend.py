@@ -30,7 +30,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, 
 
 from rdzv_common.backend import Liveness, Mailbox, RendezvousBackend, Token
 
-from .calls import StoreCalls
+from .calls import StoreCalls, describe
 from .keys import RunKeys
 from .liveness import C10dLiveness
 from .mailbox import C10dMailbox
@@ -64,6 +64,7 @@ class C10dRendezvousBackend(RendezvousBackend):
             raise ValueError("The run id must be a non-empty string.")
         self._calls = StoreCalls(store)
         self._keys = RunKeys.for_run(run_id)
+        self._store_name = describe(store)
         self._name = name
         self._mailbox = C10dMailbox(self._calls, self._keys.log)
         self._liveness = C10dLiveness(self._calls, self._keys)
@@ -74,6 +75,10 @@ class C10dRendezvousBackend(RendezvousBackend):
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def location(self) -> str:
+        return f"key '{self._keys.state}' of the {self._store_name}"
 
     @property
     def mailbox(self) -> Mailbox:

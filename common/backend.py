@@ -100,6 +100,11 @@ class RendezvousBackend(ABC):
         time.sleep(max(0.0, min(timeout, 0.25)))
 
     @property
+    def location(self) -> str:
+        """Where the state is kept, for messages (an operator must be able to find the key)."""
+        return f"the {self.name} backend"
+
+    @property
     def mailbox(self) -> Mailbox | None:
         """Where joins are announced, or ``None`` to write each join into the state directly."""
         return None

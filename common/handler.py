@@ -131,6 +131,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._stop_heartbeats()
             with self._lock:
                 self._holder.refresh_liveness()
+                # Read before the first heartbeat: a corrupt state fails with nothing written.
+                self._holder.sync()
                 self._executor.beat()
                 deadline = started + self._settings.join_timeout
                 self._executor.run(exit_op, deadline)

@@ -67,7 +67,7 @@ class StateHolder:
             RendezvousStateError: the stored state does not decode.
             RendezvousConnectionError: the backend is unreachable.
         """
-        where = f"the {self._backend.name} backend, run '{self._settings.run_id}'"
+        where = f"{self._backend.location} (run '{self._settings.run_id}')"
         has_set: bool | None = None
         if self._dirty:
             cursor = self._fold_mailbox()
@@ -92,11 +92,12 @@ class StateHolder:
             response = self._backend.get_state()
 
         self._dirty = False
-        self._last_sync = time.monotonic()
         if response is None:
             self._state, self._token = RendezvousState(), None
         else:
             self._state, self._token = decode_state(response[0], where), response[1]
+        # Only a read that decoded counts as fresh: a corrupt state must fail every caller.
+        self._last_sync = time.monotonic()
         self._completed_round = self._state.round if self._state.complete else None
         if response is not None and not has_set:
             self._drop_dead(self._state)

@@ -5,9 +5,10 @@ Key layout, below ``key_prefix`` (default ``/torch/elastic/rendezvous``)::
     <key_prefix>/<run_id>                   the state; its fencing token is the key's mod_revision
     <key_prefix>/<run_id>/joins/<uuid hex>  join announcements, on the poster's session lease
     <key_prefix>/<run_id>/alive/<node key>  liveness, each on its node's own lease
+    <key_prefix>/<run_id>/store/<key>       the agents' store (``EtcdStore``)
 
-The agents' store (``EtcdStore``) keeps its keys under ``/torch/elastic/store/<run_id>/``. The
-state key and the store's keys live on the run's shared lease (``RunLease``).
+Everything of a run is below its state key, so runs are isolated by run id and key prefix alike.
+The state key and the store's keys live on the run's shared lease (``RunLease``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from .client import EtcdClient
 from .lease import RunLease, Session, is_lease_missing, revoke
 from .liveness import EtcdLiveness
 from .mailbox import EtcdMailbox
-from .store import STORE_PREFIX
 from .keywatch import KeyWatch, watches
 
 
 def state_key(key_prefix: str, run_id: str) -> str:
     """The key that holds ``run_id``'s state."""
     return f"{key_prefix}/{run_id}"
+
+
+def store_prefix(key_prefix: str, run_id: str) -> str:
+    """The key directory of ``run_id``'s agents' store."""
+    return f"{state_key(key_prefix, run_id)}/store"
 
 
 class EtcdRendezvousBackend(RendezvousBackend):
@@ -69,6 +74,10 @@ class EtcdRendezvousBackend(RendezvousBackend):
     def key(self) -> str:
         """The state key."""
         return self._key
+
+    @property
+    def location(self) -> str:
+        return f"etcd key '{self._key}' at {self._etcd.config.describe_endpoints()}"
 
     @property
     def run_lease(self) -> RunLease:
@@ -128,7 +137,6 @@ class EtcdRendezvousBackend(RendezvousBackend):
 
         Nodes still in the run see it vanish; use this to reset a run that no node uses.
         """
-        store_prefix = f"{STORE_PREFIX}/{self._run_id}/".encode()
         run_prefix = f"{self._key}/".encode()
 
         def delete(client: etcd3.MultiEndpointEtcd3Client) -> None:
@@ -138,7 +146,6 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 success=[
                     tx.delete(self._key),
                     tx.delete(run_prefix, etcd3.utils.prefix_range_end(run_prefix)),
-                    tx.delete(store_prefix, etcd3.utils.prefix_range_end(store_prefix)),
                 ],
                 failure=[],
             )

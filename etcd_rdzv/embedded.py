@@ -143,7 +143,14 @@ class EtcdServer:
     def _ready(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
             self._fail(f"exited with status {self._process.returncode}")
-        return READY_MESSAGE in self.log_path.read_text(errors="replace")
+        if READY_MESSAGE not in self.log_path.read_text(errors="replace"):
+            return False
+        # etcd logs its readiness just before its client listener accepts: wait for that too.
+        try:
+            socket.create_connection(("127.0.0.1", self.client_port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def _fail(self, problem: str) -> None:
         log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""

@@ -17,7 +17,6 @@ from .client import MAX_TXN_OPS, EtcdClient, fail_over
 from .lease import RunLease, is_lease_missing
 from .watch import wait_for_events
 
-STORE_PREFIX = "/torch/elastic/store"
 
 
 class _Conflict(Exception):
@@ -38,7 +37,7 @@ class EtcdStore(dist.Store):
 
     Args:
         etcd: the client, shared with the rendezvous backend (which closes it).
-        prefix: the key directory, e.g. ``/torch/elastic/store/<run_id>``.
+        prefix: the key directory, e.g. ``/torch/elastic/rendezvous/<run_id>/store``.
         timeout: how long blocking reads wait; torch's default (300 s) if ``None``.
         run_lease: the lease to put keys on.
     """

@@ -15,7 +15,6 @@ import etcd3.utils
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from etcd_rdzv.store import STORE_PREFIX
 from integration_tests.etcd_fixture import (
     ETCD_IMAGE,
     EtcdServer,
@@ -136,7 +135,6 @@ def etcd_run(etcd_endpoints: list[str], etcd_admin: etcd3.MultiEndpointEtcd3Clie
     space = RunSpace(tuple(etcd_endpoints), f"run-{unique}", f"/rdzv-test/{unique}")
     yield space
     purge(etcd_admin, space.key_prefix + "/")
-    purge(etcd_admin, f"{STORE_PREFIX}/{space.run_id}/")
 
 
 @pytest.fixture

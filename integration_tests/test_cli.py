@@ -18,8 +18,8 @@ import etcd3.utils
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from etcd_rdzv.backend import store_prefix
 from etcd_rdzv.factory import create_backend
-from etcd_rdzv.store import STORE_PREFIX
 from integration_tests.etcd_fixture import free_port
 from rdzv_common.codec import encode_state
 from rdzv_common.handler import DynamicRendezvousHandler, create_handler
@@ -90,7 +90,6 @@ def run_keys(admin: etcd3.MultiEndpointEtcd3Client, space, run_id: str) -> set[s
     """Every key of ``run_id``: its state key, the keys under it and its store's keys."""
     state = f"{space.key_prefix}/{run_id}"
     keys = {m.key.decode() for _, m in admin.get_prefix(state + "/", keys_only=True)}
-    keys |= {m.key.decode() for _, m in admin.get_prefix(f"{STORE_PREFIX}/{run_id}/", keys_only=True)}
     return keys | ({state} if admin.get(state)[0] is not None else set())
 
 
@@ -179,7 +178,7 @@ def test_reset_deletes_every_key_of_its_run_and_nothing_else(etcd_run, etcd_admi
                 pass
             mine = run_keys(etcd_admin, etcd_run, etcd_run.run_id)
             assert f"{etcd_run.key_prefix}/{etcd_run.run_id}" in mine
-            assert any(k.startswith(f"{STORE_PREFIX}/{etcd_run.run_id}/") for k in mine)
+            assert any(k.startswith(f"{store_prefix(etcd_run.key_prefix, etcd_run.run_id)}/") for k in mine)
             theirs = {k for k in run_keys(etcd_admin, etcd_run, other) if "/joins/" not in k}
 
             refused = cli("reset", etcd_run.run_id, *_connection(etcd_run))
@@ -193,7 +192,7 @@ def test_reset_deletes_every_key_of_its_run_and_nothing_else(etcd_run, etcd_admi
             assert theirs <= run_keys(etcd_admin, etcd_run, other)
             assert_one_line_error(cli("reset", etcd_run.run_id, "--yes", *_connection(etcd_run)), 3)
     finally:
-        etcd_admin.delete_prefix(f"{STORE_PREFIX}/{other}/")
+        etcd_admin.delete_prefix(f"{etcd_run.key_prefix}/{other}")
 
 
 def test_a_corrupt_state_is_one_line_that_says_to_reset(etcd_run, etcd_admin):

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from etcd_rdzv.client import EtcdClient
 from etcd_rdzv.config import EtcdConfig, parse_endpoints
-from etcd_rdzv.store import STORE_PREFIX, EtcdStore
+from etcd_rdzv.backend import store_prefix
+from etcd_rdzv.store import EtcdStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def store(etcd_run):
     etcd = EtcdClient(EtcdConfig(endpoints=parse_endpoints(etcd_run.endpoint), read_timeout=10))
-    yield EtcdStore(etcd, f"{STORE_PREFIX}/{etcd_run.run_id}", timeout=timedelta(seconds=10))
+    yield EtcdStore(etcd, store_prefix(etcd_run.key_prefix, etcd_run.run_id), timeout=timedelta(seconds=10))
     etcd.close()
 
 

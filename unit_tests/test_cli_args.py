@@ -8,7 +8,7 @@ import pytest
 from etcd_rdzv.cli.changes import RunWatcher, state_changes
 from etcd_rdzv.cli.command_line import build_parser, main
 from etcd_rdzv.cli.options import DEFAULT_READ_TIMEOUT, load_config
-from etcd_rdzv.cli.runs import RunKeys, _is_state_key
+from etcd_rdzv.cli.runs import RunKeys, _is_state_key, _run_of
 from rdzv_common.codec import encode_state
 from rdzv_common.state import NodeDesc, RendezvousState
 
@@ -99,7 +99,19 @@ def test_the_watcher_reports_liveness_and_corruption():
 
 @pytest.mark.parametrize(
     "relative, is_state",
-    [("run", True), ("a/b", True), ("run/joins/ab12", False), ("run/alive/10.0.0.1_5_0", False), ("x/joins", True)],
+    [
+        ("run", True),
+        ("a/b", True),
+        ("run/joins/ab12", False),
+        ("run/alive/10.0.0.1_5_0", False),
+        ("x/joins", True),
+        ("run/store/torch.rendezvous.run.0/MASTER_ADDR", False),
+    ],
 )
 def test_list_tells_state_keys_from_a_runs_other_keys(relative, is_state):
     assert _is_state_key(relative) is is_state
+
+
+def test_list_finds_the_run_of_a_key_in_its_directories():
+    assert _run_of("team/run/alive/10.0.0.1_5_0") == "team/run"
+    assert _run_of("run/store/torch.rendezvous.run.0/MASTER_ADDR") == "run"

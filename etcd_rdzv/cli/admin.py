@@ -11,9 +11,8 @@ import tenacity
 from rdzv_common.codec import decode_state, encode_state
 from rdzv_common.state import RendezvousState
 
-from ..backend import EtcdRendezvousBackend, state_key
+from ..backend import EtcdRendezvousBackend, state_key, store_prefix
 from ..client import EtcdClient
-from ..store import STORE_PREFIX
 from .options import CliError, RunNotFound, UsageError
 from .output import emit, emit_all
 from .runs import prefix_range
@@ -112,8 +111,9 @@ def plan_reset(etcd: EtcdClient, run_id: str) -> ResetPlan:
     """Count the keys that ``reset`` would delete; other runs' keys are outside every range."""
     key = state_key(etcd.config.key_prefix, run_id)
     present = bool(etcd.request(lambda c: c.get_response(key, count_only=True)).count)
-    run_range, store_range = f"{key}/", f"{STORE_PREFIX}/{run_id}/"
-    return ResetPlan(key, present, run_range, _count(etcd, run_range), store_range, _count(etcd, store_range))
+    run_range, store_range = f"{key}/", f"{store_prefix(etcd.config.key_prefix, run_id)}/"
+    stores = _count(etcd, store_range)
+    return ResetPlan(key, present, run_range, _count(etcd, run_range) - stores, store_range, stores)
 
 
 def cmd_reset(etcd: EtcdClient, args: argparse.Namespace) -> int:

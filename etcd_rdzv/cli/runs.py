@@ -82,15 +82,21 @@ def lease_ttls(etcd: EtcdClient, lease_ids: Iterable[int]) -> dict[int, int]:
     return {lease: etcd.request(lambda c, lease=lease: c.get_lease_info(lease)).TTL for lease in set(lease_ids)}
 
 
+# Directories below a run's state key: announcements, liveness and the agents' store.
+RUN_SUBDIRS = ("joins", "alive", "store")
+
+
 def _is_state_key(relative: str) -> bool:
     """Whether a key below the key prefix (``relative`` to it) is a run's state key rather than
-    one of a run's ``joins/`` or ``alive/`` keys."""
-    parts = relative.split("/")
-    return len(parts) < 3 or parts[-2] not in ("joins", "alive")
+    one of the keys in a run's ``joins/``, ``alive/`` or ``store/`` directories."""
+    return not any(part in RUN_SUBDIRS for part in relative.split("/")[1:-1])
 
 
 def _run_of(relative: str) -> str:
-    return relative.rsplit("/", 2)[0]
+    """The run a key in one of a run's directories belongs to."""
+    parts = relative.split("/")
+    inner = next(i for i, part in enumerate(parts[1:-1], 1) if part in RUN_SUBDIRS)
+    return "/".join(parts[:inner])
 
 
 def _run_entry(run_id: str, kv: Any, alive: int) -> dict[str, Any]:
