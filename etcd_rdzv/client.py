@@ -190,6 +190,10 @@ class EtcdClient:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC's default reconnect backoff grows to 120 s; after an etcd restart the client
+            # must be back well within read_timeout.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         endpoints = [
             etcd3.Endpoint(
