@@ -124,7 +124,7 @@ def test_full_tls_and_auth_configuration(pem):
             ssl_cert=pem,
             ssl_cert_key=pem,
             username="root",
-            password="pw",
+            password="Sekr1t-Passw0rd",
             read_timeout="2.5",
             ttl=30,
             key_prefix="/custom/prefix/",
@@ -133,8 +133,8 @@ def test_full_tls_and_auth_configuration(pem):
     assert config.endpoints == (("::1", 2379), ("etcd", 2380))
     assert config.describe_endpoints() == "[::1]:2379,etcd:2380"
     assert (config.protocol, config.ca_cert, config.ssl_cert, config.ssl_cert_key) == ("https", pem, pem, pem)
-    assert (config.username, config.password) == ("root", "pw")
-    assert "pw" not in repr(config)
+    assert (config.username, config.password) == ("root", "Sekr1t-Passw0rd")
+    assert "Sekr1t-Passw0rd" not in repr(config)
     assert (config.read_timeout, config.ttl, config.key_prefix) == (2.5, 30, "/custom/prefix")
 
 
