@@ -15,6 +15,7 @@ Announcements posted to a backend's mailbox are ``{"join": NODE}`` and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -102,12 +103,27 @@ def _load_json(data: bytes, where: str) -> Any:
 
 
 def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
-    """Parse and validate a state written by ``encode_state``.
+    """Parse and validate a state written by ``encode_state``; the caller owns the result.
+
+    The nodes of one process that read the same stored value share one parse of it.
 
     Raises:
         RendezvousStateError: naming ``where`` and what is wrong, for any value that is not a
             well-formed version-1 state.
     """
+    return _cached(_decode_state, data, where).copy()
+
+
+def _cached(parse: Any, data: bytes, where: str) -> Any:
+    """``parse(data, where)``, from its cache when ``data`` is bytes; anything else is refused by
+    the parser itself."""
+    if isinstance(data, bytearray):
+        data = bytes(data)
+    return parse(data, where) if isinstance(data, bytes) else parse.__wrapped__(data, where)
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_state(data: bytes, where: str) -> RendezvousState:
     doc = _load_json(data, where)
     if not isinstance(doc, dict):
         raise _fail(where, f"value is a JSON {type(doc).__name__}, not an object")
@@ -174,7 +190,15 @@ def encode_leave(node: NodeDesc, round: int) -> bytes:
 
 
 def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement:
-    """Parse a mailbox record; raises ``RendezvousStateError`` if it is malformed."""
+    """Parse a mailbox record; raises ``RendezvousStateError`` if it is malformed.
+
+    Records are parsed once per process, however many of its nodes read them.
+    """
+    return _cached(_decode_announcement, data, where)
+
+
+@functools.lru_cache(maxsize=8192)
+def _decode_announcement(data: bytes, where: str) -> Announcement:
     doc = _load_json(data, where)
     if isinstance(doc, dict) and "join" in doc:
         return Announcement("join", _node(doc["join"], where))

@@ -14,15 +14,19 @@ from .backend import RendezvousBackend
 from .codec import decode_announcement, encode_join, encode_leave
 from .events import record_event
 from .holder import StateHolder
-from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply
+from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, would_fold
 from .settings import RendezvousSettings
 from .state import NodeDesc
 
 logger = logging.getLogger(__name__)
 
-# How long (seconds, drawn at random) a node waits for the oldest announcement's poster to fold
-# before it folds the batch itself.
-FOLD_FALLBACK = (0.2, 0.6)
+# How long (seconds) a node whose announcement is k-th in line waits for the ones ahead of it to fold
+# before it folds the batch itself: FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * min(k, FOLD_FALLBACK_RANKS),
+# with a little jitter. Staggering by place in line keeps a slow (or dead) oldest poster from setting
+# off a write by every waiting node at once; the nearest in line steps in first.
+FOLD_FALLBACK_FIRST = 0.5
+FOLD_FALLBACK_STEP = 0.25
+FOLD_FALLBACK_RANKS = 16
 
 
 class OpExecutor:
@@ -149,24 +153,39 @@ class OpExecutor:
         self._announced = announcement
 
     def _await_fold(self) -> bool:
-        """Fold the pending announcements if ours is the oldest; else let its poster do it.
+        """Fold the pending announcements if ours is the oldest; else let the older posters do it.
 
-        Exactly one node, the poster of the oldest pending announcement, folds a batch at a time,
-        so concurrent joiners do not all race to write the same batch. If that node does not act
-        within a short random while (it died, or its record is stale), this node folds anyway.
+        One node at a time, the poster of the oldest pending announcement, folds a batch, so
+        concurrent joiners do not all race to write the same batch. If the nodes ahead do not act
+        in time (dead, or stalled), this node folds anyway, after a wait that grows with its place
+        in line (see ``FOLD_FALLBACK_FIRST``).
 
         Returns:
             True if the holder was synced and the caller must decide afresh.
         """
         before = self._holder.token
-        records, _ = self._backend.mailbox.read(self._holder.state.cursor)
-        if records:
-            first = decode_announcement(records[0], f"the mailbox of run '{self._settings.run_id}'")
-            if first.node != self._node:
-                self._backend.wait_for_change(before, random.uniform(*FOLD_FALLBACK))
-                self._holder.sync()
-                if self._holder.token != before:
-                    return True
+        state = self._holder.state
+        records, _ = self._backend.mailbox.read(state.cursor)
+        where = f"the mailbox of run '{self._settings.run_id}'"
+        # Only announcements that would change the state count: a repeated join of a placed node
+        # must not hold up the line.
+        announcements = [decode_announcement(record, where) for record in records]
+        posters = [a.node for a in announcements if would_fold(state, a, self._settings)]
+        if self._node not in posters:
+            # Our announcement is no longer pending, yet the op still asks for it: it was folded by
+            # a write we have not read, or folded and undone (we were dropped as dead), or it lapsed.
+            self._holder.sync()
+            if self._holder.token != before:
+                return True
+            self._announced = None
+            return False
+        place = posters.index(self._node)
+        if place > 0:
+            wait = FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * min(place, FOLD_FALLBACK_RANKS)
+            self._backend.wait_for_change(before, wait * random.uniform(0.9, 1.1))
+            self._holder.sync()
+            if self._holder.token != before:
+                return True
         self._holder.mark_dirty()
         return False
 
@@ -180,3 +199,4 @@ class OpExecutor:
         if state.deadline is not None and self._node in state.participants:
             timeouts.append(state.deadline - time.time())
         self._backend.wait_for_change(self._holder.token, max(0.01, min(timeouts)))
+

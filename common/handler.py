@@ -284,6 +284,7 @@ def create_handler_with(
 
     The backend is closed again if the handler cannot be built (bad configuration).
     """
+    settings_from_params(params)  # a bad configuration fails before the backend makes any request
     backend, store = make_backend(params)
     try:
         return create_handler(store, backend, params)

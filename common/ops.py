@@ -15,6 +15,7 @@ from enum import Enum, auto
 
 from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
 
+from .codec import Announcement
 from .settings import RendezvousSettings
 from .state import NodeDesc, RendezvousState
 
@@ -198,3 +199,11 @@ def fold_join(state: RendezvousState, node: NodeDesc, settings: RendezvousSettin
             placement.name,
         )
     return placement
+
+
+def would_fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
+    """Whether folding ``announcement`` into ``state`` would change it (``fold_join``/``fold_leave``)."""
+    node = announcement.node
+    if announcement.kind == "join":
+        return not state.closed and node not in state.participants and _placement(state, node, settings) is not None
+    return state.round == announcement.round and node in state.participants

@@ -6,6 +6,7 @@ import itertools
 import os
 import socket
 import threading
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -71,6 +72,15 @@ class RendezvousState:
     redundancy_list: set[NodeDesc] = field(default_factory=set)
     cursor: int = 0
     world_size: int = 0
+
+    def copy(self) -> RendezvousState:
+        """A copy whose lists can change without touching this state's."""
+        return dataclasses.replace(
+            self,
+            participants=dict(self.participants),
+            wait_list=set(self.wait_list),
+            redundancy_list=set(self.redundancy_list),
+        )
 
     def nodes(self) -> set[NodeDesc]:
         """Every node the state names, in any list."""

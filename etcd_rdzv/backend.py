@@ -3,7 +3,7 @@
 Key layout, below ``key_prefix`` (default ``/torch/elastic/rendezvous``)::
 
     <key_prefix>/<run_id>                   the state; its fencing token is the key's mod_revision
-    <key_prefix>/<run_id>/joins/<uuid hex>  join announcements, on the poster's session lease
+    <key_prefix>/<run_id>/joins/<uuid hex>  join announcements, on the posting process's session lease
     <key_prefix>/<run_id>/alive/<node key>  liveness, each on its node's own lease
     <key_prefix>/<run_id>/store/<key>       the agents' store (``EtcdStore``)
 
@@ -21,10 +21,10 @@ import etcd3.utils
 from rdzv_common.backend import Liveness, Mailbox, RendezvousBackend, Token
 
 from .client import EtcdClient
-from .lease import RunLease, Session, is_lease_missing, revoke
+from .lease import RunLease, is_lease_missing, revoke, sessions
 from .liveness import EtcdLiveness
 from .mailbox import EtcdMailbox
-from .keywatch import KeyWatch, watches
+from .runview import ViewBehind, ViewReader
 
 
 def state_key(key_prefix: str, run_id: str) -> str:
@@ -59,12 +59,14 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self._run_id = run_id
         self._key = state_key(etcd.config.key_prefix, run_id)
         self._run_lease = run_lease or RunLease(self._key, etcd.config.ttl)
-        self._session = Session(etcd)
-        self._mailbox = EtcdMailbox(etcd, f"{self._key}/joins/", self._session)
-        self._liveness = EtcdLiveness(etcd, f"{self._key}/alive/", self._run_lease)
+        self._reader = ViewReader(etcd.config, self._key)
+        # Open the run's view now, so that it has loaded by the first rendezvous.
+        self._reader.view()
+        self._session = sessions.acquire(etcd.config)
+        self._mailbox = EtcdMailbox(etcd, f"{self._key}/joins/", self._session, self._reader)
+        self._liveness = EtcdLiveness(etcd, f"{self._key}/alive/", self._run_lease, self._reader)
         self._close_lock = threading.Lock()
         self._closed = False
-        self._watch: KeyWatch | None = None
 
     @property
     def name(self) -> str:
@@ -80,14 +82,25 @@ class EtcdRendezvousBackend(RendezvousBackend):
         return f"etcd key '{self._key}' at {self._etcd.config.describe_endpoints()}"
 
     @property
+    def reader(self) -> ViewReader:
+        """This backend's reader of the process's shared view of the run."""
+        return self._reader
+
+    @property
     def run_lease(self) -> RunLease:
         return self._run_lease
 
     def get_state(self) -> tuple[bytes, Token] | None:
+        """The state from the process's run view when it is current (no request), else from etcd."""
+        try:
+            return self._reader.view().state()
+        except ViewBehind:
+            pass
         response = self._etcd.request(lambda c: c.get_response(self._key))
         if not response.kvs:
             return None
         kv = response.kvs[0]
+        self._reader.saw(kv.mod_revision)
         return kv.value, kv.mod_revision
 
     def set_state(self, state: bytes, token: Token | None = None) -> tuple[bytes, Token, bool] | None:
@@ -108,21 +121,23 @@ class EtcdRendezvousBackend(RendezvousBackend):
 
         succeeded, responses = self._etcd.request(compare_and_set)
         if succeeded:
-            return bytes(state), responses[0].response_put.header.revision, True
+            revision = responses[0].response_put.header.revision
+            self._reader.saw(revision)
+            return bytes(state), revision, True
         if not responses[0]:
             return None
         value, meta = responses[0][0]
+        self._reader.saw(meta.mod_revision)
         return value, meta.mod_revision, False
 
     def wait_for_change(self, token: Token | None, timeout: float) -> None:
-        """Wait on the process's shared watch of the state key until a revision after ``token``
+        """Wait on the process's shared run view until the state has a revision after ``token``
         or ``timeout``. No request is made; an etcd outage ends the wait at ``timeout``."""
-        with self._close_lock:
-            if self._watch is None and not self._closed:
-                self._watch = watches.acquire(self._etcd.config, self._key)
-            watch = self._watch
-        if watch is not None:
-            watch.wait_past(token, timeout)
+        try:
+            view = self._reader.view()
+        except ViewBehind:
+            return  # closed
+        view.wait_state_past(token, timeout)
 
     @property
     def mailbox(self) -> Mailbox | None:
@@ -160,11 +175,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
             if self._closed:
                 return
             self._closed = True
-            watch, self._watch = self._watch, None
         try:
-            if watch is not None:
-                watches.release(self._etcd.config, self._key)
-            self._session.close()
+            self._reader.close()
+            sessions.release(self._etcd.config)
             self._liveness.close()
         finally:
             self._etcd.close()

@@ -28,5 +28,7 @@ def create_backend(params: RendezvousParameters, name: str = "etcd-v2") -> tuple
     etcd = EtcdClient(config)
     run_lease = RunLease(state_key(config.key_prefix, params.run_id), config.ttl)
     backend = EtcdRendezvousBackend(etcd, params.run_id, name=name, run_lease=run_lease)
-    store = EtcdStore(etcd, store_prefix(config.key_prefix, params.run_id), run_lease=run_lease)
+    store = EtcdStore(
+        etcd, store_prefix(config.key_prefix, params.run_id), run_lease=run_lease, view=backend.reader
+    )
     return backend, store

@@ -14,6 +14,8 @@ import etcd3.exceptions
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from .client import EtcdClient, Retryable, rpc_error
+from .config import EtcdConfig
+from .shared import Shared
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +47,10 @@ def revoke(etcd: EtcdClient, lease_id: int) -> None:
 class Session:
     """A lease that a background thread keeps alive until ``close``, like the Go client's
     ``concurrency.Session``: keys attached to it vanish ``ttl`` seconds after this process dies, or
-    at once when it closes.
+    at once when it closes. The backends of a process share one per cluster (``sessions``).
 
     The lease is granted on first use. If it is lost anyway (the process stalled past its TTL),
-    the next use grants a new one.
+    the next use grants a new one. The session owns ``etcd`` and closes it.
     """
 
     def __init__(self, etcd: EtcdClient, ttl: int = SESSION_TTL) -> None:
@@ -93,14 +95,21 @@ class Session:
                 logger.warning("Could not renew etcd session lease %x: %s", lease_id, exc)
 
     def close(self) -> None:
-        """Stop renewing and revoke the lease. Idempotent."""
+        """Stop renewing, revoke the lease and close the client. Idempotent."""
         with self._lock:
             self._stop.set()
             lease_id, self._lease_id = self._lease_id, None
-        if self._thread is not None:
-            self._thread.join(timeout=self._etcd.config.read_timeout)
-        if lease_id is not None:
-            revoke(self._etcd, lease_id)
+        try:
+            if self._thread is not None:
+                self._thread.join(timeout=self._etcd.config.read_timeout)
+            if lease_id is not None:
+                revoke(self._etcd, lease_id)
+        finally:
+            self._etcd.close()
+
+
+# One session per cluster in the process.
+sessions: Shared[EtcdConfig, Session] = Shared(lambda config: Session(EtcdClient(config)), Session.close)
 
 
 def run_lease_id(run_key: str) -> int:
@@ -126,17 +135,33 @@ class RunLease:
         self._ttl = max(1, math.ceil(ttl))
 
     def current(self, client: etcd3.MultiEndpointEtcd3Client) -> int:
-        """The lease id, renewed (or granted, if it lapsed) first when due; call within a request."""
+        """The lease id, granted first if this process has not confirmed it yet and renewed when
+        due; call within a request.
+
+        Only the first use in a process waits for the server: a renewal that falls due later is
+        claimed by one caller while the others go on, since the lease still has most of its TTL.
+        """
         with RunLease._lock:
-            if time.monotonic() - RunLease._renewed_at.get(self.id, float("-inf")) < self._ttl / 4:
-                return self.id
-            if not refresh(client, self.id):
-                try:
-                    client.lease(self._ttl, lease_id=self.id)
-                except etcd3.exceptions.PreconditionFailedError:
-                    pass  # another node granted it first
-            RunLease._renewed_at[self.id] = time.monotonic()
+            renewed_at = RunLease._renewed_at.get(self.id)
+            if renewed_at is not None:
+                if time.monotonic() - renewed_at < self._ttl / 4:
+                    return self.id
+                RunLease._renewed_at[self.id] = time.monotonic()
+        if renewed_at is not None:
+            self._renew(client)
             return self.id
+        with RunLease._lock:
+            if self.id not in RunLease._renewed_at:
+                self._renew(client)
+                RunLease._renewed_at[self.id] = time.monotonic()
+        return self.id
+
+    def _renew(self, client: etcd3.MultiEndpointEtcd3Client) -> None:
+        if not refresh(client, self.id):
+            try:
+                client.lease(self._ttl, lease_id=self.id)
+            except etcd3.exceptions.PreconditionFailedError:
+                pass  # another node granted it first
 
     def lost(self) -> None:
         """Have the next ``current`` grant the lease again; raises ``Retryable`` to redo the request."""

@@ -16,6 +16,7 @@ from rdzv_common.backend import Liveness
 
 from .client import EtcdClient
 from .lease import RunLease, refresh, revoke
+from .runview import ViewBehind, ViewReader
 
 
 class EtcdLiveness(Liveness):
@@ -28,12 +29,14 @@ class EtcdLiveness(Liveness):
     rendezvous rounds keeps its keys.
     """
 
-    def __init__(self, etcd: EtcdClient, prefix: str, run_lease: RunLease) -> None:
+    def __init__(self, etcd: EtcdClient, prefix: str, run_lease: RunLease, reader: ViewReader) -> None:
         self._etcd = etcd
         self._prefix = prefix
         self._run_lease = run_lease
+        self._reader = reader
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}
+        self._beat_revision = 0  # revision of this backend's latest liveness put
 
     def beat(self, node_key: str, ttl: float) -> None:
         lease_id = self._leases.get(node_key)
@@ -48,17 +51,27 @@ class EtcdLiveness(Liveness):
             {"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         )
 
-        def grant_and_put(client: etcd3.MultiEndpointEtcd3Client) -> int:
+        def grant_and_put(client: etcd3.MultiEndpointEtcd3Client) -> tuple[int, int]:
             # A retry after a failed put grants afresh; the orphaned lease lapses on its own.
             lease_id = client.lease(max(1, math.ceil(ttl))).id
-            client.put(self._prefix + node_key, value, lease=lease_id)
-            return lease_id
+            return lease_id, client.put(self._prefix + node_key, value, lease=lease_id).header.revision
 
-        new_id = self._etcd.request(grant_and_put)
+        new_id, revision = self._etcd.request(grant_and_put)
         with self._lock:
             self._leases[node_key] = new_id
+            self._beat_revision = max(self._beat_revision, revision)
 
     def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
+        """Which nodes have a liveness key, from the process's run view when it is current.
+
+        The view must have caught up with this backend's own beats, but the rest of the process
+        need not wait for them: a node never asks about its own liveness, and another node's key
+        is in any view that holds that node's join (it beats before it posts).
+        """
+        try:
+            return self._reader.view().alive(node_keys, self._beat_revision)
+        except ViewBehind:
+            pass
         prefix = self._prefix.encode()
         response = self._etcd.request(
             lambda c: c.get_range_response(prefix, etcd3.utils.prefix_range_end(prefix), keys_only=True)
@@ -67,12 +80,14 @@ class EtcdLiveness(Liveness):
         return present.intersection(node_keys)
 
     def forget(self, node_key: str) -> None:
+        """Delete the node's key, so the whole process sees it gone at once, and revoke its lease."""
         with self._lock:
             lease_id = self._leases.pop(node_key, None)
+        response = self._etcd.request(lambda c: c.delete(self._prefix + node_key, return_response=True))
+        if response.deleted:
+            self._reader.saw(response.header.revision)
         if lease_id is not None:
             revoke(self._etcd, lease_id)
-        else:
-            self._etcd.request(lambda c: c.delete(self._prefix + node_key))
 
     def close(self) -> None:
         """Revoke the lease of every node this process beats for."""

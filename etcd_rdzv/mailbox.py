@@ -14,6 +14,7 @@ from rdzv_common.backend import Mailbox
 
 from .client import MAX_TXN_OPS, EtcdClient
 from .lease import Session, is_lease_missing
+from .runview import ViewBehind, ViewReader
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ class EtcdMailbox(Mailbox):
     before its join is folded in takes the join with it.
     """
 
-    def __init__(self, etcd: EtcdClient, prefix: str, session: Session) -> None:
+    def __init__(self, etcd: EtcdClient, prefix: str, session: Session, reader: ViewReader) -> None:
         self._etcd = etcd
         self._prefix = prefix.encode()
         self._session = session
+        self._reader = reader
         self._lock = threading.Lock()
         # key -> create_revision of the records this mailbox returned, which ``trim`` deletes.
         self._read: dict[bytes, int] = {}
@@ -39,33 +41,37 @@ class EtcdMailbox(Mailbox):
     def post(self, record: bytes) -> None:
         key = self._prefix + uuid.uuid4().hex.encode()
 
-        def put(client: etcd3.MultiEndpointEtcd3Client) -> None:
+        def put(client: etcd3.MultiEndpointEtcd3Client) -> int:
             lease_id = self._session.lease_id(client)
             try:
-                client.put(key, bytes(record), lease=lease_id)
+                return client.put(key, bytes(record), lease=lease_id).header.revision
             except Exception as exc:
                 if is_lease_missing(exc):
                     self._session.lost(lease_id)
                 raise
 
-        self._etcd.request(put)
+        self._reader.saw(self._etcd.request(put))
 
     def read(self, cursor: int) -> tuple[list[bytes], int]:
-        response = self._etcd.request(
-            lambda c: c.get_range_response(
-                self._prefix,
-                etcd3.utils.prefix_range_end(self._prefix),
-                sort_order="ascend",
-                sort_target="create",
-                min_mod_revision=cursor + 1,
+        """The records after ``cursor``, from the process's run view when it is current."""
+        try:
+            found = self._reader.view().joins(cursor)
+        except ViewBehind:
+            response = self._etcd.request(
+                lambda c: c.get_range_response(
+                    self._prefix,
+                    etcd3.utils.prefix_range_end(self._prefix),
+                    sort_order="ascend",
+                    sort_target="create",
+                    min_mod_revision=cursor + 1,
+                )
             )
-        )
-        kvs = list(response.kvs)
+            found = [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
         with self._lock:
-            self._read.update((kv.key, kv.create_revision) for kv in kvs)
+            self._read.update((key, revision) for key, _, revision in found)
         # The last record's revision, not the header's: an empty read must leave the cursor alone
         # or every write would move it.
-        return [kv.value for kv in kvs], max([cursor, *(kv.create_revision for kv in kvs)])
+        return [value for _, value, _ in found], max([cursor, *(revision for _, _, revision in found)])
 
     def trim(self, cursor: int) -> None:
         """Delete the records up to ``cursor`` that this mailbox has read; best effort, since

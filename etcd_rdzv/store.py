@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .client import MAX_TXN_OPS, EtcdClient, fail_over
 from .lease import RunLease, is_lease_missing
+from .runview import ViewBehind, ViewReader
 from .watch import wait_for_events
 
 
@@ -40,6 +41,8 @@ class EtcdStore(dist.Store):
         prefix: the key directory, e.g. ``/torch/elastic/rendezvous/<run_id>/store``.
         timeout: how long blocking reads wait; torch's default (300 s) if ``None``.
         run_lease: the lease to put keys on.
+        view: the run's view, when ``prefix`` is the run's store directory: blocked reads then wait
+            on the process's one watch of the run instead of opening a watch each.
     """
 
     def __init__(
@@ -48,11 +51,13 @@ class EtcdStore(dist.Store):
         prefix: str,
         timeout: timedelta | None = None,
         run_lease: RunLease | None = None,
+        view: ViewReader | None = None,
     ) -> None:
         super().__init__()
         self._etcd = etcd
         self._prefix = prefix.rstrip("/") + "/"
         self._run_lease = run_lease
+        self._view = view
         if timeout is not None:
             self.set_timeout(timeout)
 
@@ -231,7 +236,15 @@ class EtcdStore(dist.Store):
                     f"Timed out after {timeout.total_seconds():g}s waiting for the keys {missing} "
                     f"in the etcd store at '{self._prefix}'."
                 )
-            # Events since ``revision`` come back at once, so a key set after the read is not missed.
-            self._etcd.request(
-                lambda c: wait_for_events(c, self._key(missing[0]), revision + 1, remaining)
-            )
+            self._wait_for_keys(missing, revision, remaining)
+
+    def _wait_for_keys(self, keys: list[str], revision: int, timeout: float) -> None:
+        """Wait until ``keys`` may all exist (the caller reads again), or ``timeout``."""
+        try:
+            if self._view is not None:
+                self._view.view().wait_store_keys([self._key(key) for key in keys], timeout)
+                return
+        except ViewBehind:
+            pass  # the backend closed its view: watch here instead
+        # Events since ``revision`` come back at once, so a key set after the read is not missed.
+        self._etcd.request(lambda c: wait_for_events(c, self._key(keys[0]), revision + 1, timeout))

@@ -137,12 +137,16 @@ def test_fails_over_from_a_dead_endpoint(etcd_run):
         backend.close()
 
 
-def test_mailbox_records_of_a_closed_backend_vanish(make_backend):
+def test_mailbox_records_vanish_with_the_process_session(make_backend, etcd_admin):
     poster, reader = make_backend(), make_backend()
     poster.mailbox.post(b"join")
-    assert reader.mailbox.read(0)[0] == [b"join"]
+    assert reader.mailbox.read(0)[0] == [b"join"]  # another backend of the process sees it at once
     poster.close()
-    assert reader.mailbox.read(0)[0] == []
+    # The backends of a process share its session: the record stays while one of them is open.
+    assert reader.mailbox.read(0)[0] == [b"join"]
+    reader.close()
+    joins = f"{reader.key}/joins/"
+    assert list(etcd_admin.get_prefix(joins)) == []
 
 
 def test_mailbox_trim_deletes_folded_records(make_backend, etcd_admin):
@@ -197,3 +201,39 @@ def test_rides_out_an_etcd_restart(etcd_server):
             restart.join()
     finally:
         backend.close()
+
+
+def _count_requests(backend: EtcdRendezvousBackend) -> list:
+    requests = []
+    original = backend._etcd.request
+
+    def counting(op, budget=None):
+        requests.append(op)
+        return original(op, budget)
+
+    backend._etcd.request = counting
+    return requests
+
+
+def test_reads_come_from_the_process_run_view(make_backend):
+    writer, reader = make_backend(), make_backend()
+    writer.liveness.beat("node-w", 5)
+    _, token, _ = writer.set_state(b"v1")
+    writer.mailbox.post(b"join")
+    requests = _count_requests(reader)
+    assert reader.get_state() == (b"v1", token)
+    assert reader.mailbox.read(0)[0] == [b"join"]
+    assert reader.liveness.alive(["node-w", "node-x"], 5) == {"node-w"}
+    assert requests == []  # the shared watch of the run answered all three
+
+
+def test_reads_fall_back_to_etcd_while_the_view_cannot_vouch(make_backend, monkeypatch):
+    from etcd_rdzv import runview
+
+    writer, reader = make_backend(), make_backend()
+    _, token, _ = writer.set_state(b"v1")
+    monkeypatch.setattr(runview, "CATCH_UP_SECONDS", 0.0)
+    reader.reader.view()._set_unhealthy()  # as while the watch reconnects
+    requests = _count_requests(reader)
+    assert reader.get_state() == (b"v1", token)
+    assert len(requests) == 1

@@ -482,3 +482,12 @@ def test_leave_announcement_round_trip():
 )
 def test_malformed_leave_announcement_is_refused(doc, problem):
     _assert_refused(_bytes(doc), problem, where=MAILBOX, decode=codec.decode_announcement)
+
+
+def test_decoded_states_are_the_callers_own():
+    data = encode_state(_full_state())
+    first = decode_state(data)
+    first.participants.clear()
+    first.wait_list.clear()
+    second = decode_state(data)
+    assert second == _full_state()

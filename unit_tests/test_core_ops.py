@@ -9,6 +9,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
 
 from rdzv_common import ops
+from rdzv_common.codec import Announcement
 from rdzv_common.ops import (
     ADD_ACTIONS,
     ROLLBACK_PERIOD,
@@ -18,8 +19,10 @@ from rdzv_common.ops import (
     close_op,
     exit_op,
     fold_join,
+    fold_leave,
     join_op,
     keep_alive_op,
+    would_fold,
 )
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc, RendezvousState
@@ -366,6 +369,33 @@ def test_fold_join_is_idempotent(setup):
         assert first is None and state == RendezvousState(closed=True)
     else:
         assert first is not None and ME in state.nodes()
+
+
+@pytest.mark.parametrize("setup", ["incomplete", "complete", "waiting", "redundant", "closed"])
+@pytest.mark.parametrize("kind", ["join", "leave-this-round", "leave-old-round"])
+def test_would_fold_says_whether_folding_changes_the_state(setup, kind):
+    s = _settings(min_nodes=2, max_nodes=3)
+    state = {
+        "incomplete": RendezvousState(participants={N[0]: 0}),
+        "complete": _complete(N[:2]),
+        "waiting": _complete(N[:2]),
+        "redundant": _complete(N[:3]),
+        "closed": RendezvousState(closed=True),
+    }[setup]
+    node = N[0] if kind.startswith("leave") else ME
+    if setup == "waiting":
+        fold_join(state, ME, s)
+    if kind == "join":
+        announcement = Announcement("join", node)
+    else:
+        announcement = Announcement("leave", node, state.round if kind == "leave-this-round" else state.round + 1)
+    predicted = would_fold(state, announcement, s)
+    before = copy.deepcopy(state)
+    if kind == "join":
+        fold_join(state, node, s)
+    else:
+        fold_leave(state, node, announcement.round, s)
+    assert predicted == (state != before)
 
 
 def test_fold_join_of_a_participant_changes_nothing():
