@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from datetime import timedelta
 
-from torch.distributed import DistNetworkError, Store, TCPStore
+from torch.distributed import Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousStateError
 
 from rdzv_common.backend import Liveness, Mailbox, RendezvousBackend, Token
 
 from .calls import StoreCalls, describe
+from .keywait import KeyWaiter
 from .keys import RunKeys
 from .liveness import C10dLiveness
 from .mailbox import C10dMailbox
@@ -50,9 +50,8 @@ WAKE_KEYS_KEPT = 1024
 class C10dRendezvousBackend(RendezvousBackend):
     """A backend over ``store`` for ``run_id`` that reports itself as ``name``.
 
-    On a ``TCPStore`` the backend opens one more connection, at once, for ``wait_for_change``, and
-    another for each wait that overlaps one in progress. It does not own ``store``: ``close``
-    leaves it open for the agents that share it.
+    On a ``TCPStore`` the backend opens one more connection, at once, for ``wait_for_change`` (see
+    ``keywait.py``). It does not own ``store``: ``close`` leaves it open for the agents that share it.
 
     Raises:
         ValueError: ``run_id`` is empty.
@@ -68,11 +67,11 @@ class C10dRendezvousBackend(RendezvousBackend):
         self._name = name
         self._mailbox = C10dMailbox(self._calls, self._keys.log)
         self._liveness = C10dLiveness(self._calls, self._keys)
-        self._waiters_lock = threading.Lock()
-        self._idle_waiters: list[Store] = []
-        # Connect the wait connection now, so that the first wait spends its timeout waiting, and
-        # the many nodes of a large run do not all connect at the moment they start to wait.
-        self._release_wait_store(self._wait_store())
+        # A TCPStore connection serves one request at a time, so a wait on the shared connection
+        # would stall this node's heartbeats (and the agents' store calls) for the whole wait.
+        # Connecting now also spares the many nodes of a large run from all connecting at the
+        # moment they start to wait.
+        self._key_waiter = KeyWaiter(self._calls) if isinstance(store, TCPStore) else None
 
     @property
     def name(self) -> str:
@@ -128,35 +127,18 @@ class C10dRendezvousBackend(RendezvousBackend):
         if self._calls.peek(self._keys.state) != token:
             return
         key = self._keys.changed(g0 + 1)
-        store = self._wait_store()
+        if self._key_waiter is not None:
+            self._key_waiter.wait(key, timeout)
+            return
         try:
-            store.wait([key], timedelta(seconds=max(timeout, 0.001)))
-        except DistNetworkError as exc:
-            raise self._calls.failure("wait", key, exc) from exc  # the broken connection is dropped
+            self._calls.store.wait([key], timedelta(seconds=max(timeout, 0.001)))
         except RuntimeError:
-            pass  # The wait timed out: TCPStore raises DistStoreError, FileStore a RuntimeError.
-        self._release_wait_store(store)
+            pass  # The wait timed out: FileStore raises a RuntimeError.
 
     def close(self) -> None:
         """Drop the connections opened for waiting; ``store`` itself stays open."""
-        with self._waiters_lock:
-            self._idle_waiters = []
-
-    def _wait_store(self) -> Store:
-        """A connection to wait on: an idle one, or a new one if every one is waiting."""
-        # A TCPStore connection serves one request at a time, so a wait on the shared connection
-        # would stall this node's heartbeats (and the agents' store calls) for the whole wait.
-        if not isinstance(self._calls.store, TCPStore):
-            return self._calls.store
-        with self._waiters_lock:
-            if self._idle_waiters:
-                return self._idle_waiters.pop()
-        return self._calls.clone()
-
-    def _release_wait_store(self, store: Store) -> None:
-        if store is not self._calls.store:
-            with self._waiters_lock:
-                self._idle_waiters.append(store)
+        if self._key_waiter is not None:
+            self._key_waiter.close()
 
     def _announce_change(self) -> None:
         try:

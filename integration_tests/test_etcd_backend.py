@@ -46,17 +46,22 @@ def _lease_exists(admin, lease_id: int) -> bool:
     return admin.get_lease_info(lease_id).TTL > 0
 
 
-def test_waiters_wake_by_watch_not_by_polling(make_backend):
-    waiter, writer = make_backend(), make_backend()
-    _, token, _ = writer.set_state(b"v1")
+def _count_requests(backend: EtcdRendezvousBackend) -> list:
     requests = []
-    original = waiter._etcd.request
+    original = backend._etcd.request
 
     def counting(op, budget=None):
         requests.append(op)
         return original(op, budget)
 
-    waiter._etcd.request = counting
+    backend._etcd.request = counting
+    return requests
+
+
+def test_waiters_wake_by_watch_not_by_polling(make_backend):
+    waiter, writer = make_backend(), make_backend()
+    _, token, _ = writer.set_state(b"v1")
+    requests = _count_requests(waiter)
     threading.Timer(0.5, lambda: writer.set_state(b"v2", token)).start()
     started = time.monotonic()
     waiter.wait_for_change(token, timeout=20)
@@ -201,18 +206,6 @@ def test_rides_out_an_etcd_restart(etcd_server):
             restart.join()
     finally:
         backend.close()
-
-
-def _count_requests(backend: EtcdRendezvousBackend) -> list:
-    requests = []
-    original = backend._etcd.request
-
-    def counting(op, budget=None):
-        requests.append(op)
-        return original(op, budget)
-
-    backend._etcd.request = counting
-    return requests
 
 
 def test_reads_come_from_the_process_run_view(make_backend):

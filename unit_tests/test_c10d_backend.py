@@ -133,6 +133,48 @@ def test_waiting_does_not_hold_up_other_calls_on_the_same_store(tcp_client):
         waiter.join()
 
 
+def test_waits_share_one_background_wait_per_key_and_one_connection(tcp_client):
+    backend = C10dRendezvousBackend(tcp_client(), "run")
+    clones = []
+    original = backend._calls.clone
+    backend._calls.clone = lambda: clones.append(1) or original()
+    _, token, _ = backend.set_state(b"v1")
+    started = time.monotonic()
+    for _ in range(3):
+        backend.wait_for_change(token, 0.2)
+    # Each wait ended at its own timeout, locally, and all three shared one background wait.
+    assert time.monotonic() - started < 2
+    assert len(backend._key_waiter._waits) == 1
+    assert clones == []  # the connection opened at construction serves it
+    writer = C10dRendezvousBackend(tcp_client(), "run")
+    writer.set_state(b"v2", token)
+    deadline = time.monotonic() + 10
+    while backend._key_waiter._waits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend._key_waiter._waits == {}  # the write ended it, and its connection is idle again
+    assert len(backend._key_waiter._idle) == 1
+
+
+def test_timed_out_waits_of_many_nodes_do_not_stall(tcp_client):
+    # TCPStore's own wait timeout stalls for seconds when many clients time out together.
+    backends = [C10dRendezvousBackend(tcp_client(), "run") for _ in range(16)]
+    _, token, _ = backends[0].set_state(b"v1")
+    took = []
+
+    def wait(backend):
+        for _ in range(3):
+            started = time.monotonic()
+            backend.wait_for_change(token, 0.3)
+            took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=wait, args=(b,)) for b in backends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(took) < 2
+
+
 def test_old_wake_keys_are_deleted(client, monkeypatch):
     monkeypatch.setattr("c10d_rdzv.backend.WAKE_KEYS_KEPT", 2)
     store = client()
