@@ -32,7 +32,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.embedded import EtcdServer, find_etcd_binary
 from etcd_rdzv.factory import create_backend
-from etcd_rdzv.backend import state_key
+from etcd_rdzv.keys import RunKeys
 from integration_tests.invariants import InvariantChecker, etcd_client
 from rdzv_common.handler import create_handler
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = etcd_client(endpoint)
         start_revision = admin.get_response(b"/").header.revision
         baseline_threads = set(threading.enumerate())
-        checker = InvariantChecker(endpoint, state_key(KEY_PREFIX, RUN_ID), args.min_nodes, args.max_nodes).start()
+        checker = InvariantChecker(endpoint, RunKeys(KEY_PREFIX, RUN_ID).state, args.min_nodes, args.max_nodes).start()
         pool = ThreadPoolExecutor(args.max_nodes + 2, thread_name_prefix="soak")
         active: list[Agent] = []
         corpses: list[Agent] = []
@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         leases_left = settled(lambda: leases(endpoint), TTL + 10)
         if leases_left:
             failures.append(f"leases left in etcd after the run's ttl: {[hex(i) for i in leases_left]}")
-        own = (state_key(KEY_PREFIX, RUN_ID), f"{state_key(KEY_PREFIX, RUN_ID)}/")
+        own = RunKeys(KEY_PREFIX, RUN_ID).root
         keys = [kv.key.decode() for kv in admin.get_all_response(keys_only=True).kvs]
-        foreign = [k for k in keys if not (k == own[0] or k.startswith(own[1:]))]
+        foreign = [k for k in keys if not k.startswith(own)]
         if foreign:
             failures.append(f"keys outside the run's own: {foreign[:20]}")
         admin.close()

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from torch.distributed import Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousStateError
@@ -93,7 +95,10 @@ class C10dRendezvousBackend(RendezvousBackend):
         stored = self._calls.peek(self._keys.state)
         return None if stored is None else (self._decode(stored), stored)
 
-    def set_state(self, state: bytes, token: Token | None = None) -> tuple[bytes, Token, bool] | None:
+    def set_state(
+        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+    ) -> tuple[bytes, Token, bool] | None:
+        # ``fence`` is not checked: a store compare-and-sets one key only (see ``C10dMailbox``).
         if token is not None and not isinstance(token, bytes):
             # Not a token this backend handed out, so it cannot match the stored one.
             current = self.get_state()

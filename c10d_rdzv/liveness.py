@@ -29,7 +29,7 @@ class C10dLiveness(Liveness):
         self._calls = calls
         self._keys = keys
 
-    def beat(self, node_key: str, ttl: float) -> None:
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
         self._calls("set", self._keys.heartbeat(node_key), repr(time.time()).encode())
 
     def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:

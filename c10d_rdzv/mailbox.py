@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.distributed.elastic.rendezvous.api import RendezvousStateError
 
-from rdzv_common.backend import Mailbox
+from rdzv_common.backend import Mailbox, Record
 
 from .calls import StoreCalls
 
@@ -14,8 +14,9 @@ def frame(record: bytes) -> bytes:
     return b"%d:%s," % (len(record), record)
 
 
-def unframe(log: bytes, cursor: int, key: str) -> list[bytes]:
-    """The records in ``log`` from byte offset ``cursor`` (a record boundary) to its end.
+def unframe(log: bytes, cursor: int, key: str) -> list[Record]:
+    """The records in ``log`` from byte offset ``cursor`` (a record boundary) to its end, each
+    with the offset just past it as its position.
 
     Raises:
         RendezvousStateError: ``log`` is no sequence of frames from ``cursor``; names ``key``.
@@ -29,8 +30,8 @@ def unframe(log: bytes, cursor: int, key: str) -> list[bytes]:
         end = start + int(log[cursor:colon])
         if log[end : end + 1] != b",":
             raise _corrupt(key, cursor, "a truncated or unterminated record")
-        records.append(log[start:end])
         cursor = end + 1
+        records.append(Record(log[start:end], cursor))
     return records
 
 
@@ -40,20 +41,26 @@ def _corrupt(key: str, offset: int, problem: str) -> RendezvousStateError:
 
 class C10dMailbox(Mailbox):
     """Posts are single ``append`` calls, which both ``TCPStore`` and ``FileStore`` apply atomically,
-    so records never interleave; cursors are byte offsets into the log."""
+    so records never interleave; cursors are byte offsets into the log.
+
+    A store can neither report where an ``append`` landed nor fence a write on other keys, so a
+    posted record has no position or handle, and ``withdraw`` is the base class's no-op: a node
+    that gives up ends its liveness instead, and the next write drops whatever was folded of it.
+    """
 
     def __init__(self, calls: StoreCalls, key: str) -> None:
         self._calls = calls
         self._key = key
 
-    def post(self, record: bytes) -> None:
+    def post(self, record: bytes) -> Record:
         self._calls("append", self._key, frame(bytes(record)))
+        return Record(bytes(record), None)
 
-    def read(self, cursor: int) -> tuple[list[bytes], int]:
+    def read(self, cursor: int) -> list[Record]:
         log = self._calls.peek(self._key)
         if log is None or cursor >= len(log):
-            return [], cursor
-        return unframe(log, cursor, self._key), len(log)
+            return []
+        return unframe(log, cursor, self._key)
 
     def trim(self, cursor: int) -> None:
         """Keep every record: the shared state holds cursors as absolute byte offsets, which

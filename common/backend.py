@@ -5,37 +5,64 @@ A backend stores one opaque state value per run and offers three capabilities th
 * ``get_state``/``set_state``: compare-and-set under a fencing token, the same contract as torch's
   ``torch.distributed.elastic.rendezvous.dynamic_rendezvous.RendezvousBackend``.
 * ``wait_for_change``: block until the state moves past a token, so no node polls on a timer.
-* ``mailbox`` and ``liveness``: where joins are announced and where nodes prove they are alive, both
-  kept off the shared state so that neither grows contention with the number of nodes.
+* ``mailbox`` and ``liveness``: where joins and leaves are announced and where nodes prove they are
+  alive, both kept off the shared state so that neither grows contention with the number of nodes.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 Token = Any
 
 
-class Mailbox(ABC):
-    """An append-only log of join announcements, read from a cursor.
+@dataclass(frozen=True)
+class Record:
+    """One announcement in a mailbox.
 
-    A node that wants to join posts a record; whichever node next wins the compare-and-set folds
-    every record after the state's cursor into the state and stores the new cursor with it. Records
-    are therefore applied exactly once, in log order, by the winner of one write.
+    Attributes:
+        data: the record as posted.
+        position: the cursor just past this record; folding it moves the state's cursor here.
+            ``read`` always sets it; ``post`` leaves it ``None`` where the server cannot say.
+        handle: the backend's name for the record (``withdraw``, fencing).
     """
 
-    @abstractmethod
-    def post(self, record: bytes) -> None:
-        """Append ``record``. It must be visible to every ``read`` that starts after this returns."""
+    data: bytes
+    position: int | None
+    handle: Any = None
+
+
+class Mailbox(ABC):
+    """An append-only log of join and leave announcements, read from a cursor.
+
+    A node posts a record; whichever node next wins the compare-and-set folds the records after the
+    state's cursor into the state and stores the new cursor with it. Records are therefore applied
+    exactly once, in log order, by the winner of one write.
+    """
+
+    #: The most records one write may fold, or ``None`` for no limit. A backend that fences a
+    #: write on its folded records (``RendezvousBackend.set_state``) bounds it by what one
+    #: conditional write can check.
+    batch_limit: int | None = None
 
     @abstractmethod
-    def read(self, cursor: int) -> tuple[list[bytes], int]:
-        """Return the records after ``cursor`` in log order and the cursor that follows them.
+    def post(self, record: bytes) -> Any:
+        """Append ``record`` and return its handle. It must be visible to every ``read`` that
+        starts after this returns."""
 
-        Cursor 0 means the start of the log. The returned cursor never precedes ``cursor``.
+    @abstractmethod
+    def read(self, cursor: int) -> list[Record]:
+        """Return the records after ``cursor`` in log order (cursor 0: the start of the log)."""
+
+    def withdraw(self, handle: Any) -> None:
+        """Take back a record its poster no longer stands by, so that no later write folds it.
+
+        Only a backend that fences writes on their folded records (see ``set_state``) can promise
+        that; elsewhere this does nothing, and the node's ended liveness removes what was folded.
         """
 
     def trim(self, cursor: int) -> None:
@@ -50,8 +77,9 @@ class Liveness(ABC):
     """
 
     @abstractmethod
-    def beat(self, node_key: str, ttl: float) -> None:
-        """Record that ``node_key`` is alive for the next ``ttl`` seconds."""
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
+        """Record that ``node_key`` is alive for the next ``ttl`` seconds, giving up (with a
+        ``RendezvousConnectionError``) after ``timeout`` seconds if given."""
 
     @abstractmethod
     def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
@@ -85,9 +113,13 @@ class RendezvousBackend(ABC):
         """
 
     @abstractmethod
-    def set_state(self, state: bytes, token: Token | None = None) -> tuple[bytes, Token, bool] | None:
+    def set_state(
+        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+    ) -> tuple[bytes, Token, bool] | None:
         """Compare-and-set ``state`` against ``token``; return ``(state, token, has_set)``.
 
+        ``fence`` names the handles of the mailbox records folded into ``state``; a backend that
+        can withdraw records writes only if none of them was withdrawn (else ``has_set`` is false).
         Returns ``None`` only when the state vanished between the write and the read-back.
         """
 
@@ -105,9 +137,9 @@ class RendezvousBackend(ABC):
         return f"the {self.name} backend"
 
     @property
-    def mailbox(self) -> Mailbox | None:
-        """Where joins are announced, or ``None`` to write each join into the state directly."""
-        return None
+    @abstractmethod
+    def mailbox(self) -> Mailbox:
+        """Where joins and leaves are announced."""
 
     @property
     @abstractmethod

@@ -10,7 +10,11 @@ Format (version 1), UTF-8 JSON object::
      "redundancy_list": [...]}
 
 Announcements posted to a backend's mailbox are ``{"join": NODE}`` and
-``{"leave": NODE, "round": N}``, NODE being ``{"addr", "pid", "local_id"}``.
+``{"leave": NODE, "round": N, "complete": BOOL}``, NODE being ``{"addr", "pid", "local_id"}``.
+A leave names the round it leaves and whether that round was complete when the node decided to
+leave: a node that leaves a complete round (its workers stopped) and one that takes back its join
+of an incomplete round (its join timed out) want different things, and a leave folded late must
+not do the one for the other.
 """
 
 from __future__ import annotations
@@ -172,11 +176,13 @@ def _decode_state(data: bytes, where: str) -> RendezvousState:
 
 @dataclass(frozen=True)
 class Announcement:
-    """A record posted to a backend's mailbox: ``node`` joins, or leaves round ``round``."""
+    """A record posted to a backend's mailbox: ``node`` joins, or leaves round ``round``, which
+    was ``complete`` or not when it decided to."""
 
     kind: str
     node: NodeDesc
     round: int | None = None
+    complete: bool | None = None
 
 
 def encode_join(node: NodeDesc) -> bytes:
@@ -184,9 +190,11 @@ def encode_join(node: NodeDesc) -> bytes:
     return json.dumps({"join": _node_to_json(node)}, separators=(",", ":")).encode()
 
 
-def encode_leave(node: NodeDesc, round: int) -> bytes:
-    """Serialize the announcement that ``node`` leaves the participants of ``round``."""
-    return json.dumps({"leave": _node_to_json(node), "round": round}, separators=(",", ":")).encode()
+def encode_leave(node: NodeDesc, round: int, complete: bool) -> bytes:
+    """Serialize the announcement that ``node`` leaves the participants of ``round``, which is
+    ``complete`` or not as the node saw it."""
+    doc = {"leave": _node_to_json(node), "round": round, "complete": complete}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement:
@@ -206,5 +214,6 @@ def _decode_announcement(data: bytes, where: str) -> Announcement:
         round_ = _field(doc, "round", int, where)
         if round_ < 0:
             raise _fail(where, f"a leave announcement names round {round_}")
-        return Announcement("leave", _node(doc["leave"], where), round_)
+        complete = _field(doc, "complete", bool, where)
+        return Announcement("leave", _node(doc["leave"], where), round_, complete)
     raise _fail(where, "a mailbox record is neither a 'join' nor a 'leave' announcement")

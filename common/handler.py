@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -16,6 +17,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
+    RendezvousTimeoutError,
 )
 
 from .backend import RendezvousBackend
@@ -23,7 +25,7 @@ from .bootstrap import TrainerStoreHost, shared_store_enabled
 from .events import record_event
 from .executor import OpExecutor
 from .holder import StateHolder
-from .ops import close_op, exit_op, join_op, keep_alive_op
+from .ops import close_op, exit_op, join_op
 from .settings import RendezvousSettings, settings_from_params
 from .state import NodeDesc, NodeDescGenerator
 
@@ -79,9 +81,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._heartbeat_stop: threading.Event | None = None
         self._trainer_store = TrainerStoreHost(node.addr)
         self.last_timings: RendezvousTimings | None = None
-        # A process that exits without shutdown() (torchrun skips it on SIGTERM so that the run
-        # stays open) leaves at once instead of after its liveness TTL.
-        self._leave_at_exit = weakref.finalize(self, _end_liveness, backend, node.key)
+        # A handler dropped without shutdown(), or a process that exits without it (torchrun skips
+        # it on SIGTERM so that the run stays open), leaves at once instead of after its liveness
+        # TTL, and releases its backend, whose threads and connections stop with its last user.
+        self._abandoned = weakref.finalize(self, _abandon, backend, node.key, os.getpid())
 
     @classmethod
     def from_backend(
@@ -145,6 +148,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
             store_info = self._trainer_store.publish(rank, round_store)
         except Exception as e:
             self._record(f"{type(e).__name__}: {e}", NodeState.FAILED)
+            if isinstance(e, RendezvousTimeoutError):
+                # A join another node folded in after this one gave up must not stand: with its
+                # liveness gone, the next write drops it.
+                _end_liveness(self._backend, self._node.key)
             raise
 
         finished = time.monotonic()
@@ -207,7 +214,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return False
         finally:
             self._trainer_store.stop()
-            self._leave_at_exit.detach()
+            self._abandoned.detach()
             try:
                 self._backend.liveness.forget(self._node.key)
             except RendezvousError as ex:
@@ -221,9 +228,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
         logger.info(msg)
 
     def _keep_alive(self) -> None:
+        # A beat touches only this node's liveness: it neither reads nor writes the shared state.
         with self._lock:
             try:
-                self._executor.run(keep_alive_op, time.monotonic() + self._settings.heartbeat_timeout)
+                self._executor.beat(self._settings.heartbeat_timeout)
                 logger.debug("The node '%s' sent a keep-alive heartbeat.", self._node)
             except RendezvousError as ex:
                 self._report_failure("send a keep-alive heartbeat to", ex)
@@ -254,14 +262,33 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
 
 def _end_liveness(backend: RendezvousBackend, node_key: str) -> None:
-    # Best effort, bounded: an unreachable server must not hold up interpreter exit.
-    def forget() -> None:
+    """End the node's liveness, best effort and bounded: an unreachable server must not hold up
+    the caller (or interpreter exit)."""
+    _bounded(lambda: backend.liveness.forget(node_key), f"end the liveness of '{node_key}'")
+
+
+def _abandon(backend: RendezvousBackend, node_key: str, pid: int) -> None:
+    # A forked child inherits its parent's handlers (and their finalizers), not their nodes.
+    if pid != os.getpid():
+        return
+
+    def leave() -> None:
         try:
             backend.liveness.forget(node_key)
-        except Exception as ex:
-            logger.debug("Could not end the liveness of '%s' at exit: %s", node_key, ex)
+        finally:
+            backend.close()
 
-    thread = threading.Thread(target=forget, name="RendezvousLeaveAtExit", daemon=True)
+    _bounded(leave, f"release the abandoned node '{node_key}'")
+
+
+def _bounded(action: Callable[[], None], what: str) -> None:
+    def run() -> None:
+        try:
+            action()
+        except Exception as ex:
+            logger.debug("Could not %s: %s", what, ex)
+
+    thread = threading.Thread(target=run, name="RendezvousLeave", daemon=True)
     thread.start()
     thread.join(EXIT_LEAVE_SECONDS)
 

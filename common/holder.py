@@ -1,44 +1,82 @@
-"""The local copy of the shared state, kept in step with the backend by compare-and-set."""
+"""The local copy of the shared state, and the protocol that keeps it in step with the backend.
+
+The protocol, all of it here: a node *announces* its join or leave in the backend's mailbox; the
+poster of the oldest pending announcement *folds* every pending one into the state with one
+compare-and-set (others step in after a delay that grows with their place in line); the same write
+drops dead nodes and then applies the *completion rule* (``ops.settle``); a write that won *trims*
+the records it folded. A node that stops standing by an announcement it posted *withdraws* it.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from .backend import RendezvousBackend, Token
-from .codec import decode_announcement, decode_state, encode_state
-from .ops import fold_join, fold_leave
+from .backend import Record, RendezvousBackend, Token
+from .codec import decode_announcement, decode_state, encode_join, encode_leave, encode_state
+from .ops import Action, fold, settle, would_fold
 from .settings import RendezvousSettings
 from .state import NodeDesc, RendezvousState
 
 logger = logging.getLogger(__name__)
 
+# How long (seconds) a node whose announcement is k-th in line waits for the ones ahead of it to fold
+# before it folds the batch itself: FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * min(k, FOLD_FALLBACK_RANKS),
+# with a little jitter. Staggering by place in line keeps a slow (or dead) oldest poster from setting
+# off a write by every waiting node at once; the nearest in line steps in first.
+FOLD_FALLBACK_FIRST = 0.5
+FOLD_FALLBACK_STEP = 0.25
+FOLD_FALLBACK_RANKS = 16
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An announcement this node posted that no write it has seen folded yet."""
+
+    round: int
+    action: Action
+    record: Record
+
 
 class StateHolder:
     """Holds this node's view of the run's state and writes its changes back.
 
-    Every write first folds the join announcements waiting in the backend's mailbox and drops
-    nodes whose liveness lapsed, so one successful compare-and-set admits every pending join.
-    The holder's own ``node`` is never dropped: it knows it is alive, and dropping itself from a
-    round it was admitted to would split that round's group.
-    A failed write leaves the holder with the state that won; the caller decides again from it.
+    Every write first folds the announcements waiting in the backend's mailbox (at most the
+    mailbox's ``batch_limit``) and drops nodes whose liveness lapsed, then settles the round, so
+    one successful compare-and-set admits every pending join. The holder's own ``node`` is never
+    dropped: it knows it is alive, and dropping itself from a round it was admitted to would split
+    that round's group. A failed write leaves the holder with the state that won; the caller
+    decides again from it.
+
+    Args:
+        wall_clock: UNIX time, for the state's last-call deadline (shared between machines).
     """
 
     def __init__(
-        self, backend: RendezvousBackend, settings: RendezvousSettings, node: NodeDesc | None = None
+        self,
+        backend: RendezvousBackend,
+        settings: RendezvousSettings,
+        node: NodeDesc | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._backend = backend
         self._node = node
         self._settings = settings
+        self._wall_clock = wall_clock
         self._state = RendezvousState()
+        # The state as last read or written (``_state`` is the caller's copy, changed in place).
+        self._stored = RendezvousState()
         self._token: Token | None = None
         self._dirty = False
         self._last_sync = float("-inf")
-        # The round that was already complete in the last stored state we saw, if any.
-        self._completed_round: int | None = None
+        self._pending: _Pending | None = None
         # node key -> monotonic time it was last seen alive; only positive answers are cached, so a
         # node is never declared dead from a stale answer.
         self._seen_alive: dict[str, float] = {}
+        self._where = f"the mailbox of run '{settings.run_id}'"
         self.writes = 0
         self.failed_writes = 0
 
@@ -67,58 +105,57 @@ class StateHolder:
             RendezvousStateError: the stored state does not decode.
             RendezvousConnectionError: the backend is unreachable.
         """
-        where = f"{self._backend.location} (run '{self._settings.run_id}')"
         has_set: bool | None = None
         if self._dirty:
-            cursor = self._fold_mailbox()
-            self._drop_dead(self._state)
-            if self._state.complete and self._completed_round != self._state.round:
-                # This write completes the round and nobody has seen its ranks yet: if folding or
-                # liveness just removed participants, ranks stay dense (0..n-1), and a round left
-                # below min_nodes is not completed at all.
-                if len(self._state.participants) < self._settings.min_nodes:
-                    self._state.reopen()
-                else:
-                    self._state.assign_ranks()
-            response = self._backend.set_state(encode_state(self._state), self._token)
+            # The write is prepared on a copy: a write that fails must leave no trace behind, or
+            # the next sync would write a fold and a completion that were never stored.
+            self._dirty = False
+            candidate, self._state = self._state, self._stored.copy()
+            folded = self._fold_mailbox(candidate)
+            self._drop_dead(candidate)
+            settle(candidate, self._settings, self._wall_clock())
+            fence = [record.handle for record in folded]
+            response = self._backend.set_state(encode_state(candidate), self._token, fence)
             has_set = bool(response and response[2])
             self.writes += 1
             self.failed_writes += 0 if has_set else 1
-            if has_set and cursor is not None:
-                self._backend.mailbox.trim(cursor)
+            if has_set and folded:
+                self._backend.mailbox.trim(candidate.cursor)
         elif time.monotonic() - self._last_sync < max_age:
             return None
         else:
             response = self._backend.get_state()
 
-        self._dirty = False
         if response is None:
-            self._state, self._token = RendezvousState(), None
+            self._stored, self._token = RendezvousState(), None
         else:
-            self._state, self._token = decode_state(response[0], where), response[1]
+            where = f"{self._backend.location} (run '{self._settings.run_id}')"
+            self._stored, self._token = decode_state(response[0], where), response[1]
+        self._state = self._stored.copy()
         # Only a read that decoded counts as fresh: a corrupt state must fail every caller.
         self._last_sync = time.monotonic()
-        self._completed_round = self._state.round if self._state.complete else None
+        if self._is_folded(self._pending) or (has_set and self._pending and self._pending.record.position is None):
+            # A write folded our announcement (one of ours folds every record after the cursor
+            # when the mailbox sets no batch limit); it placed us unless we were dropped as dead.
+            # Either way a later join or leave must announce afresh.
+            self._pending = None
         if response is not None and not has_set:
             self._drop_dead(self._state)
         return has_set
 
-    def _fold_mailbox(self) -> int | None:
-        """Fold every announcement into the local state; return the new cursor if it moved."""
+    def _is_folded(self, pending: _Pending | None) -> bool:
+        position = pending.record.position if pending is not None else None
+        return position is not None and self._state.cursor >= position
+
+    def _fold_mailbox(self, state: RendezvousState) -> list[Record]:
+        """Fold the pending announcements (up to the batch limit) into ``state``; return them."""
         mailbox = self._backend.mailbox
-        if mailbox is None:
-            return None
-        records, cursor = mailbox.read(self._state.cursor)
-        where = f"the mailbox of run '{self._settings.run_id}'"
+        records = mailbox.read(state.cursor)[: mailbox.batch_limit]
         for record in records:
-            announcement = decode_announcement(record, where)
-            if announcement.kind == "join":
-                fold_join(self._state, announcement.node, self._settings)
-            else:
-                fold_leave(self._state, announcement.node, announcement.round, self._settings)
-        moved = cursor != self._state.cursor
-        self._state.cursor = cursor
-        return cursor if moved else None
+            fold(state, decode_announcement(record.data, self._where), self._settings)
+        if records:
+            state.cursor = records[-1].position
+        return records
 
     def _drop_dead(self, state: RendezvousState) -> None:
         nodes = state.nodes() - {self._node} if self._node else state.nodes()
@@ -141,8 +178,67 @@ class StateHolder:
                     node,
                     self._settings.run_id,
                 )
-                state.remove_node(node, self._settings.min_nodes)
+                state.remove_node(node)
 
     def refresh_liveness(self) -> None:
         """Ask the backend afresh about every node at the next sync (a new rendezvous starts)."""
         self._seen_alive.clear()
+
+    # Announcements.
+
+    def announce(self, action: Action) -> None:
+        """Post this node's ``action`` (a join, or leaving the participants) for the current round,
+        unless that announcement is still pending."""
+        state = self._state
+        if self._pending is not None and (self._pending.round, self._pending.action) == (state.round, action):
+            return
+        assert self._node is not None, "only a node's own holder announces"
+        if action is Action.REMOVE_FROM_PARTICIPANTS:
+            data = encode_leave(self._node, state.round, state.complete)
+        else:
+            data = encode_join(self._node)
+        self._pending = _Pending(state.round, action, self._backend.mailbox.post(data))
+
+    def await_fold(self) -> bool:
+        """Fold the pending announcements if ours is the oldest; else let the older posters do it.
+
+        One node at a time, the poster of the oldest pending announcement, folds a batch, so
+        concurrent joiners do not all race to write the same batch. If the nodes ahead do not act
+        in time (dead, or stalled), this node folds anyway, after a wait that grows with its place
+        in line (see ``FOLD_FALLBACK_FIRST``).
+
+        Returns:
+            True if the state was synced and the caller must decide afresh; False if the caller
+            must act: write (the holder is marked dirty) or, if nothing is dirty, announce again.
+        """
+        before = self._token
+        state = self._state
+        records = self._backend.mailbox.read(state.cursor)
+        # Only announcements that would change the state count: a repeated join of a placed node
+        # must not hold up the line.
+        announcements = [decode_announcement(record.data, self._where) for record in records]
+        posters = [a.node for a in announcements if would_fold(state, a, self._settings)]
+        if self._node not in posters:
+            # Our announcement is no longer pending, yet the op still asks for it: it was folded by
+            # a write we have not read, or folded and undone (we were dropped as dead), or it lapsed.
+            self.sync()
+            if self._token != before:
+                return True
+            self._pending = None
+            return False
+        place = posters.index(self._node)
+        if place > 0:
+            wait = FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * min(place, FOLD_FALLBACK_RANKS)
+            self._backend.wait_for_change(before, wait * random.uniform(0.9, 1.1))
+            self.sync()
+            if self._token != before:
+                return True
+        self.mark_dirty()
+        return False
+
+    def withdraw(self) -> None:
+        """Take back this node's announcement if no write it saw has folded it: the node's
+        operation ended (it finished, failed or timed out) and no later write may act on it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._backend.mailbox.withdraw(pending.record.handle)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
-from .backend import Liveness, Mailbox, RendezvousBackend, Token
+from .backend import Liveness, Mailbox, Record, RendezvousBackend, Token
 
 
 class MemoryStore:
@@ -21,26 +22,41 @@ class MemoryStore:
         self.changed = threading.Condition()
         self.states: dict[str, tuple[bytes, int]] = {}
         self.logs: dict[str, list[bytes]] = {}
+        # (run id, position) of each withdrawn record: a write that folded one of them fails.
+        self.withdrawn: set[tuple[str, int]] = set()
         self.beats: dict[str, dict[str, float]] = {}
         self.writes = 0
         self.bytes_written = 0
 
 
 class MemoryMailbox(Mailbox):
+    """Records are list entries; a record's position and handle are its index plus one."""
+
     def __init__(self, store: MemoryStore, run_id: str) -> None:
         self._store = store
         self._run_id = run_id
 
-    def post(self, record: bytes) -> None:
+    def post(self, record: bytes) -> Record:
         with self._store.changed:
-            self._store.logs.setdefault(self._run_id, []).append(bytes(record))
+            log = self._store.logs.setdefault(self._run_id, [])
+            log.append(bytes(record))
             self._store.writes += 1
             self._store.bytes_written += len(record)
+            return Record(bytes(record), len(log), len(log))
 
-    def read(self, cursor: int) -> tuple[list[bytes], int]:
+    def read(self, cursor: int) -> list[Record]:
         with self._store.changed:
             log = self._store.logs.get(self._run_id, [])
-            return list(log[cursor:]), max(cursor, len(log))
+            withdrawn = self._store.withdrawn
+            return [
+                Record(data, i, i)
+                for i, data in enumerate(log[cursor:], cursor + 1)
+                if (self._run_id, i) not in withdrawn
+            ]
+
+    def withdraw(self, handle: Any) -> None:
+        with self._store.changed:
+            self._store.withdrawn.add((self._run_id, handle))
 
 
 class MemoryLiveness(Liveness):
@@ -48,7 +64,7 @@ class MemoryLiveness(Liveness):
         self._store = store
         self._run_id = run_id
 
-    def beat(self, node_key: str, ttl: float) -> None:
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
         with self._store.changed:
             self._store.beats.setdefault(self._run_id, {})[node_key] = self._store.clock()
 
@@ -65,22 +81,13 @@ class MemoryLiveness(Liveness):
 
 class MemoryBackend(RendezvousBackend):
     """A backend over a ``MemoryStore``; the token is a version number that grows on each write.
+    Like etcd's, its writes are fenced on the records they fold (``withdraw``)."""
 
-    ``use_mailbox=False`` makes the core write joins into the state directly, so tests can cover
-    both paths.
-    """
-
-    def __init__(
-        self,
-        store: MemoryStore,
-        run_id: str,
-        name: str = "memory",
-        use_mailbox: bool = True,
-    ) -> None:
+    def __init__(self, store: MemoryStore, run_id: str, name: str = "memory") -> None:
         self._store = store
         self._run_id = run_id
         self._name = name
-        self._mailbox = MemoryMailbox(store, run_id) if use_mailbox else None
+        self._mailbox = MemoryMailbox(store, run_id)
         self._liveness = MemoryLiveness(store, run_id)
 
     @property
@@ -91,10 +98,13 @@ class MemoryBackend(RendezvousBackend):
         with self._store.changed:
             return self._store.states.get(self._run_id)
 
-    def set_state(self, state: bytes, token: Token | None = None) -> tuple[bytes, Token, bool] | None:
+    def set_state(
+        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+    ) -> tuple[bytes, Token, bool] | None:
         with self._store.changed:
             current = self._store.states.get(self._run_id)
-            if (current is None and token is None) or (current is not None and current[1] == token):
+            fenced = any((self._run_id, handle) in self._store.withdrawn for handle in fence)
+            if not fenced and ((current is None and token is None) or (current is not None and current[1] == token)):
                 version = 1 if current is None else current[1] + 1
                 self._store.states[self._run_id] = (bytes(state), version)
                 self._store.writes += 1
@@ -118,7 +128,7 @@ class MemoryBackend(RendezvousBackend):
                 self._store.changed.wait(remaining)
 
     @property
-    def mailbox(self) -> Mailbox | None:
+    def mailbox(self) -> Mailbox:
         return self._mailbox
 
     @property

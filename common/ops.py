@@ -8,7 +8,6 @@ run for the node itself and for every join announcement folded in by another nod
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -51,11 +50,15 @@ ANNOUNCED_ACTIONS = ADD_ACTIONS | {Action.REMOVE_FROM_PARTICIPANTS}
 
 @dataclass
 class Context:
-    """One node's view: the state it last synced, its settings, and whether a heartbeat is due."""
+    """One node's view: the state it last synced, its settings, the time, and whether a heartbeat
+    is due. ``now`` is monotonic time (deadlines of this process), ``wall`` is UNIX time (the
+    state's last-call deadline, shared between machines)."""
 
     node: NodeDesc
     state: RendezvousState
     settings: RendezvousSettings
+    now: float
+    wall: float
     keep_alive_due: bool = False
 
 
@@ -65,7 +68,7 @@ Op = Callable[[Context, float], Action]
 def exit_op(ctx: Context, deadline: float) -> Action:
     """Leave the previous round, if this node is one of its participants."""
     if ctx.node in ctx.state.participants:
-        return Action.ERROR_TIMEOUT if time.monotonic() > deadline else Action.REMOVE_FROM_PARTICIPANTS
+        return Action.ERROR_TIMEOUT if ctx.now > deadline else Action.REMOVE_FROM_PARTICIPANTS
     return Action.FINISH
 
 
@@ -104,9 +107,8 @@ def join_op(ctx: Context, deadline: float) -> Action:
     if state.complete and is_participant:
         return Action.FINISH
 
-    now = time.monotonic()
-    if now > deadline:
-        if now <= deadline + ROLLBACK_PERIOD:
+    if ctx.now > deadline:
+        if ctx.now <= deadline + ROLLBACK_PERIOD:
             if is_participant:
                 return Action.REMOVE_FROM_PARTICIPANTS
             if node in state.wait_list:
@@ -117,7 +119,7 @@ def join_op(ctx: Context, deadline: float) -> Action:
         if (
             settings.min_nodes <= len(state.participants) <= settings.max_nodes
             and state.deadline is not None
-            and state.deadline < time.time()
+            and state.deadline < ctx.wall
         ):
             return Action.MARK_RENDEZVOUS_COMPLETE
     else:
@@ -131,79 +133,99 @@ def close_op(ctx: Context, deadline: float) -> Action:
     """Mark the run closed."""
     if ctx.state.closed:
         return Action.FINISH
-    return Action.ERROR_TIMEOUT if time.monotonic() > deadline else Action.MARK_RENDEZVOUS_CLOSED
+    return Action.ERROR_TIMEOUT if ctx.now > deadline else Action.MARK_RENDEZVOUS_CLOSED
 
 
-def keep_alive_op(ctx: Context, deadline: float) -> Action:
-    """Send one heartbeat if one is due."""
-    if ctx.keep_alive_due:
-        return Action.ERROR_TIMEOUT if time.monotonic() > deadline else Action.KEEP_ALIVE
-    return Action.FINISH
+def apply(action: Action, state: RendezvousState, node: NodeDesc) -> None:
+    """Carry out a state-changing ``action`` for ``node`` on ``state`` in place.
 
-
-def apply(action: Action, state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> None:
-    """Carry out a state-changing ``action`` for ``node`` on ``state`` in place."""
+    Completing a round is not done here but by ``settle``, which every write runs last:
+    ``MARK_RENDEZVOUS_COMPLETE`` only asks for that write.
+    """
     if action is Action.ADD_TO_PARTICIPANTS:
         state.wait_list.discard(node)
         state.redundancy_list.discard(node)
         state.participants[node] = 0
-        if len(state.participants) == settings.min_nodes:
-            state.deadline = time.time() + settings.last_call_timeout
-        if len(state.participants) == settings.max_nodes:
-            apply(Action.MARK_RENDEZVOUS_COMPLETE, state, node, settings)
     elif action is Action.ADD_TO_WAIT_LIST:
         state.redundancy_list.discard(node)
         state.wait_list.add(node)
     elif action is Action.ADD_TO_REDUNDANCY_LIST:
         state.redundancy_list.add(node)
     elif action is Action.REMOVE_FROM_PARTICIPANTS:
-        state.remove_participant(node, settings.min_nodes)
+        state.remove_participant(node)
     elif action is Action.REMOVE_FROM_WAIT_LIST:
         state.wait_list.discard(node)
     elif action is Action.REMOVE_FROM_REDUNDANCY_LIST:
         state.redundancy_list.discard(node)
-    elif action is Action.MARK_RENDEZVOUS_COMPLETE:
-        state.complete = True
-        state.deadline = None
-        state.assign_ranks()
     elif action is Action.MARK_RENDEZVOUS_CLOSED:
         state.closed = True
-    else:
+    elif action is not Action.MARK_RENDEZVOUS_COMPLETE:
         raise ValueError(f"{action} does not change the state")
 
 
-def fold_leave(state: RendezvousState, node: NodeDesc, round: int, settings: RendezvousSettings) -> bool:
-    """Apply ``node``'s announced exit from ``round``; a stale or repeated one changes nothing."""
-    if state.round != round or node not in state.participants:
-        return False
-    apply(Action.REMOVE_FROM_PARTICIPANTS, state, node, settings)
-    logger.debug("Folded the exit of %s from round %d of the rendezvous '%s'.", node, round, settings.run_id)
+def settle(state: RendezvousState, settings: RendezvousSettings, wall: float) -> None:
+    """The completion rule, applied to every state just before it is written (``wall``: UNIX time).
+
+    An open round completes at ``max_nodes`` participants, or at ``min_nodes`` or more once its
+    last call (``last_call_timeout`` from reaching ``min_nodes``) is over; ranks are assigned then.
+    Applying it last, after folding announcements and dropping dead nodes, means a round never
+    completes below ``min_nodes``, nor below ``max_nodes`` before its last call, whatever the
+    write removed. A round that was complete already keeps its group.
+    """
+    if state.complete or state.closed:
+        return
+    joined = len(state.participants)
+    if joined < settings.min_nodes:
+        state.deadline = None
+    elif joined >= settings.max_nodes or (state.deadline is not None and state.deadline <= wall):
+        state.complete = True
+        state.deadline = None
+        state.assign_ranks()
+    elif state.deadline is None:
+        state.deadline = wall + settings.last_call_timeout
+
+
+def _leave_applies(state: RendezvousState, announcement: Announcement) -> bool:
+    # A node leaves the round it saw, as it saw it: a take-back of a join to an incomplete round
+    # must not remove a member from the group that round formed since.
+    return (
+        state.round == announcement.round
+        and state.complete == announcement.complete
+        and announcement.node in state.participants
+    )
+
+
+def fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
+    """Apply ``announcement`` as its poster's own action would; return whether it changed ``state``.
+
+    Repeated joins of placed nodes, joins to a closed run, and stale leaves change nothing.
+    """
+    node = announcement.node
+    if announcement.kind == "leave":
+        if not _leave_applies(state, announcement):
+            return False
+        apply(Action.REMOVE_FROM_PARTICIPANTS, state, node)
+        action = Action.REMOVE_FROM_PARTICIPANTS
+    else:
+        if state.closed or node in state.participants:
+            return False
+        action = _placement(state, node, settings)
+        if action is None:
+            return False
+        apply(action, state, node)
+    logger.debug(
+        "Folded the announcement of %s into round %d of the rendezvous '%s': %s",
+        node,
+        state.round,
+        settings.run_id,
+        action.name,
+    )
     return True
 
 
-def fold_join(state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> Action | None:
-    """Apply a join announced by ``node`` as that node's own join would; return what was done.
-
-    Announcements of nodes already placed, or of a closed run, change nothing.
-    """
-    if state.closed or node in state.participants:
-        return None
-    placement = _placement(state, node, settings)
-    if placement is not None:
-        apply(placement, state, node, settings)
-        logger.debug(
-            "Folded the join of %s into round %d of the rendezvous '%s': %s",
-            node,
-            state.round,
-            settings.run_id,
-            placement.name,
-        )
-    return placement
-
-
 def would_fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
-    """Whether folding ``announcement`` into ``state`` would change it (``fold_join``/``fold_leave``)."""
+    """Whether ``fold`` would change ``state`` (without changing it)."""
     node = announcement.node
-    if announcement.kind == "join":
-        return not state.closed and node not in state.participants and _placement(state, node, settings) is not None
-    return state.round == announcement.round and node in state.participants
+    if announcement.kind == "leave":
+        return _leave_applies(state, announcement)
+    return not state.closed and node not in state.participants and _placement(state, node, settings) is not None

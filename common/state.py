@@ -86,20 +86,14 @@ class RendezvousState:
         """Every node the state names, in any list."""
         return set(self.participants) | self.wait_list | self.redundancy_list
 
-    def remove_participant(self, node: NodeDesc, min_nodes: int) -> None:
-        """Drop ``node`` from the participants and repair the round around its absence.
-
-        A complete round that loses its last participant opens the next round; an incomplete round
-        that falls below ``min_nodes`` loses its last-call deadline.
-        """
+    def remove_participant(self, node: NodeDesc) -> None:
+        """Drop ``node`` from the participants; a complete round that loses its last participant
+        opens the next round. (An incomplete round's last call is settled by ``ops.settle``.)"""
         del self.participants[node]
-        if self.complete:
-            if not self.participants:
-                self.complete = False
-                self.world_size = 0
-                self.round += 1
-        elif len(self.participants) < min_nodes:
-            self.deadline = None
+        if self.complete and not self.participants:
+            self.complete = False
+            self.world_size = 0
+            self.round += 1
 
     def assign_ranks(self) -> None:
         """Give the participants ranks 0..n-1 in (addr, pid, local_id) order; fix the world size."""
@@ -107,16 +101,9 @@ class RendezvousState:
             self.participants[member] = rank
         self.world_size = len(self.participants)
 
-    def reopen(self) -> None:
-        """Take back a completion nobody has seen: the round waits for nodes again."""
-        self.complete = False
-        self.deadline = None
-        self.world_size = 0
-        self.participants = dict.fromkeys(self.participants, 0)
-
-    def remove_node(self, node: NodeDesc, min_nodes: int) -> None:
+    def remove_node(self, node: NodeDesc) -> None:
         """Drop ``node`` from whichever lists hold it."""
         self.wait_list.discard(node)
         self.redundancy_list.discard(node)
         if node in self.participants:
-            self.remove_participant(node, min_nodes)
+            self.remove_participant(node)

@@ -10,7 +10,9 @@ refuses, missing permissions) fails at once. Either way the caller sees torch's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
 import etcd3
@@ -33,10 +35,23 @@ ENDPOINT_REST_SECONDS = 1.0
 MAX_TXN_OPS = 128
 # gRPC's default 4 MiB receive limit is below the largest state the codec accepts.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC keepalive pings find a dead connection (a half-open TCP connection, a host gone) that would
+# otherwise look like a quiet one; etcd refuses pings more often than every 5 s by default.
+KEEPALIVE_SECONDS = 10
+KEEPALIVE_TIMEOUT_SECONDS = 5
+# etcd's require-leader metadata: a member without a leader refuses requests and cancels watches
+# instead of serving a view that may be stale or never move again.
+REQUIRE_LEADER = ("hasleader", "true")
 
-_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-_TRANSIENT_DETAILS = ("leader changed", "no leader", "request timed out", "too many requests", "connection reset")
-_TLS_DETAILS = ("ssl", "tls", "handshake", "certificate")
+# etcd's errors by gRPC status: leader changes, elections, overload and unreachable members are
+# UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED; an expired auth token is UNAUTHENTICATED.
+_TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+# gRPC reports a refused TLS handshake as UNAVAILABLE, like an unreachable server: no status tells
+# the two apart, so only here the text decides. (etcd 3.4 refuses a client without a certificate
+# with a TSI error that names no certificate.)
+_TLS_DETAILS = ("ssl", "tls", "handshake", "certificate", "tsi_")
 
 
 class Retryable(Exception):
@@ -58,21 +73,21 @@ def _details(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _code(exc: BaseException | None) -> grpc.StatusCode | None:
+    rpc = rpc_error(exc)
+    return rpc.code() if rpc is not None else None
+
+
 def is_token_expired(exc: BaseException | None) -> bool:
     """Whether etcd refused the request because the auth token expired (it is simply renewed)."""
-    rpc = rpc_error(exc)
-    return rpc is not None and "invalid auth token" in (rpc.details() or "")
+    return _code(exc) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` may go away when the request is retried."""
     if isinstance(exc, (Retryable, etcd3.exceptions.NoServerAvailableError)) or is_token_expired(exc):
         return True
-    rpc = rpc_error(exc)
-    if rpc is None or _is_tls_failure(exc):
-        return False
-    details = (rpc.details() or "").lower()
-    return rpc.code() in _TRANSIENT_CODES or any(d in details for d in _TRANSIENT_DETAILS)
+    return _code(exc) in _TRANSIENT_CODES and not _is_tls_failure(exc)
 
 
 def _is_tls_failure(exc: BaseException) -> bool:
@@ -85,14 +100,16 @@ def connection_error(config: EtcdConfig, exc: BaseException) -> RendezvousConnec
     where = f"etcd at {config.protocol}://{config.describe_endpoints()}"
     rpc = rpc_error(exc)
     details = (rpc.details() or "") if rpc is not None else ""
-    if "authentication failed" in details:
+    code = _code(exc)
+    # etcd answers a wrong password, and a request without one where auth is on, with INVALID_ARGUMENT.
+    if code == grpc.StatusCode.INVALID_ARGUMENT and config.username is not None:
         problem = (
             f"authentication failed for user '{config.username}' ({details}); check the "
             "'username' and 'password' options"
         )
-    elif "user name is empty" in details:
-        problem = f"etcd requires authentication ({details}); pass the 'username' and 'password' options"
-    elif rpc is not None and rpc.code() == grpc.StatusCode.PERMISSION_DENIED:
+    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+        problem = f"etcd refused the request ({details}); if etcd requires authentication, pass the 'username' and 'password' options"
+    elif code == grpc.StatusCode.PERMISSION_DENIED:
         problem = f"permission denied for user '{config.username}' ({details}); grant it read-write access to '{config.key_prefix}'"
     elif _is_tls_failure(exc):
         problem = (
@@ -173,9 +190,62 @@ def _credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
     )
 
 
+def attempt_timeout(config: EtcdConfig) -> float:
+    """How long one attempt of a request may take: a quarter of ``read_timeout`` (at least 2 s), so
+    that a member that hangs (paused, partitioned, a half-open connection) leaves time to fail over
+    to the others within the request's budget."""
+    return min(config.read_timeout, max(2.0, config.read_timeout / 4))
+
+
+class ForkGate:
+    """Requests pass while it is open; ``close`` waits for those in flight and holds new ones (see
+    ``registry.py``: no thread may be inside gRPC at a ``fork()``). After a fork, the child's copy is
+    ``orphan``ed: the clients it guards belong to the parent, and using one fails at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._open = True
+        self._orphaned = False
+
+    @contextmanager
+    def passage(self) -> Iterator[None]:
+        with self._cond:
+            if self._orphaned:
+                raise RuntimeError(
+                    "This etcd client was made by the parent of this forked process; build a new "
+                    "rendezvous handler in the child."
+                )
+            self._cond.wait_for(lambda: self._open)
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Stop new passages; return whether those in flight ended within ``timeout``."""
+        with self._cond:
+            self._open = False
+            return self._cond.wait_for(lambda: self._inside == 0, timeout)
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def orphan(self) -> None:
+        with self._cond:
+            self._orphaned = True
+            self._open = True
+            self._cond.notify_all()
+
+
 class EtcdClient:
     """An etcd v3 client for one ``EtcdConfig``: TLS, authentication and failover across the
-    configured endpoints, with every request run under ``retrying``.
+    configured endpoints, with every request run under ``retrying`` and through ``gate``.
 
     Constructing one authenticates (when credentials are configured), so bad credentials fail here.
 
@@ -183,8 +253,9 @@ class EtcdClient:
         RendezvousConnectionError: etcd could not be reached or refused the credentials.
     """
 
-    def __init__(self, config: EtcdConfig) -> None:
+    def __init__(self, config: EtcdConfig, gate: ForkGate | None = None) -> None:
         self.config = config
+        self._gate = gate or ForkGate()
         secure = config.protocol == "https"
         credentials = _credentials(config) if secure else None
         options = [
@@ -194,6 +265,8 @@ class EtcdClient:
             # must be back well within read_timeout.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
         ]
         endpoints = [
             etcd3.Endpoint(
@@ -206,7 +279,8 @@ class EtcdClient:
             )
             for host, port in config.endpoints
         ]
-        self.raw = etcd3.MultiEndpointEtcd3Client(endpoints, timeout=config.read_timeout, failover=True)
+        self.raw = etcd3.MultiEndpointEtcd3Client(endpoints, timeout=attempt_timeout(config), failover=True)
+        self.raw.metadata = (REQUIRE_LEADER,)
         # Set when etcd dropped the auth token; the next attempt authenticates again first.
         self._token_expired = False
         if config.username is not None:
@@ -226,7 +300,7 @@ class EtcdClient:
             fail_over(self.raw, exc)
         # The token travels as plain metadata: gRPC refuses call credentials on a channel without
         # TLS, which is how etcd3 would otherwise send it.
-        self.raw.metadata = (("token", response.token),)
+        self.raw.metadata = (("token", response.token), REQUIRE_LEADER)
         self.raw.call_credentials = None
 
     def _before_retry(self, exc: BaseException) -> None:
@@ -242,10 +316,11 @@ class EtcdClient:
         """
 
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> T:
-            if self._token_expired and self.config.username is not None:
-                self._authenticate()
-                self._token_expired = False
-            return op(client)
+            with self._gate.passage():
+                if self._token_expired and self.config.username is not None:
+                    self._authenticate()
+                    self._token_expired = False
+                return op(client)
 
         try:
             return retrying(self.config, budget, self._before_retry)(attempt, self.raw)

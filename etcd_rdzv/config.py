@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
 from rdzv_common.settings import CORE_KEYS
 
@@ -100,34 +101,35 @@ def _bad_endpoint(entry: str, endpoint: str, problem: str) -> ValueError:
 
 
 def _parse_one(entry: str, endpoint: str) -> tuple[str, int]:
+    """One ``host[:port]`` entry, parsed by torch's own ``parse_rendezvous_endpoint`` after the
+    checks that turn its mistakes into a message that says what to write instead."""
     if not entry:
         raise _bad_endpoint(entry, endpoint, "is empty")
     if "://" in entry:
         raise _bad_endpoint(entry, endpoint, "has a URL scheme; drop it and set protocol=https in --rdzv-conf for TLS")
+    after_host = entry
     if entry.startswith("["):
-        host, sep, rest = entry[1:].partition("]")
+        inside, sep, after_host = entry[1:].partition("]")
         if not sep:
             raise _bad_endpoint(entry, endpoint, "lacks the closing ']' of its IPv6 address")
         try:
-            ipaddress.IPv6Address(host)
+            ipaddress.IPv6Address(inside)
         except ValueError:
-            raise _bad_endpoint(entry, endpoint, f"has '{host}' in brackets, which is no IPv6 address") from None
-        if rest and not rest.startswith(":"):
+            raise _bad_endpoint(entry, endpoint, f"has '{inside}' in brackets, which is no IPv6 address") from None
+        if after_host and not after_host.startswith(":"):
             raise _bad_endpoint(entry, endpoint, "has text after its IPv6 address that is not ':PORT'")
-        port_text = rest[1:] if rest else None
     elif entry.count(":") > 1:
         raise _bad_endpoint(entry, endpoint, "looks like a bare IPv6 address; write it in brackets")
-    else:
-        host, sep, port_text = entry.partition(":")
-        if not sep:
-            port_text = None
-        if not _HOSTNAME.match(host):
-            raise _bad_endpoint(entry, endpoint, f"has the invalid host name '{host}'")
-    if port_text is None:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    _, sep, port_text = after_host.rpartition(":")
+    if sep and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
         raise _bad_endpoint(entry, endpoint, f"has port '{port_text}', which is not an integer in 1..65535")
-    return host, int(port_text)
+    try:
+        host, port = parse_rendezvous_endpoint(entry, DEFAULT_PORT)
+    except ValueError as exc:
+        raise _bad_endpoint(entry, endpoint, f"is not HOST[:PORT] ({exc})") from None
+    if not entry.startswith("[") and not _HOSTNAME.match(host):
+        raise _bad_endpoint(entry, endpoint, f"has the invalid host name '{host}'")
+    return host, port
 
 
 def _option(params: RendezvousParameters, key: str) -> str | None:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from .backend import EtcdRendezvousBackend, state_key, store_prefix
-from .client import EtcdClient
+from .backend import EtcdRendezvousBackend
 from .config import config_from_params
-from .lease import RunLease
+from .registry import registry
 from .store import EtcdStore
 
 
 def create_backend(params: RendezvousParameters, name: str = "etcd-v2") -> tuple[EtcdRendezvousBackend, EtcdStore]:
-    """Create the backend of run ``params.run_id`` and its agents' store (``store_prefix``).
+    """Create the backend of run ``params.run_id`` and its agents' store.
 
-    Both share one client and the run's lease; closing the backend closes the client, so close it
-    after the last use of the store (torch's agent does: its exit barrier runs before shutdown).
+    Both use the process's one ``EtcdRun`` of the run (``registry``), and each holds it until it
+    is closed (the backend) or collected (the store), so the store keeps working after the
+    handler's ``shutdown`` (torch's agents still read it then).
 
     Args:
         name: the backend name torchrun was asked for, which the handler must report.
@@ -25,10 +25,6 @@ def create_backend(params: RendezvousParameters, name: str = "etcd-v2") -> tuple
         RendezvousConnectionError: etcd refused the configured credentials or could not be reached.
     """
     config = config_from_params(params)
-    etcd = EtcdClient(config)
-    run_lease = RunLease(state_key(config.key_prefix, params.run_id), config.ttl)
-    backend = EtcdRendezvousBackend(etcd, params.run_id, name=name, run_lease=run_lease)
-    store = EtcdStore(
-        etcd, store_prefix(config.key_prefix, params.run_id), run_lease=run_lease, view=backend.reader
-    )
-    return backend, store
+    run = registry.acquire(config, params.run_id)
+    store = EtcdStore(registry.acquire(config, params.run_id), release=registry.release_soon)
+    return EtcdRendezvousBackend(run, name=name, release=registry.release_soon), store

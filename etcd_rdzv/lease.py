@@ -1,5 +1,5 @@
-"""Leases: a process's session lease, kept alive in the background, and a run's shared lease,
-kept alive by activity."""
+"""Lease helpers, and a run's shared lease, kept alive by the run's activity (a process's session
+lease is in ``session.py``)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,12 @@ import time
 
 import etcd3
 import etcd3.exceptions
+import grpc
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from .client import EtcdClient, Retryable, rpc_error
-from .config import EtcdConfig
-from .shared import Shared
 
 logger = logging.getLogger(__name__)
-
-# Long enough to ride out a leader election, short enough that a dead node's keys go soon.
-SESSION_TTL = 10
 
 
 def refresh(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> bool:
@@ -30,9 +26,9 @@ def refresh(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> bool:
 
 
 def is_lease_missing(exc: BaseException) -> bool:
-    """Whether etcd refused a write because the lease it names is gone."""
+    """Whether etcd refused a write because the lease it names is gone (etcd's only NOT_FOUND)."""
     rpc = rpc_error(exc)
-    return rpc is not None and "requested lease not found" in (rpc.details() or "")
+    return rpc is not None and rpc.code() == grpc.StatusCode.NOT_FOUND
 
 
 def revoke(etcd: EtcdClient, lease_id: int) -> None:
@@ -42,74 +38,6 @@ def revoke(etcd: EtcdClient, lease_id: int) -> None:
         etcd.request(lambda c: c.revoke_lease(lease_id), budget=0)
     except RendezvousConnectionError as exc:
         logger.debug("Could not revoke etcd lease %x: %s", lease_id, exc)
-
-
-class Session:
-    """A lease that a background thread keeps alive until ``close``, like the Go client's
-    ``concurrency.Session``: keys attached to it vanish ``ttl`` seconds after this process dies, or
-    at once when it closes. The backends of a process share one per cluster (``sessions``).
-
-    The lease is granted on first use. If it is lost anyway (the process stalled past its TTL),
-    the next use grants a new one. The session owns ``etcd`` and closes it.
-    """
-
-    def __init__(self, etcd: EtcdClient, ttl: int = SESSION_TTL) -> None:
-        self._etcd = etcd
-        self._ttl = ttl
-        self._lock = threading.Lock()
-        self._lease_id: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def lease_id(self, client: etcd3.MultiEndpointEtcd3Client) -> int:
-        """The session's lease, granted through ``client`` if needed; call it within a request."""
-        with self._lock:
-            if self._stop.is_set():
-                raise RuntimeError("The etcd session is closed.")
-            if self._lease_id is None:
-                self._lease_id = client.lease(self._ttl).id
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._keep_alive, name="EtcdSessionKeepAlive", daemon=True)
-                    self._thread.start()
-            return self._lease_id
-
-    def lost(self, lease_id: int) -> None:
-        """Forget ``lease_id`` after etcd said it is gone; raises ``Retryable`` to redo the request."""
-        with self._lock:
-            if self._lease_id == lease_id:
-                self._lease_id = None
-        raise Retryable(f"session lease {lease_id:x} expired")
-
-    def _keep_alive(self) -> None:
-        while not self._stop.wait(self._ttl / 3):
-            lease_id = self._lease_id
-            if lease_id is None:
-                continue
-            try:
-                if not refresh(self._etcd.raw, lease_id):
-                    with self._lock:
-                        if self._lease_id == lease_id:
-                            self._lease_id = None
-            except Exception as exc:
-                # The next tick tries again; the TTL leaves room for two more.
-                logger.warning("Could not renew etcd session lease %x: %s", lease_id, exc)
-
-    def close(self) -> None:
-        """Stop renewing, revoke the lease and close the client. Idempotent."""
-        with self._lock:
-            self._stop.set()
-            lease_id, self._lease_id = self._lease_id, None
-        try:
-            if self._thread is not None:
-                self._thread.join(timeout=self._etcd.config.read_timeout)
-            if lease_id is not None:
-                revoke(self._etcd, lease_id)
-        finally:
-            self._etcd.close()
-
-
-# One session per cluster in the process.
-sessions: Shared[EtcdConfig, Session] = Shared(lambda config: Session(EtcdClient(config)), Session.close)
 
 
 def run_lease_id(run_key: str) -> int:
@@ -123,16 +51,15 @@ class RunLease:
 
     All nodes of the run share it without coordination: its id derives from the run's state key
     (``run_lease_id``). Each node's activity renews it, at most every ``ttl / 4`` seconds, and no
-    node revokes it, so the run's keys vanish ``ttl`` seconds after the whole run went quiet.
+    node revokes it, so the run's keys vanish ``ttl`` seconds after the whole run went quiet. The
+    process's one ``EtcdRun`` of the run holds it, so the handlers of one process renew it once.
     """
-
-    # Renewal times are per process and lease id, so the handlers of one process renew once.
-    _lock = threading.Lock()
-    _renewed_at: dict[int, float] = {}
 
     def __init__(self, run_key: str, ttl: float) -> None:
         self.id = run_lease_id(run_key)
         self._ttl = max(1, math.ceil(ttl))
+        self._lock = threading.Lock()
+        self._renewed_at: float | None = None
 
     def current(self, client: etcd3.MultiEndpointEtcd3Client) -> int:
         """The lease id, granted first if this process has not confirmed it yet and renewed when
@@ -141,19 +68,19 @@ class RunLease:
         Only the first use in a process waits for the server: a renewal that falls due later is
         claimed by one caller while the others go on, since the lease still has most of its TTL.
         """
-        with RunLease._lock:
-            renewed_at = RunLease._renewed_at.get(self.id)
+        with self._lock:
+            renewed_at = self._renewed_at
             if renewed_at is not None:
                 if time.monotonic() - renewed_at < self._ttl / 4:
                     return self.id
-                RunLease._renewed_at[self.id] = time.monotonic()
+                self._renewed_at = time.monotonic()
         if renewed_at is not None:
             self._renew(client)
             return self.id
-        with RunLease._lock:
-            if self.id not in RunLease._renewed_at:
+        with self._lock:
+            if self._renewed_at is None:
                 self._renew(client)
-                RunLease._renewed_at[self.id] = time.monotonic()
+                self._renewed_at = time.monotonic()
         return self.id
 
     def _renew(self, client: etcd3.MultiEndpointEtcd3Client) -> None:
@@ -165,6 +92,6 @@ class RunLease:
 
     def lost(self) -> None:
         """Have the next ``current`` grant the lease again; raises ``Retryable`` to redo the request."""
-        with RunLease._lock:
-            RunLease._renewed_at.pop(self.id, None)
+        with self._lock:
+            self._renewed_at = None
         raise Retryable(f"run lease {self.id:x} expired")

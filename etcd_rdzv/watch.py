@@ -1,12 +1,21 @@
-"""Waiting for the first change to a key with an etcd watch: no polling."""
+"""The one etcd watch loop: a stream over a key range, read reply by reply.
+
+Every watcher of this package (a process's view of a run, the CLI's ``watch``, the tests' checkers)
+iterates a ``Watch``. It asks etcd to cancel the stream when the member it talks to has no leader
+(etcd's require-leader metadata), so a member cut off from its cluster cannot keep a watcher
+waiting on a stream that will never carry another event; and it can ask for progress replies on a
+timer, and cancel itself when even those stop coming (a half-open connection, a stalled member).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import etcd3
-import etcd3.etcdrpc
+import etcd3.etcdrpc as rpc
 import etcd3.exceptions
 import grpc
 
@@ -17,50 +26,103 @@ class WatchCanceled(etcd3.exceptions.Etcd3Exception):
     """etcd ended the watch for a reason other than compaction (e.g. missing permission)."""
 
 
-def wait_for_events(
-    client: etcd3.MultiEndpointEtcd3Client,
-    key: bytes,
-    start_revision: int | None,
-    timeout: float,
-) -> list:
-    """Return the events on ``key`` from ``start_revision`` on, at the first response that has
-    any, or ``[]`` once ``timeout`` seconds pass.
+class WatchCompacted(Exception):
+    """The history the watch was to start from is compacted: re-read, then watch from there."""
 
-    ``start_revision=None`` watches from the next revision. Events already in the history since
-    ``start_revision`` come back at once. If that history was compacted, ``[]`` comes back early:
-    the caller must re-read, which it does after any return. The watch is always cancelled.
 
-    Raises:
+class WatchStalled(etcd3.exceptions.Etcd3Exception):
+    """Nothing came on the stream, not even a progress reply, for too long: it was cancelled."""
+
+
+class Watch:
+    """A watch stream on ``[key, range_end)`` from ``start_revision`` (0: from now on).
+
+    Iterating yields etcd's ``WatchResponse`` replies in order, events and progress replies alike,
+    until ``cancel``, ``timeout`` seconds (the iteration then just ends) or a failure.
+
+    Args:
+        client: the etcd3 client whose channel (and endpoint) the stream uses.
+        progress_every: ask etcd every this many seconds to confirm the stream is current.
+        stall_after: with ``progress_every``, cancel the stream once this many seconds pass without
+            a reply; the iteration then raises ``WatchStalled``.
+
+    Raises (while iterating):
+        WatchCompacted: the start revision is compacted.
         WatchCanceled: etcd refused or ended the watch.
+        WatchStalled: see ``stall_after``.
         etcd3.exceptions.Etcd3Exception: the connection failed (its endpoint is marked failed).
     """
+
+    def __init__(
+        self,
+        client: etcd3.MultiEndpointEtcd3Client,
+        key: bytes,
+        range_end: bytes | None = None,
+        start_revision: int = 0,
+        timeout: float | None = None,
+        progress_every: float | None = None,
+        stall_after: float | None = None,
+    ) -> None:
+        self._client = client
+        self._done = threading.Event()
+        self._stalled = False
+        self.heard_at = time.monotonic()
+        create = rpc.WatchCreateRequest(key=key, range_end=range_end or b"", start_revision=start_revision)
+
+        def requests() -> Iterator[rpc.WatchRequest]:
+            yield rpc.WatchRequest(create_request=create)
+            # Ending the request stream would end the watch on the server: hold it open until done.
+            while not self._done.wait(progress_every):
+                if stall_after is not None and time.monotonic() - self.heard_at > stall_after:
+                    self._stalled = True
+                    self._call.cancel()
+                    return
+                yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+
+        self._call = rpc.WatchStub(client.channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for reply in self._call:
+                self.heard_at = time.monotonic()
+                if reply.compact_revision:
+                    raise WatchCompacted(f"revision {reply.compact_revision} is compacted")
+                if reply.canceled:
+                    raise WatchCanceled(reply.cancel_reason or "the watch was cancelled by etcd")
+                yield reply
+        except grpc.RpcError as exc:
+            if self._stalled:
+                raise WatchStalled("the watch stream went silent; it was cancelled") from exc
+            if self._done.is_set() or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return  # cancelled here, or its timeout is over
+            fail_over(self._client, exc)
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """End the stream; an iteration in progress ends. Idempotent, from any thread."""
+        self._done.set()
+        self._call.cancel()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+def wait_for_events(
+    client: etcd3.MultiEndpointEtcd3Client, key: bytes, start_revision: int | None, timeout: float
+) -> list:
+    """The events on ``key`` from ``start_revision`` on (``None``: from now), at the first reply that
+    has any, or ``[]`` after ``timeout`` seconds or if that history is compacted (re-read then)."""
     if timeout <= 0:
         return []
-    create = etcd3.etcdrpc.WatchCreateRequest(key=key, start_revision=start_revision or 0)
-    done = threading.Event()
-    ends_at = time.monotonic() + timeout
-
-    def requests():
-        yield etcd3.etcdrpc.WatchRequest(create_request=create)
-        # Ending the request stream would end the watch on the server: hold it open until done.
-        done.wait()
-
-    call = etcd3.etcdrpc.WatchStub(client.channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
     try:
-        for response in call:
-            if response.compact_revision:
-                return []
-            if response.canceled:
-                raise WatchCanceled(response.cancel_reason or "the watch was cancelled by etcd")
-            if response.events:
-                return list(response.events)
-        return []
-    except grpc.RpcError as exc:
-        # The gRPC deadline is how the timeout ends the stream; etcd may report it as UNKNOWN.
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() >= ends_at:
-            return []
-        fail_over(client, exc)
-    finally:
-        done.set()
-        call.cancel()
-
+        with Watch(client, key, start_revision=start_revision or 0, timeout=timeout) as watch:
+            for reply in watch:
+                if reply.events:
+                    return list(reply.events)
+    except WatchCompacted:
+        pass
+    return []

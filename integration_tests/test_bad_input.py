@@ -16,7 +16,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStateError,
 )
 
-from etcd_rdzv.backend import state_key
+from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.plugin import create_handler
 from integration_tests.invariants import InvariantChecker, etcd_client, snapshot
@@ -62,7 +62,7 @@ def run_snapshot(admin, key_prefix: str) -> dict:
 def test_corrupt_state_raises_state_error_and_touches_nothing(etcd_run, case):
     value, problem = CORRUPT[case]
     admin = etcd_client(etcd_run.endpoint)
-    key = state_key(etcd_run.key_prefix, etcd_run.run_id)
+    key = RunKeys(etcd_run.key_prefix, etcd_run.run_id).state
     handler = None
     try:
         admin.put(key, value)
@@ -86,7 +86,7 @@ def test_monitoring_calls_report_a_corrupt_state_too(etcd_run):
     admin = etcd_client(etcd_run.endpoint)
     handler = None
     try:
-        admin.put(state_key(etcd_run.key_prefix, etcd_run.run_id), b"[]")
+        admin.put(RunKeys(etcd_run.key_prefix, etcd_run.run_id).state, b"[]")
         handler = create_handler(params_for(etcd_run.endpoint, etcd_run.run_id, etcd_run.key_prefix))
         with pytest.raises(RendezvousStateError):
             handler.next_rendezvous()
@@ -107,7 +107,7 @@ def test_oversized_state_raises_state_error(etcd_server):
     admin = etcd_client(server.endpoint)
     handler = None
     try:
-        admin.put(state_key(prefix, run_id), b" " * (codec.MAX_STATE_BYTES + 1))
+        admin.put(RunKeys(prefix, run_id).state, b" " * (codec.MAX_STATE_BYTES + 1))
         before = run_snapshot(admin, prefix)
         handler = create_handler(params_for(server.endpoint, run_id, prefix))
         with pytest.raises(RendezvousStateError) as failure:
@@ -263,7 +263,7 @@ def test_other_jobs_keys_are_never_read_or_written(etcd_run):
         # Each other job published its round's trainer store (MASTER_ADDR/MASTER_PORT) in its store.
         assert sum(k.endswith(b"/MASTER_ADDR") for k in before) == len(others), sorted(before)
 
-        key_a = state_key(prefix_a, run_a)
+        key_a = RunKeys(prefix_a, run_a).state
         runs_a = [create_handler(params_for(etcd_run.endpoint, run_a, prefix_a, 2, 2)) for _ in range(2)]
         handlers.extend(runs_a)
         with InvariantChecker(etcd_run.endpoint, key_a, 2, 2):

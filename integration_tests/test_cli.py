@@ -18,7 +18,7 @@ import etcd3.utils
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from etcd_rdzv.backend import store_prefix
+from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.factory import create_backend
 from integration_tests.etcd_fixture import free_port
 from rdzv_common.codec import encode_state
@@ -87,10 +87,9 @@ def live_run(space, run_id: str) -> Iterator[list[DynamicRendezvousHandler]]:
 
 
 def run_keys(admin: etcd3.MultiEndpointEtcd3Client, space, run_id: str) -> set[str]:
-    """Every key of ``run_id``: its state key, the keys under it and its store's keys."""
-    state = f"{space.key_prefix}/{run_id}"
-    keys = {m.key.decode() for _, m in admin.get_prefix(state + "/", keys_only=True)}
-    return keys | ({state} if admin.get(state)[0] is not None else set())
+    """Every key of ``run_id``: the keys of its directory."""
+    root = RunKeys(space.key_prefix, run_id).root
+    return {m.key.decode() for _, m in admin.get_prefix(root, keys_only=True)}
 
 
 def test_status_and_list_show_a_live_run(etcd_run):
@@ -171,19 +170,19 @@ def test_watch_exits_cleanly_on_ctrl_c(etcd_run):
 
 
 def test_reset_deletes_every_key_of_its_run_and_nothing_else(etcd_run, etcd_admin):
-    other = etcd_run.run_id + "2"  # its keys start with this run's state key
+    other = etcd_run.run_id + "2"  # its id starts with this run's id
     try:
         with live_run(etcd_run, other):
             with live_run(etcd_run, etcd_run.run_id):
                 pass
             mine = run_keys(etcd_admin, etcd_run, etcd_run.run_id)
-            assert f"{etcd_run.key_prefix}/{etcd_run.run_id}" in mine
-            assert any(k.startswith(f"{store_prefix(etcd_run.key_prefix, etcd_run.run_id)}/") for k in mine)
+            assert RunKeys(etcd_run.key_prefix, etcd_run.run_id).state in mine
+            assert any(k.startswith(RunKeys(etcd_run.key_prefix, etcd_run.run_id).store) for k in mine)
             theirs = {k for k in run_keys(etcd_admin, etcd_run, other) if "/joins/" not in k}
 
             refused = cli("reset", etcd_run.run_id, *_connection(etcd_run))
             assert "--yes" in assert_one_line_error(refused, 2)
-            assert f"state key {etcd_run.key_prefix}/{etcd_run.run_id} (present)" in refused.stdout
+            assert f"state key {RunKeys(etcd_run.key_prefix, etcd_run.run_id).state} (present)" in refused.stdout
             assert run_keys(etcd_admin, etcd_run, etcd_run.run_id) == mine
 
             done = cli("reset", etcd_run.run_id, "--yes", *_connection(etcd_run))
@@ -192,11 +191,11 @@ def test_reset_deletes_every_key_of_its_run_and_nothing_else(etcd_run, etcd_admi
             assert theirs <= run_keys(etcd_admin, etcd_run, other)
             assert_one_line_error(cli("reset", etcd_run.run_id, "--yes", *_connection(etcd_run)), 3)
     finally:
-        etcd_admin.delete_prefix(f"{etcd_run.key_prefix}/{other}")
+        etcd_admin.delete_prefix(RunKeys(etcd_run.key_prefix, other).root)
 
 
 def test_a_corrupt_state_is_one_line_that_says_to_reset(etcd_run, etcd_admin):
-    etcd_admin.put(f"{etcd_run.key_prefix}/{etcd_run.run_id}", os.urandom(64))
+    etcd_admin.put(RunKeys(etcd_run.key_prefix, etcd_run.run_id).state, os.urandom(64))
     line = assert_one_line_error(cli("status", etcd_run.run_id, *_connection(etcd_run)), 1)
     assert "corrupt" in line and f"etcd-rdzv reset {etcd_run.run_id} --yes" in line
     listed = cli("list", *_connection(etcd_run))
@@ -220,7 +219,7 @@ def test_an_invalid_option_exits_2_in_one_line():
 
 
 def test_environment_configures_the_connection_and_flags_win(etcd_run, etcd_admin):
-    etcd_admin.put(f"{etcd_run.key_prefix}/{etcd_run.run_id}", encode_state(RendezvousState(round=4)))
+    etcd_admin.put(RunKeys(etcd_run.key_prefix, etcd_run.run_id).state, encode_state(RendezvousState(round=4)))
     env = {"ETCD_RDZV_ENDPOINTS": etcd_run.endpoint, "ETCD_RDZV_KEY_PREFIX": etcd_run.key_prefix}
     from_env = cli("status", etcd_run.run_id, "--json", env=env)
     assert from_env.returncode == 0, from_env.stderr

@@ -49,7 +49,7 @@ def test_right_credentials_work(auth_etcd):
         _, token, _ = backend.set_state(b"authenticated")
         assert backend.get_state() == (b"authenticated", token)
         backend.mailbox.post(b"join")
-        assert backend.mailbox.read(0)[0] == [b"join"]
+        assert [r.data for r in backend.mailbox.read(0)] == [b"join"]
         backend.liveness.beat("node", 2)
         assert backend.liveness.alive(["node"], 2) == {"node"}
         store.set("k", "v")

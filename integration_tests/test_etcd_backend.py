@@ -9,8 +9,6 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
 
 from etcd_rdzv.backend import EtcdRendezvousBackend
-from etcd_rdzv.client import EtcdClient
-from etcd_rdzv.config import EtcdConfig, parse_endpoints
 from etcd_rdzv.factory import create_backend
 from integration_tests.etcd_fixture import free_port
 from unit_tests.backend_contract import BackendContract
@@ -18,17 +16,12 @@ from unit_tests.backend_contract import BackendContract
 pytestmark = pytest.mark.timeout(60)
 
 
-def _config(space, **overrides) -> EtcdConfig:
-    fields = {"endpoints": parse_endpoints(space.endpoint), "key_prefix": space.key_prefix, "read_timeout": 10.0}
-    return EtcdConfig(**{**fields, **overrides})
-
-
 @pytest.fixture
 def make_backend(etcd_run):
     backends: list[EtcdRendezvousBackend] = []
 
     def make(run_id: str = etcd_run.run_id) -> EtcdRendezvousBackend:
-        backend = EtcdRendezvousBackend(EtcdClient(_config(etcd_run)), run_id)
+        backend, _ = create_backend(etcd_run.params(run_id=run_id), name="etcd_rdzv")
         backends.append(backend)
         return backend
 
@@ -40,6 +33,7 @@ def make_backend(etcd_run):
 class TestEtcdBackendContract(BackendContract):
     # etcd grants no lease shorter than about two seconds.
     liveness_ttl = 2.0
+    fences_withdrawn = True
 
 
 def _lease_exists(admin, lease_id: int) -> bool:
@@ -47,14 +41,18 @@ def _lease_exists(admin, lease_id: int) -> bool:
 
 
 def _count_requests(backend: EtcdRendezvousBackend) -> list:
+    """The requests this thread makes from now on (the process's backends share one client)."""
     requests = []
-    original = backend._etcd.request
+    etcd = backend.run.etcd
+    original = etcd.request
+    caller = threading.current_thread()
 
     def counting(op, budget=None):
-        requests.append(op)
+        if threading.current_thread() is caller:
+            requests.append(op)
         return original(op, budget)
 
-    backend._etcd.request = counting
+    etcd.request = counting
     return requests
 
 
@@ -86,14 +84,14 @@ def test_state_carries_the_run_lease_with_the_configured_ttl(etcd_run, etcd_admi
     try:
         _, token, _ = backend.set_state(b"v1")
         _, meta = etcd_admin.get(backend.key)
-        assert meta.lease_id == backend.run_lease.id
+        assert meta.lease_id == backend.run.lease.id
         info = etcd_admin.get_lease_info(meta.lease_id)
         assert info.grantedTTL == 120
         # Every node of the run shares the one lease.
         other.set_state(b"v2", token)
-        assert etcd_admin.get(backend.key)[1].lease_id == backend.run_lease.id == other.run_lease.id
+        assert etcd_admin.get(backend.key)[1].lease_id == backend.run.lease.id == other.run.lease.id
         store.set("k", "v")
-        assert etcd_admin.get(store.prefix + "k")[1].lease_id == backend.run_lease.id
+        assert etcd_admin.get(store.prefix + "k")[1].lease_id == backend.run.lease.id
     finally:
         other.close()
         backend.close()
@@ -104,16 +102,16 @@ def test_close_revokes_this_process_leases(make_backend, etcd_admin):
     backend.set_state(b"v1")
     backend.mailbox.post(b"join")
     backend.liveness.beat("node-a", 2)
-    session = next(iter(etcd_admin.get_prefix(backend.key + "/joins/")))[1].lease_id
-    liveness = etcd_admin.get(backend.key + "/alive/node-a")[1].lease_id
-    assert all(_lease_exists(etcd_admin, lease) for lease in (session, liveness, backend.run_lease.id))
+    session = next(iter(etcd_admin.get_prefix(backend.run.keys.joins)))[1].lease_id
+    liveness = etcd_admin.get(backend.run.keys.alive_key("node-a"))[1].lease_id
+    assert all(_lease_exists(etcd_admin, lease) for lease in (session, liveness, backend.run.lease.id))
     backend.close()
     backend.close()  # idempotent
     assert not _lease_exists(etcd_admin, session)
     assert not _lease_exists(etcd_admin, liveness)
-    assert not [t for t in threading.enumerate() if t.name == "EtcdSessionKeepAlive" and t.is_alive()]
+    assert not [t for t in threading.enumerate() if t.name == "etcd-rdzv-session" and t.is_alive()]
     # The run's shared lease stays for the nodes still using the state; it lapses after ttl.
-    assert _lease_exists(etcd_admin, backend.run_lease.id)
+    assert _lease_exists(etcd_admin, backend.run.lease.id)
 
 
 def test_unreachable_etcd_fails_within_read_timeout(etcd_run):
@@ -145,12 +143,12 @@ def test_fails_over_from_a_dead_endpoint(etcd_run):
 def test_mailbox_records_vanish_with_the_process_session(make_backend, etcd_admin):
     poster, reader = make_backend(), make_backend()
     poster.mailbox.post(b"join")
-    assert reader.mailbox.read(0)[0] == [b"join"]  # another backend of the process sees it at once
+    assert [r.data for r in reader.mailbox.read(0)] == [b"join"]  # another backend of the process sees it at once
+    joins = reader.run.keys.joins
     poster.close()
     # The backends of a process share its session: the record stays while one of them is open.
-    assert reader.mailbox.read(0)[0] == [b"join"]
+    assert [r.data for r in reader.mailbox.read(0)] == [b"join"]
     reader.close()
-    joins = f"{reader.key}/joins/"
     assert list(etcd_admin.get_prefix(joins)) == []
 
 
@@ -158,10 +156,10 @@ def test_mailbox_trim_deletes_folded_records(make_backend, etcd_admin):
     backend = make_backend()
     for i in range(3):
         backend.mailbox.post(b"join-%d" % i)
-    records, cursor = backend.mailbox.read(0)
+    records = backend.mailbox.read(0)
     assert len(records) == 3
-    backend.mailbox.trim(cursor)
-    assert list(etcd_admin.get_prefix(backend.key + "/joins/")) == []
+    backend.mailbox.trim(records[-1].position)
+    assert list(etcd_admin.get_prefix(backend.run.keys.joins)) == []
 
 
 def test_delete_run_removes_every_key_of_the_run(etcd_run, etcd_admin):
@@ -175,9 +173,9 @@ def test_delete_run_removes_every_key_of_the_run(etcd_run, etcd_admin):
             s.set("k", "v")
         backend.delete_run()
         assert backend.get_state() is None
-        assert list(etcd_admin.get_prefix(backend.key + "/")) == []
+        assert list(etcd_admin.get_prefix(backend.run.keys.root)) == []
         assert list(etcd_admin.get_prefix(store.prefix)) == []
-        assert not _lease_exists(etcd_admin, backend.run_lease.id)
+        assert not _lease_exists(etcd_admin, backend.run.lease.id)
         # A run whose id merely starts with this one is untouched.
         assert neighbour.get_state()[0] == b"v1"
         assert neighbour_store.get("k") == b"v"
@@ -215,18 +213,18 @@ def test_reads_come_from_the_process_run_view(make_backend):
     writer.mailbox.post(b"join")
     requests = _count_requests(reader)
     assert reader.get_state() == (b"v1", token)
-    assert reader.mailbox.read(0)[0] == [b"join"]
+    assert [r.data for r in reader.mailbox.read(0)] == [b"join"]
     assert reader.liveness.alive(["node-w", "node-x"], 5) == {"node-w"}
     assert requests == []  # the shared watch of the run answered all three
 
 
 def test_reads_fall_back_to_etcd_while_the_view_cannot_vouch(make_backend, monkeypatch):
-    from etcd_rdzv import runview
+    from etcd_rdzv import view
 
     writer, reader = make_backend(), make_backend()
     _, token, _ = writer.set_state(b"v1")
-    monkeypatch.setattr(runview, "CATCH_UP_SECONDS", 0.0)
-    reader.reader.view()._set_unhealthy()  # as while the watch reconnects
+    monkeypatch.setattr(view, "CATCH_UP_SECONDS", 0.0)
+    reader.run.view._set_unhealthy()  # as while the watch reconnects
     requests = _count_requests(reader)
     assert reader.get_state() == (b"v1", token)
     assert len(requests) == 1

@@ -10,9 +10,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from etcd_rdzv.client import EtcdClient
 from etcd_rdzv.config import EtcdConfig, parse_endpoints
-from etcd_rdzv.backend import store_prefix
+from etcd_rdzv.registry import registry
 from etcd_rdzv.store import EtcdStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,9 +19,10 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def store(etcd_run):
-    etcd = EtcdClient(EtcdConfig(endpoints=parse_endpoints(etcd_run.endpoint), read_timeout=10))
-    yield EtcdStore(etcd, store_prefix(etcd_run.key_prefix, etcd_run.run_id), timeout=timedelta(seconds=10))
-    etcd.close()
+    config = EtcdConfig(endpoints=parse_endpoints(etcd_run.endpoint), key_prefix=etcd_run.key_prefix, read_timeout=10)
+    run = registry.acquire(config, etcd_run.run_id)
+    yield EtcdStore(run, timeout=timedelta(seconds=10))
+    registry.release(run)
 
 
 def test_set_get_and_value_types(store):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from etcd_rdzv.backend import state_key
+from etcd_rdzv.keys import RunKeys
 from integration_tests.invariants import InvariantChecker, NodeProcess, etcd_client, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -52,11 +52,11 @@ def admin(etcd_run):
 
 
 def checker_for(etcd_run, min_nodes: int, max_nodes: int) -> InvariantChecker:
-    return InvariantChecker(etcd_run.endpoint, state_key(etcd_run.key_prefix, etcd_run.run_id), min_nodes, max_nodes)
+    return InvariantChecker(etcd_run.endpoint, RunKeys(etcd_run.key_prefix, etcd_run.run_id).state, min_nodes, max_nodes)
 
 
 def alive_key(etcd_run, node: NodeProcess) -> bytes:
-    return f"{state_key(etcd_run.key_prefix, etcd_run.run_id)}/alive/{node.node}".encode()
+    return RunKeys(etcd_run.key_prefix, etcd_run.run_id).alive_key(node.node).encode()
 
 
 def wait_dead(admin, etcd_run, node: NodeProcess, timeout: float = 10.0) -> None:
@@ -157,6 +157,8 @@ class _SlowMailboxBackend:
         outer = self
 
         class Mailbox:
+            batch_limit = backend.mailbox.batch_limit
+
             def post(self, record):
                 return backend.mailbox.post(record)
 
@@ -165,6 +167,9 @@ class _SlowMailboxBackend:
                     hook, outer._hook = outer._hook, None
                     hook()
                 return backend.mailbox.read(cursor)
+
+            def withdraw(self, handle):
+                return backend.mailbox.withdraw(handle)
 
             def trim(self, cursor):
                 return backend.mailbox.trim(cursor)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
 
-from etcd_rdzv.backend import state_key
+from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.embedded import EtcdCluster
 from etcd_rdzv.plugin import create_handler
 from integration_tests.invariants import InvariantChecker, etcd_client, snapshot, wait_until
@@ -39,7 +39,7 @@ class Run:
         self.endpoint = endpoint
         self.run_id = f"fault-{unique}"
         self.key_prefix = f"/rdzv-fault/{unique}"
-        self.key = state_key(self.key_prefix, self.run_id)
+        self.key = RunKeys(self.key_prefix, self.run_id).state
         self.min_nodes, self.max_nodes = min_nodes, max_nodes
         self.read_timeout = read_timeout
         self.handlers = []

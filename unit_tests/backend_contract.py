@@ -3,6 +3,9 @@
 A test module subclasses ``BackendContract`` and provides a ``make_backend`` fixture: a callable
 ``make_backend(run_id) -> RendezvousBackend`` whose backends for the same ``run_id`` share one server.
 ``liveness_ttl`` is the shortest time-to-live the backend honours (etcd leases round up to seconds).
+``fences_withdrawn`` says whether the backend can withdraw mailbox records and fence writes on them
+(``Mailbox.withdraw``, ``RendezvousBackend.set_state(..., fence)``); one that cannot must accept
+both and ignore them.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
+from rdzv_common.backend import Record
 
 
 class BackendContract:
     liveness_ttl: float = 0.5
+    fences_withdrawn: bool = False
 
     def test_absent_state_reads_none(self, make_backend):
         assert make_backend("run-empty").get_state() is None
@@ -71,37 +75,106 @@ class BackendContract:
         assert time.monotonic() - started < 5
 
     def test_wait_for_change_honours_timeout(self, make_backend):
+        # It must wait the whole timeout (an early return would make every waiter poll), and not
+        # much longer (a node would miss its own deadlines).
         a = make_backend("run-wait-timeout")
         _, token, _ = a.set_state(b"v1")
+        timeout = 0.5
         started = time.monotonic()
-        a.wait_for_change(token, timeout=0.5)
-        assert time.monotonic() - started < 5
+        a.wait_for_change(token, timeout=timeout)
+        took = time.monotonic() - started
+        assert timeout - 0.05 <= took < timeout + 1.0, took
         assert a.get_state()[1] == token
 
     def test_mailbox_reads_in_order_from_cursor(self, make_backend):
         a, b = make_backend("run-mail"), make_backend("run-mail")
-        if a.mailbox is None:
-            pytest.skip("backend has no mailbox")
-        assert a.mailbox.read(0) == ([], 0)
-        a.mailbox.post(b"one")
-        b.mailbox.post(b"two")
-        records, cursor = b.mailbox.read(0)
-        assert records == [b"one", b"two"]
+        assert a.mailbox.read(0) == []
+        posted = [a.mailbox.post(b"one"), b.mailbox.post(b"two")]
+        assert [p.data for p in posted] == [b"one", b"two"]
+        records = b.mailbox.read(0)
+        assert all(isinstance(r, Record) for r in records)
+        assert [r.data for r in records] == [b"one", b"two"]
+        # Each record's position is the cursor just past it: reading from it skips the record.
+        assert 0 < records[0].position < records[1].position
+        assert [r.data for r in a.mailbox.read(records[0].position)] == [b"two"]
+        for post, read in zip(posted, records):
+            # A poster that learns where its record landed learns what every reader sees.
+            assert post.position in (None, read.position)
+        cursor = records[-1].position
+        assert a.mailbox.read(cursor) == []
         a.mailbox.post(b"three")
-        later, cursor2 = a.mailbox.read(cursor)
-        assert later == [b"three"]
-        assert cursor2 > cursor
-        assert a.mailbox.read(cursor2) == ([], cursor2)
+        later = a.mailbox.read(cursor)
+        assert [r.data for r in later] == [b"three"]
+        assert later[0].position > cursor
+        assert a.mailbox.read(later[0].position) == []
 
     def test_mailbox_trim_keeps_later_records(self, make_backend):
         a = make_backend("run-trim")
-        if a.mailbox is None:
-            pytest.skip("backend has no mailbox")
         a.mailbox.post(b"one")
-        _, cursor = a.mailbox.read(0)
+        (first,) = a.mailbox.read(0)
         a.mailbox.post(b"two")
-        a.mailbox.trim(cursor)
-        assert a.mailbox.read(cursor)[0] == [b"two"]
+        a.mailbox.trim(first.position)
+        assert [r.data for r in a.mailbox.read(first.position)] == [b"two"]
+
+    def test_mailbox_batch_limit_is_none_or_positive(self, make_backend):
+        limit = make_backend("run-batch").mailbox.batch_limit
+        assert limit is None or (isinstance(limit, int) and limit > 0)
+
+    def test_empty_fence_does_not_stop_a_write(self, make_backend):
+        a = make_backend("run-fence-empty")
+        _, token, has_set = a.set_state(b"v1", None, ())
+        assert has_set
+        state, token2, has_set = a.set_state(b"v2", token, [])
+        assert (state, has_set) == (b"v2", True) and token2 != token
+
+    def test_write_fenced_on_live_records_succeeds(self, make_backend):
+        a, b = make_backend("run-fence-live"), make_backend("run-fence-live")
+        _, token, _ = a.set_state(b"v1")
+        b.mailbox.post(b"join")
+        fence = [r.handle for r in a.mailbox.read(0)]
+        state, _, has_set = a.set_state(b"v2", token, fence)
+        assert (state, has_set) == (b"v2", True)
+
+    def test_withdrawn_record_fences_writes_that_folded_it(self, make_backend):
+        a, b = make_backend("run-fence"), make_backend("run-fence")
+        _, token, _ = a.set_state(b"v1")
+        posted = b.mailbox.post(b"join")
+        b.mailbox.post(b"other")
+        seen = a.mailbox.read(0)
+        assert [r.data for r in seen] == [b"join", b"other"]
+        b.mailbox.withdraw(posted.handle)
+        result = a.set_state(b"v2", token, [r.handle for r in seen])
+        if not self.fences_withdrawn:
+            # The backend cannot fence: it must say so by writing (and keeping the record).
+            assert result[0] == b"v2" and result[2] is True
+            assert [r.data for r in a.mailbox.read(0)] == [b"join", b"other"]
+            return
+        # The write read the record before it was withdrawn: it must not land, and the state and
+        # token that stand are returned.
+        assert result == (b"v1", token, False)
+        assert a.get_state() == (b"v1", token)
+        # A reader after the withdrawal no longer sees it, and its write (fenced on what it saw)
+        # lands.
+        again = a.mailbox.read(0)
+        assert [r.data for r in again] == [b"other"]
+        assert again[0].position == seen[1].position
+        state, _, has_set = a.set_state(b"v3", token, [r.handle for r in again])
+        assert (state, has_set) == (b"v3", True)
+
+    def test_withdraw_of_a_folded_record_leaves_later_writes_alone(self, make_backend):
+        a = make_backend("run-fence-late")
+        _, token, _ = a.set_state(b"v1")
+        posted = a.mailbox.post(b"join")
+        (record,) = a.mailbox.read(0)
+        _, token, has_set = a.set_state(b"v2", token, [record.handle])
+        assert has_set
+        a.mailbox.withdraw(posted.handle)
+        # Writes that fold nothing, or only later records, are not fenced by it.
+        a.mailbox.post(b"later")
+        later = a.mailbox.read(record.position)
+        assert [r.data for r in later] == [b"later"]
+        state, _, has_set = a.set_state(b"v3", token, [r.handle for r in later])
+        assert (state, has_set) == (b"v3", True)
 
     def test_liveness_beat_forget_and_expiry(self, make_backend):
         a, b = make_backend("run-live"), make_backend("run-live")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from datetime import timedelta
@@ -12,6 +13,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, 
 
 from c10d_rdzv.backend import C10dRendezvousBackend
 from c10d_rdzv.keys import RunKeys
+from c10d_rdzv.mailbox import frame
 from unit_tests.backend_contract import BackendContract
 
 # Generous: in some sandboxes a TCPStore connection now and then takes seconds to open.
@@ -190,9 +192,13 @@ def test_old_wake_keys_are_deleted(client, monkeypatch):
 def test_mailbox_keeps_records_with_any_bytes(client):
     backend = C10dRendezvousBackend(client(), "run")
     records = [b"", b"1:x,", b"\n\x00:,", b"{}" * 50]
-    for record in records:
-        backend.mailbox.post(record)
-    assert backend.mailbox.read(0)[0] == records
+    posted = [backend.mailbox.post(record) for record in records]
+    assert [p.data for p in posted] == records
+    read = backend.mailbox.read(0)
+    assert [r.data for r in read] == records
+    # Positions are the byte offsets just past each frame, so a cursor resumes between records.
+    assert [r.position for r in read] == list(itertools.accumulate(len(frame(r)) for r in records))
+    assert [r.data for r in backend.mailbox.read(read[1].position)] == records[2:]
 
 
 def test_forgotten_node_stays_dead_and_keys_stay_on_the_fast_path(client):

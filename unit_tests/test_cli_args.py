@@ -8,7 +8,8 @@ import pytest
 from etcd_rdzv.cli.changes import RunWatcher, state_changes
 from etcd_rdzv.cli.command_line import build_parser, main
 from etcd_rdzv.cli.options import DEFAULT_READ_TIMEOUT, load_config
-from etcd_rdzv.cli.runs import RunKeys, _is_state_key, _run_of
+from etcd_rdzv.cli.runs import RunSnapshot
+from etcd_rdzv.keys import RunKeys, run_of_key, run_of_state_key
 from rdzv_common.codec import encode_state
 from rdzv_common.state import NodeDesc, RendezvousState
 
@@ -86,32 +87,48 @@ def test_state_changes_read_as_events():
 
 
 def test_the_watcher_reports_liveness_and_corruption():
-    keys = RunKeys("/p/r", 10, encode_state(RendezvousState(complete=True, participants={A: 0}, world_size=1)),
-                   alive={A.key: 7})
+    keys = RunSnapshot(RunKeys("/p", "r"), 10, encode_state(RendezvousState(complete=True, participants={A: 0}, world_size=1)),
+                       alive={A.key: 7})
     watcher = RunWatcher(keys)
     assert watcher.on_liveness(A.key, False) == [f"node {A.key} lost liveness (participant, rank 0)"]
     assert watcher.on_liveness(A.key, False) == []
     assert watcher.on_state(b"\x00junk")[0].startswith("state is corrupt: ")
-    deleted = watcher.on_snapshot(RunKeys("/p/r", 20, None))
+    deleted = watcher.on_snapshot(RunSnapshot(RunKeys("/p", "r"), 20, None))
     assert deleted == ["state deleted (the run was reset, or its keys expired)"]
     assert watcher.revision == 21
 
 
 @pytest.mark.parametrize(
-    "relative, is_state",
+    "key, run_id",
     [
-        ("run", True),
-        ("a/b", True),
-        ("run/joins/ab12", False),
-        ("run/alive/10.0.0.1_5_0", False),
-        ("x/joins", True),
-        ("run/store/torch.rendezvous.run.0/MASTER_ADDR", False),
+        ("/p/run/state", "run"),
+        ("/p/a%2Fb/state", "a/b"),
+        ("/p/run/joins/ab12", None),
+        ("/p/run/alive/10.0.0.1_5_0", None),
+        ("/p/x/joins/state", None),
+        ("/p/run/store/state", None),
+        ("/p/state", None),
+        ("/other/run/state", None),
     ],
 )
-def test_list_tells_state_keys_from_a_runs_other_keys(relative, is_state):
-    assert _is_state_key(relative) is is_state
+def test_list_tells_state_keys_from_a_runs_other_keys(key, run_id):
+    assert run_of_state_key("/p", key) == run_id
 
 
-def test_list_finds_the_run_of_a_key_in_its_directories():
-    assert _run_of("team/run/alive/10.0.0.1_5_0") == "team/run"
-    assert _run_of("run/store/torch.rendezvous.run.0/MASTER_ADDR") == "run"
+def test_list_finds_the_run_of_a_key_in_its_directory():
+    assert run_of_key("/p", "/p/team%2Frun/alive/10.0.0.1_5_0") == "team/run"
+    assert run_of_key("/p", "/p/run/store/torch.rendezvous.run.0/MASTER_ADDR") == "run"
+    assert run_of_key("/p", "/p/run") is None
+
+
+@pytest.mark.parametrize("run_id", ["job", "job/x", "job/alive/n1", "job-2", "job.x", "job%2F", "a b", "ünï"])
+def test_every_run_owns_one_directory_no_other_run_reaches(run_id):
+    """Bug 5 (issue 10): run ids were not escaped, so run 'job/alive/n1' wrote keys that run 'job'
+    read as its own liveness keys, and a reset of 'job' deleted run 'job/x'."""
+    keys = RunKeys("/p", run_id)
+    assert keys.state.startswith(keys.root) and keys.root.count("/") == 3
+    assert run_of_state_key("/p", keys.state) == run_id
+    for other in ["job", "job/x", "job/alive/n1", "job-2", "job.x", "job%2F", "a b", "ünï"]:
+        if other != run_id:
+            root = RunKeys("/p", other).root
+            assert not root.startswith(keys.root) and not keys.root.startswith(root)

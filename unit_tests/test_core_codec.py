@@ -24,22 +24,15 @@ E = NodeDesc("host-e", 6, 0)
 
 
 def _decode_record(data, where="the mailbox"):
-    """The mailbox record decoder, whichever name this release gives it; returns the node."""
-    fn = getattr(codec, "decode_announcement", None)
-    if fn is not None:
-        return fn(data, where).node
-    return codec.decode_join(data, where)
-
-
-HAS_WORLD_SIZE = hasattr(RendezvousState(), "world_size")
+    """The node a mailbox record names."""
+    return codec.decode_announcement(data, where).node
 
 
 def _complete_state(**kw) -> RendezvousState:
     """A complete state; the world size (where this release stores one) is the group's size."""
     world_size = kw.pop("world_size", None)
     state = RendezvousState(complete=True, **kw)
-    if HAS_WORLD_SIZE:
-        state.world_size = len(state.participants) if world_size is None else world_size
+    state.world_size = len(state.participants) if world_size is None else world_size
     return state
 
 
@@ -325,17 +318,12 @@ def test_negative_rank_in_incomplete_round_is_refused():
     _assert_refused(_bytes(doc), "rank")
 
 
-needs_world_size = pytest.mark.skipif(not HAS_WORLD_SIZE, reason="this release stores no world size")
-
-
-@needs_world_size
 def test_missing_world_size_is_refused():
     doc = _doc()
     del doc["world_size"]
     _assert_refused(_bytes(doc), "field 'world_size' is missing")
 
 
-@needs_world_size
 @pytest.mark.parametrize("value", [True, 3.0, "3"])
 def test_world_size_of_wrong_type_is_refused(value):
     doc = _doc()
@@ -343,7 +331,6 @@ def test_world_size_of_wrong_type_is_refused(value):
     _assert_refused(_bytes(doc), "field 'world_size' has")
 
 
-@needs_world_size
 @pytest.mark.parametrize("world_size", [-1, 0, 2])
 def test_complete_round_ranks_must_fit_the_world_size(world_size):
     doc = _doc()  # ranks 0, 1, 2
@@ -351,7 +338,6 @@ def test_complete_round_ranks_must_fit_the_world_size(world_size):
     _assert_refused(_bytes(doc), "negative|world_size|fit|rank")
 
 
-@needs_world_size
 @pytest.mark.parametrize("change", ["world_size", "rank"])
 def test_incomplete_round_carries_no_ranks(change):
     doc = _incomplete(_doc())
@@ -457,27 +443,40 @@ def test_pickle_pattern_catches_what_it_should():
 
 # --------------------------------------------------------------------------- leave announcements
 
-needs_leave = pytest.mark.skipif(not hasattr(codec, "encode_leave"), reason="no leave announcements")
-
-
-@needs_leave
-def test_leave_announcement_round_trip():
-    ann = codec.decode_announcement(codec.encode_leave(C, 4), MAILBOX)
-    assert (ann.kind, ann.node, ann.round) == ("leave", C, 4)
+@pytest.mark.parametrize("complete", [True, False])
+def test_leave_announcement_round_trip(complete):
+    ann = codec.decode_announcement(codec.encode_leave(C, 4, complete), MAILBOX)
+    assert ann == codec.Announcement("leave", C, 4, complete)
+    assert ann.complete is complete
     join = codec.decode_announcement(encode_join(C), MAILBOX)
-    assert (join.kind, join.node) == ("join", C)
+    assert join == codec.Announcement("join", C)
+    assert (join.round, join.complete) == (None, None)
 
 
-@needs_leave
+def test_leave_announcement_bytes_are_deterministic():
+    assert codec.encode_leave(C, 4, True) == codec.encode_leave(C, 4, True)
+    assert codec.encode_leave(C, 4, True) != codec.encode_leave(C, 4, False)
+    assert json.loads(codec.encode_leave(C, 4, False)) == {
+        "leave": {"addr": C.addr, "pid": C.pid, "local_id": C.local_id},
+        "round": 4,
+        "complete": False,
+    }
+
+
 @pytest.mark.parametrize(
     "doc, problem",
     [
-        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}}, "field 'round' is missing"),
-        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": True}, "field 'round' has"),
-        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": "2"}, "field 'round' has"),
-        ({"leave": {"addr": "a", "pid": 1}, "round": 2}, "field 'local_id' is missing"),
-        ({"leave": "a_1_0", "round": 2}, "not an object"),
-        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": -1}, "negative|out of range|round"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "complete": True}, "field 'round' is missing"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": True, "complete": True}, "field 'round' has"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": "2", "complete": True}, "field 'round' has"),
+        ({"leave": {"addr": "a", "pid": 1}, "round": 2, "complete": True}, "field 'local_id' is missing"),
+        ({"leave": "a_1_0", "round": 2, "complete": True}, "not an object"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": -1, "complete": True}, "round -1"),
+        # A leave that does not say whether its round was complete cannot be told from a take-back.
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": 2}, "field 'complete' is missing"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": 2, "complete": 1}, "field 'complete' has"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": 2, "complete": "true"}, "field 'complete' has"),
+        ({"leave": {"addr": "a", "pid": 1, "local_id": 0}, "round": 2, "complete": None}, "field 'complete' has"),
     ],
 )
 def test_malformed_leave_announcement_is_refused(doc, problem):

@@ -1,20 +1,38 @@
-"""OpExecutor: who folds the pending announcements, and what a node does when its own is gone."""
+"""OpExecutor and the announce/fold protocol it drives through the StateHolder: who folds the
+pending announcements, what a node does when its own is gone, that every decision gets the
+executor's clocks, and that an announcement is withdrawn whenever its op ends."""
 
 from __future__ import annotations
 
-import pytest
+import threading
 
-from rdzv_common import executor as executor_module
-from rdzv_common.codec import encode_state
-from rdzv_common.executor import FOLD_FALLBACK_FIRST, FOLD_FALLBACK_STEP, OpExecutor
-from rdzv_common.holder import StateHolder
+import pytest
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousTimeoutError
+
+from rdzv_common import holder as holder_module
+from rdzv_common.codec import decode_announcement, decode_state, encode_join, encode_state
+from rdzv_common.executor import OpExecutor
+from rdzv_common.holder import FOLD_FALLBACK_FIRST, FOLD_FALLBACK_STEP, StateHolder
 from rdzv_common.memory import MemoryBackend, MemoryStore
-from rdzv_common.ops import Action
+from rdzv_common.ops import ROLLBACK_PERIOD, Action, join_op
 from rdzv_common.settings import RendezvousSettings
-from rdzv_common.state import NodeDesc
+from rdzv_common.state import NodeDesc, RendezvousState
 
 RUN = "executor-run"
-NODES = [NodeDesc("10.0.0.1", 100 + i, 0) for i in range(4)]
+NODES = [NodeDesc("10.0.0.1", 100 + i, 0) for i in range(6)]
+NOW = 5_000.0  # the executors' monotonic time
+WALL = 2_000_000.0  # their UNIX time
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
 
 
 class WaitRecordingBackend(MemoryBackend):
@@ -28,8 +46,47 @@ class WaitRecordingBackend(MemoryBackend):
         self.waits.append(timeout)
 
 
+class HookBackend(MemoryBackend):
+    """A memory backend that runs ``before_set`` (once) just before a compare-and-set, and
+    ``before_post`` (once) just before a post; ``fences=False`` makes ``withdraw`` the no-op of a
+    backend that cannot fence (c10d)."""
+
+    def __init__(self, store: MemoryStore, fences: bool = True) -> None:
+        super().__init__(store, RUN)
+        self.before_set = None
+        self.before_post = None
+        mailbox = self.mailbox
+        post, withdraw = mailbox.post, mailbox.withdraw
+
+        def hooked_post(record):
+            hook, self.before_post = self.before_post, None
+            if hook is not None:
+                hook()
+            return post(record)
+
+        mailbox.post = hooked_post
+        self.withdrawn: list = []
+
+        def recorded_withdraw(handle):
+            self.withdrawn.append(handle)
+            if fences:
+                withdraw(handle)
+
+        mailbox.withdraw = recorded_withdraw
+
+    def set_state(self, state, token=None, fence=()):
+        hook, self.before_set = self.before_set, None
+        if hook is not None:
+            hook()
+        return super().set_state(state, token, fence)
+
+
+def _settings(min_nodes=2, max_nodes=4, **kw) -> RendezvousSettings:
+    return RendezvousSettings(RUN, min_nodes, max_nodes, **kw)
+
+
 def _executor(store: MemoryStore, node: NodeDesc) -> tuple[OpExecutor, StateHolder, WaitRecordingBackend]:
-    settings = RendezvousSettings(RUN, 2, 4)
+    settings = _settings()
     backend = WaitRecordingBackend(store)
     holder = StateHolder(backend, settings, node)
     executor = OpExecutor(node, holder, backend, settings)
@@ -38,16 +95,23 @@ def _executor(store: MemoryStore, node: NodeDesc) -> tuple[OpExecutor, StateHold
     return executor, holder, backend
 
 
+def _stored(store) -> RendezvousState:
+    return decode_state(store.states[RUN][0])
+
+
 @pytest.fixture(autouse=True)
 def _no_jitter(monkeypatch):
-    monkeypatch.setattr(executor_module.random, "uniform", lambda a, b: 1.0)
+    monkeypatch.setattr(holder_module.random, "uniform", lambda a, b: 1.0)
+
+
+# --------------------------------------------------------------------------- who folds
 
 
 def test_the_oldest_poster_folds_at_once():
     store = MemoryStore()
-    first, holder, backend = _executor(store, NODES[0])
-    first._announce(Action.ADD_TO_PARTICIPANTS)
-    assert first._await_fold() is False
+    _, holder, backend = _executor(store, NODES[0])
+    holder.announce(Action.ADD_TO_PARTICIPANTS)
+    assert holder.await_fold() is False
     assert backend.waits == []  # no waiting: it is first in line
     assert holder.sync() is True
     assert NODES[0] in holder.state.participants
@@ -56,11 +120,11 @@ def test_the_oldest_poster_folds_at_once():
 def test_a_later_poster_waits_longer_the_further_back_it_is():
     store = MemoryStore()
     executors = [_executor(store, node) for node in NODES[:3]]
-    for executor, _, _ in executors:
-        executor._announce(Action.ADD_TO_PARTICIPANTS)
-    for place, (executor, holder, backend) in enumerate(executors[1:], start=1):
+    for _, holder, _ in executors:
+        holder.announce(Action.ADD_TO_PARTICIPANTS)
+    for place, (_, holder, backend) in enumerate(executors[1:], start=1):
         # Nobody ahead folded within the wait, so this node folds the whole batch itself.
-        assert executor._await_fold() is False
+        assert holder.await_fold() is False
         assert backend.waits == [pytest.approx(FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place)]
     last_holder = executors[2][1]
     assert last_holder.sync() is True
@@ -69,23 +133,23 @@ def test_a_later_poster_waits_longer_the_further_back_it_is():
 
 def test_repeated_joins_of_placed_nodes_do_not_hold_up_the_line():
     store = MemoryStore()
-    placed, placed_holder, _ = _executor(store, NODES[0])
-    placed._announce(Action.ADD_TO_PARTICIPANTS)
+    _, placed_holder, _ = _executor(store, NODES[0])
+    placed_holder.announce(Action.ADD_TO_PARTICIPANTS)
     placed_holder.mark_dirty()
-    placed_holder.sync()
+    assert placed_holder.sync() is True
     # A second join record of the already placed node, older than the next joiner's.
     store_backend = MemoryBackend(store, RUN)
-    store_backend.mailbox.post(store_backend.mailbox.read(0)[0][0])
-    joiner, holder, backend = _executor(store, NODES[1])
-    joiner._announce(Action.ADD_TO_PARTICIPANTS)
-    assert joiner._await_fold() is False
+    store_backend.mailbox.post(store_backend.mailbox.read(0)[0].data)
+    _, holder, backend = _executor(store, NODES[1])
+    holder.announce(Action.ADD_TO_PARTICIPANTS)
+    assert holder.await_fold() is False
     assert backend.waits == []
 
 
 def test_a_node_whose_join_was_undone_announces_again():
     store = MemoryStore()
-    executor, holder, backend = _executor(store, NODES[0])
-    executor._announce(Action.ADD_TO_PARTICIPANTS)
+    _, holder, _ = _executor(store, NODES[0])
+    holder.announce(Action.ADD_TO_PARTICIPANTS)
     holder.mark_dirty()
     assert holder.sync() is True
     # Another node dropped it (e.g. it was thought dead) and the record is folded: none is pending.
@@ -95,7 +159,213 @@ def test_a_node_whose_join_was_undone_announces_again():
     _, token, won = other.set_state(encode_state(state), holder.token)
     assert won
     holder.sync()
-    posted_before = len(other.mailbox.read(0)[0])
-    assert executor._await_fold() is False
-    executor._announce(Action.ADD_TO_PARTICIPANTS)
-    assert len(other.mailbox.read(0)[0]) == posted_before + 1
+    posted_before = len(other.mailbox.read(0))
+    assert holder.await_fold() is False
+    holder.announce(Action.ADD_TO_PARTICIPANTS)
+    assert len(other.mailbox.read(0)) == posted_before + 1
+
+
+# --------------------------------------------------------------------------- clocks
+
+
+def test_every_decision_gets_the_executors_clocks():
+    store = MemoryStore()
+    settings = _settings(keep_alive_interval=4.0)
+    backend = WaitRecordingBackend(store)
+    clock, wall = FakeClock(NOW), FakeClock(WALL)
+    holder = StateHolder(backend, settings, NODES[0], wall_clock=wall)
+    executor = OpExecutor(NODES[0], holder, backend, settings, clock=clock, wall_clock=wall)
+    seen = []
+
+    def op(ctx, deadline):
+        seen.append((ctx.now, ctx.wall, ctx.keep_alive_due))
+        clock.advance(1.0)
+        wall.advance(10.0)
+        return Action.SYNC if len(seen) < 3 else Action.FINISH
+
+    executor.beat()  # at NOW
+    executor.run(op, NOW + 7)
+    assert seen == [(NOW, WALL, False), (NOW + 1, WALL + 10, False), (NOW + 2, WALL + 20, False)]
+    # Each wait ends at the next heartbeat or the deadline, on the executor's clock.
+    assert backend.waits == [pytest.approx(3.0), pytest.approx(2.0)]
+
+
+def test_a_participant_waits_for_the_last_call_on_the_wall_clock():
+    store = MemoryStore()
+    settings = _settings(keep_alive_interval=50.0)
+    backend = WaitRecordingBackend(store)
+    MemoryBackend(store, RUN).set_state(
+        encode_state(RendezvousState(participants={NODES[0]: 0, NODES[1]: 0}, deadline=WALL + 1.5))
+    )
+    MemoryBackend(store, RUN).liveness.beat(NODES[1].key, settings.liveness_ttl)
+    holder = StateHolder(backend, settings, NODES[0], wall_clock=lambda: WALL)
+    executor = OpExecutor(NODES[0], holder, backend, settings, clock=lambda: NOW, wall_clock=lambda: WALL)
+    executor.beat()
+    decisions = iter([Action.SYNC, Action.FINISH])
+    executor.run(lambda ctx, deadline: next(decisions), NOW + 60)
+    assert backend.waits == [pytest.approx(1.5)]
+
+
+# --------------------------------------------------------------------------- withdrawal
+
+
+def test_a_finished_join_leaves_nothing_withdrawn():
+    store = MemoryStore()
+    settings = _settings(min_nodes=1, max_nodes=1)
+    backend = HookBackend(store)
+    holder = StateHolder(backend, settings, NODES[0])
+    executor = OpExecutor(NODES[0], holder, backend, settings)
+    executor.run(join_op, executor._clock() + 30)
+    assert _stored(store).participants == {NODES[0]: 0} and _stored(store).complete
+    assert backend.withdrawn == [] and store.withdrawn == set()
+
+
+def test_an_op_that_fails_withdraws_its_pending_join():
+    store = MemoryStore()
+    settings = _settings()
+    backend = HookBackend(store)
+    holder = StateHolder(backend, settings, NODES[0])
+    executor = OpExecutor(NODES[0], holder, backend, settings)
+
+    def unreachable():
+        raise RendezvousConnectionError("the server went away")
+
+    backend.before_set = unreachable  # its own write of its join fails
+    with pytest.raises(RendezvousConnectionError):
+        executor.run(join_op, executor._clock() + 30)
+    assert backend.withdrawn == [1]
+    # Nobody folds it later.
+    other = StateHolder(MemoryBackend(store, RUN), settings, NODES[1])
+    other.mark_dirty()
+    assert other.sync() is True
+    assert NODES[0] not in _stored(store).nodes()
+
+
+def test_join_of_a_node_that_timed_out_is_withdrawn_and_fences_the_fold_that_read_it():
+    """Bug: a node whose join op timed out before its join was folded left the join in the
+    mailbox; any later write (even one already under way) placed the departed node in the round,
+    which then waited for, or formed a group with, a node that was gone. Now the executor withdraws
+    the join when the op ends, and a write that folded it before the withdrawal is fenced and fails.
+
+    B posts its join; A starts a write that reads it; B's own write loses a race and B's time runs
+    out, so B times out and withdraws; only then does A's compare-and-set reach the server."""
+    store = MemoryStore()
+    settings = _settings(min_nodes=2, max_nodes=3)
+    A, B = NODES[0], NODES[1]
+    plain = MemoryBackend(store, RUN)
+    plain.set_state(encode_state(RendezvousState(participants={A: 0})))
+    plain.liveness.beat(A.key, settings.liveness_ttl)
+
+    backend_a = HookBackend(store)
+    holder_a = StateHolder(backend_a, settings, A, wall_clock=lambda: WALL)
+    backend_b = HookBackend(store)
+    clock_b = FakeClock(NOW)
+    holder_b = StateHolder(backend_b, settings, B, wall_clock=lambda: WALL)
+    executor_b = OpExecutor(B, holder_b, backend_b, settings, clock=clock_b, wall_clock=lambda: WALL)
+
+    a_has_read, b_withdrew = threading.Event(), threading.Event()
+    results: list = []
+
+    def a_write():
+        try:
+            holder_a.sync()
+            holder_a.mark_dirty()
+            results.append(holder_a.sync())  # folds B's join, then waits for B to give up
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results.append(e)
+            a_has_read.set()
+
+    tokens_current: list[bool] = []
+
+    def a_about_to_write():
+        # Only the fence can stop this write: A's token is the stored one.
+        tokens_current.append(holder_a.token == plain.get_state()[1])
+        a_has_read.set()
+        assert b_withdrew.wait(10)
+
+    backend_a.before_set = a_about_to_write
+    folder = threading.Thread(target=a_write, daemon=True)
+
+    def b_about_to_write():
+        # A write that read the mailbox before B posted lands first: B's write will lose.
+        current = plain.get_state()
+        plain.set_state(current[0], current[1])
+        folder.start()
+        assert a_has_read.wait(10)
+        clock_b.advance(10 + ROLLBACK_PERIOD + 1)  # and B's join deadline passes meanwhile
+
+    backend_b.before_set = b_about_to_write
+    withdraw = backend_b.mailbox.withdraw
+
+    def withdraw_and_tell(handle):
+        withdraw(handle)
+        b_withdrew.set()
+
+    backend_b.mailbox.withdraw = withdraw_and_tell
+    try:
+        with pytest.raises(RendezvousTimeoutError):
+            executor_b.run(join_op, NOW + 10)
+    finally:
+        b_withdrew.set()
+        folder.join(10)
+    assert not folder.is_alive()
+    assert backend_b.withdrawn == [1]
+    assert tokens_current == [True]
+    assert results == [False]  # A's write read B's join before the withdrawal: it was fenced
+    assert B not in _stored(store).nodes()
+    holder_a.mark_dirty()
+    assert holder_a.sync() is True
+    state = _stored(store)
+    assert B not in state.nodes() and state.participants == {A: 0}
+    assert state.cursor == 0  # nothing live was posted; B's record is not folded by anyone
+
+
+@pytest.mark.parametrize("fences", [True, False], ids=["withdrawn", "not-withdrawable"])
+def test_take_back_of_an_incomplete_round_does_not_leave_the_group_it_formed(fences):
+    """Bug: a node whose join timed out while its round was incomplete posted a leave naming the
+    round number only; when that round completed with the node in it before the leave was folded,
+    the node saw itself ranked and finished, but the next write folded the stale leave and removed
+    it from the group just formed (its rank vanished, the world size no longer matched). Now the
+    leave says the round was incomplete and does not apply to the complete round; where the
+    backend can, the executor also withdraws it when the op finishes."""
+    store = MemoryStore()
+    settings = _settings(min_nodes=2, max_nodes=3, last_call_timeout=30)
+    me, a, c, d = NODES[:4]
+    plain = MemoryBackend(store, RUN)
+    for n in (a, c, d):
+        plain.liveness.beat(n.key, settings.liveness_ttl)
+    plain.set_state(encode_state(RendezvousState(participants={me: 0, a: 0}, deadline=WALL + 30)))
+    other = StateHolder(MemoryBackend(store, RUN), settings, a, wall_clock=lambda: WALL)
+
+    def round_fills():
+        # Before the take-back is posted, a write folds c's join: the round is full and complete.
+        plain.mailbox.post(encode_join(c))
+        other.sync()
+        other.mark_dirty()
+        assert other.sync() is True
+        assert _stored(store).complete
+
+    backend = HookBackend(store, fences=fences)
+    backend.before_post = round_fills
+    holder = StateHolder(backend, settings, me, wall_clock=lambda: WALL)
+    executor = OpExecutor(me, holder, backend, settings, clock=lambda: NOW, wall_clock=lambda: WALL)
+    executor.run(join_op, NOW - 1)  # its join deadline passed while the round was incomplete
+
+    posted = [decode_announcement(data) for data in store.logs[RUN]]
+    assert [(x.kind, x.node, x.round, x.complete) for x in posted] == [
+        ("join", c, None, None),
+        ("leave", me, 0, False),
+    ]
+    assert backend.withdrawn == [2]  # the op finished with its take-back unfolded
+    group = _stored(store)
+    assert group.complete and group.world_size == 3
+    assert group.participants == {n: r for r, n in enumerate(sorted([me, a, c]))}
+    # Later writes (d joins) fold whatever is left in the mailbox: the group stays as it formed.
+    plain.mailbox.post(encode_join(d))
+    other.sync()
+    other.mark_dirty()
+    assert other.sync() is True
+    state = _stored(store)
+    assert state.participants == group.participants
+    assert state.complete and state.world_size == 3 and state.round == 0
+    assert state.redundancy_list == {d}

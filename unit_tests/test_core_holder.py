@@ -1,15 +1,16 @@
-"""StateHolder: compare-and-set sync, mailbox folding, dead-node removal and the monitor cache."""
+"""StateHolder: compare-and-set sync, mailbox folding and fencing, announcements, dead-node removal,
+the completion rule applied on write, and the monitor cache."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
-from torch.distributed.elastic.rendezvous import RendezvousStateError
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousStateError
 
-from rdzv_common.codec import decode_state, encode_join, encode_state
+from rdzv_common.codec import decode_announcement, decode_state, encode_join, encode_leave, encode_state
 from rdzv_common.holder import StateHolder
-from rdzv_common.memory import MemoryBackend, MemoryStore
+from rdzv_common.memory import MemoryBackend, MemoryMailbox, MemoryStore
 from rdzv_common.ops import Action, Context, apply, join_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc, RendezvousState
@@ -33,19 +34,31 @@ class FakeClock:
         self.t += dt
 
 
+WALL = 1_000_000.0  # the holders' UNIX time
+
+
 class CountingBackend(MemoryBackend):
+    """Counts reads and writes, records each write's fence, and can run ``before_set`` (once)
+    between a write's fold and its compare-and-set."""
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.gets = 0
         self.sets = 0
+        self.fences: list[list] = []
+        self.before_set = None
 
     def get_state(self):
         self.gets += 1
         return super().get_state()
 
-    def set_state(self, state, token=None):
+    def set_state(self, state, token=None, fence=()):
         self.sets += 1
-        return super().set_state(state, token)
+        self.fences.append(list(fence))
+        hook, self.before_set = self.before_set, None
+        if hook is not None:
+            hook()
+        return super().set_state(state, token, fence)
 
 
 def _settings(min_nodes=2, max_nodes=4, **kw) -> RendezvousSettings:
@@ -65,8 +78,12 @@ def store(clock):
     return MemoryStore(clock=clock)
 
 
-def _backend(store, mailbox=True) -> CountingBackend:
-    return CountingBackend(store, RUN, use_mailbox=mailbox)
+def _backend(store) -> CountingBackend:
+    return CountingBackend(store, RUN)
+
+
+def _holder(backend, settings, node=None) -> StateHolder:
+    return StateHolder(backend, settings, node, wall_clock=lambda: WALL)
 
 
 def _stored(store) -> RendezvousState:
@@ -79,19 +96,18 @@ def _beat(backend, settings, *nodes):
 
 
 def test_read_of_an_absent_state_is_the_empty_state(store):
-    h = StateHolder(_backend(store), _settings())
+    h = _holder(_backend(store), _settings())
     assert h.sync() is None
     assert h.state == RendezvousState() and h.token is None
 
 
-@pytest.mark.parametrize("mailbox", [True, False])
-def test_write_then_read_back(store, mailbox):
+def test_write_then_read_back(store):
     s = _settings()
-    b1, b2 = _backend(store, mailbox), _backend(store, mailbox)
+    b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A)
-    h1, h2 = StateHolder(b1, s), StateHolder(b2, s)
+    h1, h2 = _holder(b1, s), _holder(b2, s)
     h1.sync()
-    apply(Action.ADD_TO_PARTICIPANTS, h1.state, A, s)
+    apply(Action.ADD_TO_PARTICIPANTS, h1.state, A)
     h1.mark_dirty()
     assert h1.sync() is True
     assert h1.writes == 1 and h1.failed_writes == 0
@@ -105,26 +121,25 @@ def test_write_then_read_back(store, mailbox):
 def test_a_clean_sync_does_not_write(store):
     s = _settings()
     b = _backend(store)
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
     h.sync()
     assert b.sets == 0 and b.gets == 2
 
 
-@pytest.mark.parametrize("mailbox", [True, False])
-def test_lost_race_leaves_the_winners_state(store, mailbox):
+def test_lost_race_leaves_the_winners_state(store):
     s = _settings()
-    b1, b2 = _backend(store, mailbox), _backend(store, mailbox)
+    b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A, B)
-    h1, h2 = StateHolder(b1, s), StateHolder(b2, s)
+    h1, h2 = _holder(b1, s), _holder(b2, s)
     h1.sync()
     h2.sync()
-    apply(Action.ADD_TO_PARTICIPANTS, h1.state, A, s)
+    apply(Action.ADD_TO_PARTICIPANTS, h1.state, A)
     h1.mark_dirty()
     assert h1.sync() is True
     winner = encode_state(h1.state)
 
-    apply(Action.ADD_TO_PARTICIPANTS, h2.state, B, s)  # decided on a stale view
+    apply(Action.ADD_TO_PARTICIPANTS, h2.state, B)  # decided on a stale view
     h2.mark_dirty()
     assert h2.sync() is False
     assert h2.failed_writes == 1 and h2.writes == 1
@@ -133,7 +148,7 @@ def test_lost_race_leaves_the_winners_state(store, mailbox):
     assert h2.token == h1.token
     assert store.states[RUN][0] == winner
     # The loser decides again from the winner's state and wins this time.
-    apply(Action.ADD_TO_PARTICIPANTS, h2.state, B, s)
+    apply(Action.ADD_TO_PARTICIPANTS, h2.state, B)
     h2.mark_dirty()
     assert h2.sync() is True
     assert set(_stored(store).participants) == {A, B}
@@ -147,7 +162,7 @@ def test_mailbox_folding_admits_several_joins_in_one_write(store):
     for n in joiners:
         b.mailbox.post(encode_join(n))
     writes_before = store.writes
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
     assert h.state.participants == {}  # announcements are not state until folded
     h.mark_dirty()
@@ -155,18 +170,24 @@ def test_mailbox_folding_admits_several_joins_in_one_write(store):
     state = _stored(store)
     assert set(state.participants) == set(joiners)
     assert state.cursor == 3
-    assert state.deadline is not None  # reached min_nodes through folding
+    assert state.deadline == WALL + s.last_call_timeout  # reached min_nodes through folding
+    assert not state.complete
     assert store.writes - writes_before == 1  # one state write admitted all three
     assert b.sets == 1
+    assert b.fences == [[r.handle for r in b.mailbox.read(0)]]  # fenced on all it folded
 
-    # A fourth join fills the round: completion happens in the fold, with sorted ranks.
+    # A fourth join fills the round: the write completes it (settle), with sorted ranks.
     b.mailbox.post(encode_join(D))
     _beat(b, s, D)
     h.mark_dirty()
     assert h.sync() is True
     state = _stored(store)
-    assert state.cursor == 4 and state.complete
+    assert state.cursor == 4 and state.complete and state.deadline is None and state.world_size == 4
     assert state.participants == {n: r for r, n in enumerate(sorted([A, B, C, D]))}
+    # A write that folds nothing is fenced on nothing.
+    h.mark_dirty()
+    assert h.sync() is True
+    assert b.fences[-1] == []
 
 
 def test_folded_joins_apply_exactly_once(store):
@@ -175,11 +196,11 @@ def test_folded_joins_apply_exactly_once(store):
     _beat(b1, s, A, B, C)
     for n in (A, B):
         b1.mailbox.post(encode_join(n))
-    h1, h2 = StateHolder(b1, s), StateHolder(b2, s)
+    h1, h2 = _holder(b1, s), _holder(b2, s)
     h1.sync()
     h1.mark_dirty()
     assert h1.sync() is True
-    assert _stored(store).complete
+    assert _stored(store).complete and _stored(store).participants == {A: 0, B: 1}
     # Another writer starting from the stored cursor must not fold A and B again.
     b2.mailbox.post(encode_join(C))
     h2.sync()
@@ -194,7 +215,7 @@ def test_a_lost_write_does_not_consume_the_mailbox(store):
     s = _settings(min_nodes=2, max_nodes=4)
     b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A, B)
-    h1, h2 = StateHolder(b1, s), StateHolder(b2, s)
+    h1, h2 = _holder(b1, s), _holder(b2, s)
     h1.sync()
     h2.sync()
     h1.mark_dirty()
@@ -212,15 +233,15 @@ def test_dead_node_is_dropped_via_liveness(store, clock):
     s = _settings(min_nodes=2, max_nodes=4)
     b = _backend(store)
     _beat(b, s, A, B, C)
-    initial = RendezvousState(participants={A: 0, B: 0, C: 0}, wait_list={D}, deadline=time.time() + 60)
+    initial = RendezvousState(participants={A: 0, B: 0, C: 0}, wait_list={D}, deadline=WALL + 60)
     b.set_state(encode_state(initial))
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
     assert set(h.state.participants) == {A, B, C} and h.state.wait_list == set()  # D never beat
 
     clock.advance(s.liveness_ttl + 0.5)
     _beat(b, s, A, B)  # C stops beating
-    fresh = StateHolder(b, s)  # no cached answer about C
+    fresh = _holder(b, s)  # no cached answer about C
     fresh.sync()
     assert set(fresh.state.participants) == {A, B}
     # A read only drops locally; the drop is written by the next write.
@@ -229,17 +250,17 @@ def test_dead_node_is_dropped_via_liveness(store, clock):
     assert fresh.sync() is True
     state = _stored(store)
     assert set(state.participants) == {A, B}
-    assert state.deadline is not None  # still at min_nodes
+    assert state.deadline == WALL + 60 and not state.complete  # still at min_nodes: same last call
 
     clock.advance(s.liveness_ttl + 0.5)
     _beat(b, s, A)
-    fresh = StateHolder(b, s)
+    fresh = _holder(b, s)
     fresh.sync()
     fresh.mark_dirty()
     assert fresh.sync() is True
     state = _stored(store)
     assert set(state.participants) == {A}
-    assert state.deadline is None  # fell below min_nodes
+    assert state.deadline is None and not state.complete  # fell below min_nodes
 
 
 def test_forgotten_node_is_dropped_from_every_list(store):
@@ -249,12 +270,11 @@ def test_forgotten_node_is_dropped_from_every_list(store):
     initial = RendezvousState(
         round=3, complete=True, participants={A: 0, B: 1}, wait_list={C}, redundancy_list={D}
     )
-    if hasattr(initial, "world_size"):
-        initial.world_size = 2
+    initial.world_size = 2
     b.set_state(encode_state(initial))
     for n in (A, B, C, D):
         b.liveness.forget(n.key)
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.mark_dirty()
     h._state = decode_state(store.states[RUN][0])
     h._token = store.states[RUN][1]
@@ -267,13 +287,13 @@ def test_forgotten_node_is_dropped_from_every_list(store):
 def test_monitor_cache_skips_a_read(store):
     s = _settings()
     b = _backend(store)
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
     assert b.gets == 1
-    other = StateHolder(_backend(store), s)
+    other = _holder(_backend(store), s)
     _beat(b, s, A)
     other.sync()
-    apply(Action.ADD_TO_PARTICIPANTS, other.state, A, s)
+    apply(Action.ADD_TO_PARTICIPANTS, other.state, A)
     other.mark_dirty()
     other.sync()
 
@@ -288,7 +308,7 @@ def test_monitor_cache_skips_a_read(store):
 def test_monitor_cache_expires(store):
     s = _settings()
     b = _backend(store)
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
     time.sleep(0.06)
     h.sync(max_age=0.05)
@@ -299,9 +319,9 @@ def test_dirty_state_is_written_despite_max_age(store):
     s = _settings()
     b = _backend(store)
     _beat(b, s, A)
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
-    apply(Action.ADD_TO_PARTICIPANTS, h.state, A, s)
+    apply(Action.ADD_TO_PARTICIPANTS, h.state, A)
     h.mark_dirty()
     assert h.sync(max_age=60) is True
     assert b.sets == 1
@@ -310,7 +330,7 @@ def test_dirty_state_is_written_despite_max_age(store):
 @pytest.mark.parametrize("value", [b"\x80\x81 not json", b"[]", b'{"format": "other"}'])
 def test_corrupt_stored_state_raises_naming_backend_and_run(store, value):
     store.states[RUN] = (value, 1)
-    h = StateHolder(_backend(store), _settings())
+    h = _holder(_backend(store), _settings())
     with pytest.raises(RendezvousStateError) as info:
         h.sync()
     msg = str(info.value)
@@ -321,7 +341,7 @@ def test_corrupt_mailbox_record_raises(store):
     s = _settings()
     b = _backend(store)
     b.mailbox.post(b"\xff garbage")
-    h = StateHolder(b, s)
+    h = _holder(b, s)
     h.sync()
     h.mark_dirty()
     with pytest.raises(RendezvousStateError, match=RUN):
@@ -332,52 +352,54 @@ def test_corrupt_mailbox_record_raises(store):
 
 
 def _completing_holder(store, s):
-    """A holder whose node decided MARK_RENDEZVOUS_COMPLETE on a round of EARLY, A and B."""
+    """A holder whose node A decided MARK_RENDEZVOUS_COMPLETE on a round of EARLY, A and B."""
     b = _backend(store)
     _beat(b, s, EARLY, A, B)
-    initial = RendezvousState(participants={EARLY: 0, A: 0, B: 0}, deadline=time.time() - 1)
+    initial = RendezvousState(participants={EARLY: 0, A: 0, B: 0}, deadline=WALL - 1)
     b.set_state(encode_state(initial))
-    h = StateHolder(b, s)
+    h = _holder(b, s, A)
     h.sync()
     assert set(h.state.participants) == {EARLY, A, B}
-    action = join_op(Context(A, h.state, s), time.monotonic() + 60)
+    action = join_op(Context(A, h.state, s, 0.0, WALL), 60.0)
     assert action is Action.MARK_RENDEZVOUS_COMPLETE
-    apply(action, h.state, A, s)
+    apply(action, h.state, A)
     h.mark_dirty()
     return b, h
+
+
+def test_completing_write_completes_with_dense_ranks(store):
+    s = _settings(min_nodes=2, max_nodes=4)
+    b, h = _completing_holder(store, s)
+    assert h.sync() is True
+    state = _stored(store)
+    assert state.complete and state.deadline is None and state.world_size == 3
+    assert state.participants == {EARLY: 0, A: 1, B: 2}
 
 
 def test_completing_write_that_drops_a_dead_node_keeps_ranks_dense(store):
     # The round is decided complete on a view where EARLY (rank 0) is alive; EARLY's liveness lapses
     # before the write. The stored complete round must still rank its members 0..n-1, or a node
-    # gets a rank >= world_size (world_size is len(participants)).
+    # gets a rank >= world_size.
     s = _settings(min_nodes=2, max_nodes=4, keep_alive_interval=0.05)
     b, h = _completing_holder(store, s)
     b.liveness.forget(EARLY.key)
     time.sleep(0.06)  # the holder's cached 'alive' answer about EARLY goes stale
-    h.sync()
+    assert h.sync() is True
     state = _stored(store)
-    if state.complete:
-        world = len(state.participants)
-        assert sorted(state.participants.values()) == list(range(world)), state.participants
-        assert world >= s.min_nodes
+    assert state.complete and state.world_size == 2
+    assert state.participants == {A: 0, B: 1}
 
 
 def test_completing_write_that_folds_a_leave_keeps_ranks_dense(store):
-    # EARLY announced leaving round 0 (its join timed out) just before A's completing write.
-    from rdzv_common import codec
-
-    if not hasattr(codec, "encode_leave"):
-        pytest.skip("this release has no leave announcements")
+    # EARLY took back its join of round 0 (its join timed out) just before A's completing write.
     s = _settings(min_nodes=2, max_nodes=4)
     b, h = _completing_holder(store, s)
-    b.mailbox.post(codec.encode_leave(EARLY, 0))
-    h.sync()
+    b.mailbox.post(encode_leave(EARLY, 0, False))
+    assert h.sync() is True
     state = _stored(store)
-    assert EARLY not in state.participants
-    if state.complete:
-        world = len(state.participants)
-        assert sorted(state.participants.values()) == list(range(world)), state.participants
+    assert state.complete and state.world_size == 2
+    assert state.participants == {A: 0, B: 1}
+    assert state.cursor == 1
 
 
 def test_completing_write_never_forms_a_group_below_min_nodes(store):
@@ -387,10 +409,33 @@ def test_completing_write_never_forms_a_group_below_min_nodes(store):
     b, h = _completing_holder(store, s)
     b.liveness.forget(EARLY.key)
     time.sleep(0.06)
-    h.sync()
+    assert h.sync() is True
     state = _stored(store)
-    assert EARLY not in state.participants
-    assert not state.complete or len(state.participants) >= s.min_nodes, state
+    assert state == RendezvousState(participants={A: 0, B: 0}), state  # open, and no last call
+
+
+def test_fold_to_max_with_a_dead_node_stays_open_in_its_last_call(store):
+    """Bug: a write whose fold brought the round to ``max_nodes`` completed it in the fold; the same
+    write then dropped a dead node, and the old holder wrote the round complete (re-ranked) with
+    fewer than ``max_nodes`` participants, before any last call. Now the write settles after the
+    drop: the round stays open, its last call started."""
+    s = _settings(min_nodes=2, max_nodes=3, last_call_timeout=30)
+    b = _backend(store)
+    _beat(b, s, A, B, C)
+    b.set_state(encode_state(RendezvousState(participants={A: 0})))
+    h = _holder(b, s, B)
+    h.sync()
+    for n in (B, C):
+        b.mailbox.post(encode_join(n))
+    b.liveness.forget(A.key)  # A died; its join was folded long ago
+    h.refresh_liveness()
+    h.mark_dirty()
+    assert h.sync() is True
+    state = _stored(store)
+    assert not state.complete and state.world_size == 0
+    assert state.participants == {B: 0, C: 0}
+    assert state.deadline == WALL + 30
+    assert state.cursor == 2
 
 
 def test_read_of_a_complete_round_keeps_the_world_size(store):
@@ -399,16 +444,231 @@ def test_read_of_a_complete_round_keeps_the_world_size(store):
     s = _settings(min_nodes=2, max_nodes=3)
     b = _backend(store)
     _beat(b, s, A, B, C)
-    complete = RendezvousState(complete=True, participants={A: 0, B: 1, C: 2})
-    if hasattr(complete, "world_size"):
-        complete.world_size = 3
+    complete = RendezvousState(complete=True, participants={A: 0, B: 1, C: 2}, world_size=3)
     b.set_state(encode_state(complete))
     b.liveness.forget(C.key)
-    try:
-        h = StateHolder(b, s, B)
-    except TypeError:  # a release whose holder does not know its node
-        h = StateHolder(b, s)
+    h = _holder(b, s, B)
     h.sync()
-    world = getattr(h.state, "world_size", None) or len(h.state.participants)
-    assert world == 3
-    assert h.state.participants[B] == 1
+    assert C not in h.state.participants  # dropped locally...
+    assert h.state.world_size == 3 and h.state.complete  # ...but the group's size stands
+    assert h.state.participants == {A: 0, B: 1}
+
+
+# --------------------------------------------------------------------------- announcements, fencing
+
+
+def _records(backend):
+    return [decode_announcement(r.data) for r in backend.mailbox.read(0)]
+
+
+def test_announce_posts_once_per_round_and_action(store):
+    s = _settings()
+    b = _backend(store)
+    h = _holder(b, s, A)
+    h.sync()
+    h.announce(Action.ADD_TO_PARTICIPANTS)
+    h.announce(Action.ADD_TO_PARTICIPANTS)  # still pending: not posted twice
+    assert [(a.kind, a.node) for a in _records(b)] == [("join", A)]
+    h.announce(Action.ADD_TO_WAIT_LIST)  # all joins are one record kind, but a new decision posts
+    assert len(_records(b)) == 2
+
+
+def test_leave_names_the_round_and_whether_it_was_complete(store):
+    s = _settings(min_nodes=1, max_nodes=2)
+    b = _backend(store)
+    _beat(b, s, A, B)
+    b.set_state(encode_state(RendezvousState(round=3, participants={A: 0, B: 0}, deadline=WALL + 9)))
+    h = _holder(b, s, A)
+    h.sync()
+    h.announce(Action.REMOVE_FROM_PARTICIPANTS)
+    complete = RendezvousState(round=5, complete=True, participants={A: 0, B: 1}, world_size=2)
+    b.set_state(encode_state(complete), store.states[RUN][1])
+    h.sync()
+    h.announce(Action.REMOVE_FROM_PARTICIPANTS)  # another round: a new announcement
+    leaves = _records(b)
+    assert [(a.kind, a.node, a.round, a.complete) for a in leaves] == [
+        ("leave", A, 3, False),
+        ("leave", A, 5, True),
+    ]
+
+
+def test_own_write_folds_the_announcement_and_nothing_is_withdrawn(store):
+    s = _settings()
+    b = _backend(store)
+    _beat(b, s, A)
+    h = _holder(b, s, A)
+    h.sync()
+    h.announce(Action.ADD_TO_PARTICIPANTS)
+    assert h.await_fold() is False  # first in line: it folds at once
+    assert h.sync() is True
+    assert A in h.state.participants
+    h.withdraw()
+    assert store.withdrawn == set()
+    # A later announcement of the same round and action is posted afresh.
+    h.announce(Action.ADD_TO_PARTICIPANTS)
+    assert len(b.mailbox.read(0)) == 2
+
+
+def test_announcement_folded_by_another_node_is_not_withdrawn(store):
+    s = _settings()
+    b1, b2 = _backend(store), _backend(store)
+    _beat(b1, s, A, B)
+    mine, other = _holder(b1, s, A), _holder(b2, s, B)
+    mine.sync()
+    other.sync()
+    mine.announce(Action.ADD_TO_PARTICIPANTS)
+    other.mark_dirty()
+    assert other.sync() is True  # B's write folded A's join
+    mine.sync()  # A reads it
+    assert A in mine.state.participants
+    mine.withdraw()
+    assert store.withdrawn == set()
+
+
+def test_withdrawn_announcement_is_never_folded(store):
+    s = _settings()
+    b1, b2 = _backend(store), _backend(store)
+    _beat(b1, s, A, B)
+    mine, other = _holder(b1, s, A), _holder(b2, s, B)
+    mine.sync()
+    mine.announce(Action.ADD_TO_PARTICIPANTS)
+    mine.withdraw()
+    assert b2.mailbox.read(0) == []
+    other.sync()
+    other.mark_dirty()
+    assert other.sync() is True
+    assert _stored(store).participants == {}
+    mine.withdraw()  # nothing pending: nothing more to take back
+    assert len(store.withdrawn) == 1
+
+
+def test_write_that_read_a_withdrawn_join_does_not_land(store):
+    """Bug: a node whose join op gave up (timed out) left its join in the mailbox, and a write
+    that had read it placed the node anyway, though it was gone. Now the node withdraws its join;
+    a write that folded the join before the withdrawal is fenced on it and fails, and the retry
+    (which no longer sees the join) lands without the node."""
+    s = _settings()
+    b1, b2 = _backend(store), _backend(store)
+    _beat(b1, s, A, B, C)
+    b1.set_state(encode_state(RendezvousState()))
+    before = store.states[RUN]
+    folder, quitter = _holder(b1, s, A), _holder(b2, s, B)
+    folder.sync()
+    quitter.sync()
+    b1.mailbox.post(encode_join(C))
+    quitter.announce(Action.ADD_TO_PARTICIPANTS)
+    b1.mailbox.post(encode_join(D))
+    _beat(b1, s, D)
+    # The folder reads the mailbox (C, B, D), and B withdraws before the folder's write.
+    b1.before_set = quitter.withdraw
+    folder.mark_dirty()
+    assert folder.sync() is False
+    assert b1.fences[-1] == [1, 2, 3]  # C, B, D
+    assert store.states[RUN] == before  # nothing landed
+    assert folder.state == RendezvousState() and folder.token == before[1]
+    folder.mark_dirty()
+    assert folder.sync() is True
+    state = _stored(store)
+    assert set(state.participants) == {C, D}
+    assert state.cursor == 3  # past B's withdrawn record: it is never folded later
+    assert b1.fences[-1] == [1, 3]
+
+
+class LimitedMailbox(MemoryMailbox):
+    batch_limit = 2
+
+
+def _limited_backend(store) -> CountingBackend:
+    b = _backend(store)
+    b._mailbox = LimitedMailbox(store, RUN)
+    return b
+
+
+def test_a_write_folds_at_most_the_batch_limit(store):
+    s = _settings(min_nodes=1, max_nodes=8)
+    b = _limited_backend(store)
+    nodes = [NodeDesc("10.0.1.1", i, 0) for i in range(5)]
+    _beat(b, s, *nodes)
+    for n in nodes:
+        b.mailbox.post(encode_join(n))
+    h = _holder(b, s)
+    h.sync()
+    joined = []
+    for expected_cursor in (2, 4, 5):
+        h.mark_dirty()
+        assert h.sync() is True
+        assert len(b.fences[-1]) <= 2
+        joined.append(set(_stored(store).participants))
+        assert _stored(store).cursor == expected_cursor
+    assert [len(j) for j in joined] == [2, 4, 5]
+
+
+def test_own_write_that_did_not_reach_the_announcement_keeps_it_pending(store):
+    """With a batch limit, a node's own winning write may fold only older records; its own
+    announcement is still pending, so ending the op must withdraw it."""
+    s = _settings(min_nodes=1, max_nodes=8)
+    b = _limited_backend(store)
+    others = [NodeDesc("10.0.1.1", i, 0) for i in range(2)]
+    _beat(b, s, A, *others)
+    for n in others:
+        b.mailbox.post(encode_join(n))
+    h = _holder(b, s, A)
+    h.sync()
+    h.announce(Action.ADD_TO_PARTICIPANTS)
+    h.mark_dirty()
+    assert h.sync() is True
+    assert A not in _stored(store).participants  # the batch ended before A's join
+    h.withdraw()  # the op ends (say it timed out)
+    assert [r.data for r in b.mailbox.read(_stored(store).cursor)] == []
+
+
+# --------------------------------------------------------------------------- a write that raised
+
+
+
+def _raise_once(backend):
+    def unreachable():
+        raise RendezvousConnectionError("the request timed out")
+
+    backend.before_set = unreachable
+
+
+def test_write_retried_after_an_error_is_still_fenced_on_what_it_folded(store):
+    s = _settings()
+    b1, b2 = _backend(store), _backend(store)
+    _beat(b1, s, A, B)
+    b1.set_state(encode_state(RendezvousState()))
+    folder, quitter = _holder(b1, s, A), _holder(b2, s, B)
+    folder.sync()
+    quitter.sync()
+    quitter.announce(Action.ADD_TO_PARTICIPANTS)
+    _raise_once(b1)
+    folder.mark_dirty()
+    with pytest.raises(RendezvousConnectionError):
+        folder.sync()  # it folded B's join, then its request failed
+    quitter.withdraw()  # B gives up
+    folder.mark_dirty()
+    folder.sync()
+    assert B not in _stored(store).nodes()
+
+
+def test_completion_retried_after_an_error_keeps_ranks_dense(store):
+    s = _settings(min_nodes=1, max_nodes=4, keep_alive_interval=0.05)
+    b = _backend(store)
+    _beat(b, s, EARLY, A)
+    b.set_state(encode_state(RendezvousState(participants={EARLY: 0, A: 0}, deadline=WALL - 1)))
+    h = _holder(b, s, A)
+    h.sync()
+    _raise_once(b)
+    h.mark_dirty()
+    with pytest.raises(RendezvousConnectionError):
+        h.sync()  # completed the round locally (ranks EARLY 0, A 1); the write failed
+    b.liveness.forget(EARLY.key)
+    time.sleep(0.06)
+    h.sync()  # the failed write left nothing behind: this reads the stored, open round
+    assert not h.state.complete
+    h.mark_dirty()  # the node decides to complete again
+    h.sync()
+    state = _stored(store)
+    assert state.complete
+    assert sorted(state.participants.values()) == list(range(state.world_size)), state

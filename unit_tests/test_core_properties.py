@@ -1,7 +1,7 @@
 """Invariants under churn: a hypothesis state machine drives up to six nodes one step at a time.
 
 Each node is the real core (``StateHolder`` + ``OpExecutor`` + ops) over one in-memory server, on
-a fake clock. A node's step runs its executor until it would block: the backend's
+a fake clock handed to the executor and the holder. A node's step runs its executor until it would block: the backend's
 ``wait_for_change`` raises ``Yield`` instead of waiting (the first wait of a step returns, as a
 wait that timed out while the node was descheduled would), and a step may also be pre-empted
 just before its compare-and-set, so other nodes act between a decision and its write (lost
@@ -12,7 +12,8 @@ Checked on every successful write of the shared state, and after every step:
 
 * a round completes at most once: the group (participants and ranks) recorded the first time a
   round is seen complete never gains a member or changes a rank later;
-* a round is complete with ranks exactly 0..n-1 and min_nodes <= n <= max_nodes when first seen;
+* a round is complete with ranks exactly 0..n-1 and min_nodes <= n <= max_nodes when first seen,
+  and below max_nodes only if the state it was written over was in a last call that is over;
 * every node placed in a round got that round's rank and world size (all members agree);
 * participants never exceed max_nodes; no node is in two lists; a closed run stays closed;
 * at the end, every live node that keeps stepping gets a rank or a clear error (or waits, as a
@@ -35,7 +36,6 @@ from torch.distributed.elastic.rendezvous import (
 
 import rdzv_common.executor as executor_mod
 import rdzv_common.holder as holder_mod
-import rdzv_common.ops as ops_mod
 from rdzv_common.codec import decode_state
 from rdzv_common.executor import OpExecutor
 from rdzv_common.holder import StateHolder
@@ -71,7 +71,9 @@ CLOCK = FakeTime()
 
 @pytest.fixture(autouse=True, scope="module")
 def _fake_time():
-    patched = [(executor_mod, "time"), (holder_mod, "time"), (ops_mod, "time")]
+    # The holder times its monitor cache and liveness answers on ``time.monotonic``; the executor
+    # and the holder's last-call deadlines get CLOCK's methods handed in (see ``Node``).
+    patched = [(holder_mod, "time")]
     saved = [(m, name, getattr(m, name)) for m, name in patched]
     saved.append((executor_mod, "record_event", executor_mod.record_event))
     for m, name in patched:
@@ -91,12 +93,15 @@ class Yield(Exception):
 class SteppingBackend(MemoryBackend):
     """A node's backend: never blocks, may pre-empt a write, checks every state it writes."""
 
-    def __init__(self, machine: "ChurnMachine", store: MemoryStore, use_mailbox: bool) -> None:
-        super().__init__(store, RUN, use_mailbox=use_mailbox)
+    def __init__(self, machine: "ChurnMachine", store: MemoryStore) -> None:
+        super().__init__(store, RUN)
         self.machine = machine
         self.preempt_write = False
         self.ops = 0
         self.wait_budget = 0
+        # The last-call deadline of a write pre-empted before its compare-and-set: the holder keeps
+        # that state (dirty) and writes it later, so the call may have started in it.
+        self.preempted_deadline = None
 
     def _count(self) -> None:
         self.ops += 1
@@ -107,14 +112,16 @@ class SteppingBackend(MemoryBackend):
         self._count()
         return super().get_state()
 
-    def set_state(self, state, token=None):
+    def set_state(self, state, token=None, fence=()):
         self._count()
         if self.preempt_write:
             self.preempt_write = False
+            self.preempted_deadline = decode_state(state).deadline or self.preempted_deadline
             raise Yield()
-        response = super().set_state(state, token)
+        response = super().set_state(state, token, fence)
         if response is not None and response[2]:
-            self.machine.check_written(decode_state(response[0]))
+            self.machine.check_written(decode_state(response[0]), self.preempted_deadline)
+            self.preempted_deadline = None
         return response
 
     def wait_for_change(self, token, timeout):
@@ -132,9 +139,11 @@ class SteppingBackend(MemoryBackend):
 class Node:
     def __init__(self, machine: "ChurnMachine", index: int) -> None:
         self.desc = NodeDesc("10.0.0.1", 1000 + index, 0)
-        self.backend = SteppingBackend(machine, machine.store, machine.use_mailbox)
-        self.holder = StateHolder(self.backend, machine.settings)
-        self.executor = OpExecutor(self.desc, self.holder, self.backend, machine.settings)
+        self.backend = SteppingBackend(machine, machine.store)
+        self.holder = StateHolder(self.backend, machine.settings, self.desc, wall_clock=CLOCK.time)
+        self.executor = OpExecutor(
+            self.desc, self.holder, self.backend, machine.settings, clock=CLOCK.monotonic, wall_clock=CLOCK.time
+        )
         self.phase = "new"  # new | exit | join | placed | leaving | terminal states below
         self.deadline = 0.0
         self.outcome: str | None = None
@@ -149,16 +158,14 @@ class Node:
 
 
 def _world_size(state) -> int:
-    """The world size a handler reports: the stored group size where the state keeps one."""
-    return getattr(state, "world_size", None) or len(state.participants)
+    """The world size a handler reports: the size of the group the round formed."""
+    return state.world_size
 
 
 TERMINAL = ("dead", "left", "closed", "timeout", "graceful")
 
 
 class ChurnMachine(RuleBasedStateMachine):
-    use_mailbox = True
-
     def __init__(self) -> None:
         super().__init__()
         CLOCK.t = 1000.0
@@ -169,10 +176,12 @@ class ChurnMachine(RuleBasedStateMachine):
         self.placements: dict[int, dict[NodeDesc, tuple[int, int]]] = {}
         self.closed_seen = False
         self.last_round = 0
+        self.last_written = None  # the stored state every successful write replaced
 
     # ----------------------------------------------------------------- checks
 
-    def check_written(self, s) -> None:
+    def check_written(self, s, preempted_deadline=None) -> None:
+        replaced, self.last_written = self.last_written, s
         lists = [set(s.participants), s.wait_list, s.redundancy_list]
         assert sum(len(x) for x in lists) == len(set().union(*lists)), f"a node is in two lists: {s}"
         assert len(s.participants) <= self.settings.max_nodes, s
@@ -195,14 +204,26 @@ class ChurnMachine(RuleBasedStateMachine):
                 f"round {s.round} completed with {n} participants, outside "
                 f"{self.settings.min_nodes}..{self.settings.max_nodes}: {s}"
             )
-            world_size = getattr(s, "world_size", n)
-            assert world_size == n, f"round {s.round} completed with world_size {world_size}: {s}"
+            assert s.world_size == n, f"round {s.round} completed with world_size {s.world_size}: {s}"
+            if n < self.settings.max_nodes:
+                # Below max_nodes only once the last call is over. A write writes over the stored
+                # state, so the call's deadline is the one in the state it replaced, or, if that had
+                # none, the one the writer set in an attempt pre-empted before its compare-and-set.
+                deadline = None
+                if replaced is not None and replaced.round == s.round and not replaced.complete:
+                    deadline = replaced.deadline
+                if deadline is None:
+                    deadline = preempted_deadline
+                assert deadline is not None and deadline <= CLOCK.time(), (
+                    f"round {s.round} completed with {n} < max_nodes outside its last call "
+                    f"(deadline {deadline}, now {CLOCK.time()}): {replaced} -> {s}"
+                )
         else:
             for node, rank in s.participants.items():
                 assert group.get(node) == rank, (
                     f"round {s.round} completed twice: {group} then {s.participants}"
                 )
-            assert getattr(s, "world_size", len(group)) == len(group), s
+            assert s.world_size == len(group), s
 
     def _placed(self, node: Node) -> None:
         state = node.holder.state
@@ -287,6 +308,7 @@ class ChurnMachine(RuleBasedStateMachine):
             node.phase = "closed"
         except RendezvousTimeoutError:
             node.phase = "timeout"
+            node.backend.liveness.forget(node.desc.key)  # as the handler does on a timeout
         except RendezvousGracefulExitError:
             node.phase = "graceful"
         finally:
@@ -294,9 +316,7 @@ class ChurnMachine(RuleBasedStateMachine):
 
     def _begin(self, node: Node) -> None:
         # What next_rendezvous does before its first decision.
-        refresh = getattr(node.holder, "refresh_liveness", None)
-        if refresh is not None:
-            refresh()
+        node.holder.refresh_liveness()
         node.executor.beat()
         node.deadline = CLOCK.t + JOIN_TIMEOUT
         node.phase = "exit"
@@ -443,14 +463,6 @@ class ChurnMachine(RuleBasedStateMachine):
         )
 
 
-class MailboxChurn(ChurnMachine):
-    use_mailbox = True
-
-
-class DirectChurn(ChurnMachine):
-    use_mailbox = False
-
-
 # Shrinking a failing churn run can take minutes; by default a failure is reported as found
 # (still replayable from its printed steps). Set RDZV_SHRINK=1 to get a minimal failing run.
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
@@ -465,7 +477,5 @@ _SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 
-TestChurnWithMailbox = MailboxChurn.TestCase
-TestChurnWithMailbox.settings = _SETTINGS
-TestChurnDirect = DirectChurn.TestCase
-TestChurnDirect.settings = _SETTINGS
+TestChurn = ChurnMachine.TestCase
+TestChurn.settings = _SETTINGS

@@ -5,6 +5,8 @@ from unit_tests.backend_contract import BackendContract
 
 
 class TestMemoryBackend(BackendContract):
+    fences_withdrawn = True
+
     @pytest.fixture
     def make_backend(self):
         store = MemoryStore()

@@ -6,44 +6,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import tenacity
-
 from rdzv_common.codec import decode_state, encode_state
 from rdzv_common.state import RendezvousState
 
-from ..backend import EtcdRendezvousBackend, state_key, store_prefix
+from ..backend import EtcdRendezvousBackend
+from ..cas import Conflict, compare_and_swap
 from ..client import EtcdClient
+from ..keys import RunKeys, prefix_range
+from ..registry import registry
+from ..run import EtcdRun
 from .options import CliError, RunNotFound, UsageError
 from .output import emit, emit_all
-from .runs import prefix_range
 
-CLOSE_ATTEMPTS = 20
-
-
-class _Conflict(Exception):
-    """Another writer changed the state between this command's read and its compare-and-set."""
+# How long ``close`` keeps trying while agents keep winning the state's compare-and-set.
+CLOSE_SECONDS = 10.0
 
 
-def _close_once(backend: EtcdRendezvousBackend, run_id: str) -> tuple[RendezvousState, bool]:
-    current = backend.get_state()
-    if current is None:
-        raise RunNotFound(f"run '{run_id}' not found: no key '{backend.key}' in etcd")
-    value, token = current
-    state = decode_state(value, where=f"key '{backend.key}'")
-    if state.closed:
-        return state, False
-    state.closed = True
-    written = backend.set_state(encode_state(state), token)
-    if written is None:
-        raise RunNotFound(f"run '{run_id}' vanished while it was being closed")
-    if not written[2]:
-        raise _Conflict(run_id)
-    return state, True
-
-
-def close_run(backend: EtcdRendezvousBackend, run_id: str) -> tuple[RendezvousState, bool]:
-    """Mark the run closed by compare-and-set on the state key's revision, retried when another
-    writer wins; return the closed state and whether this call closed it (``False``: it already
+def close_run(run: EtcdRun) -> tuple[RendezvousState, bool]:
+    """Mark the run closed by compare-and-set on the state key's revision, retried while other
+    writers win; return the closed state and whether this call closed it (``False``: it already
     was).
 
     Raises:
@@ -51,27 +32,37 @@ def close_run(backend: EtcdRendezvousBackend, run_id: str) -> tuple[RendezvousSt
         RendezvousStateError: the state is corrupt.
         CliError: other writers won every attempt.
     """
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(_Conflict),
-        stop=tenacity.stop_after_attempt(CLOSE_ATTEMPTS),
-        wait=tenacity.wait_random_exponential(multiplier=0.05, max=1.0),
-        reraise=True,
-    )
+    where = f"key '{run.keys.state}'"
+    # The state and the decision of the last attempt, which is the one that counts (none: absent).
+    last: list[tuple[RendezvousState, bool] | None] = []
+
+    def closed(value: bytes | None) -> bytes | None:
+        if value is None:
+            last[:] = [None]
+            return None
+        state = decode_state(value, where=where)
+        last[:] = [(state, not state.closed)]
+        if state.closed:
+            return None
+        state.closed = True
+        return encode_state(state)
+
     try:
-        return retrying(_close_once, backend, run_id)
-    except _Conflict:
-        raise CliError(
-            f"run '{run_id}' kept changing during {CLOSE_ATTEMPTS} attempts to close it; try again"
-        ) from None
+        compare_and_swap(run, run.keys.state.encode(), closed, CLOSE_SECONDS)
+    except Conflict:
+        raise CliError(f"run '{run.run_id}' kept changing for {CLOSE_SECONDS:g}s while closing it; try again") from None
+    if last[-1] is None:
+        raise RunNotFound(f"run '{run.run_id}' not found: no key '{run.keys.state}' in etcd")
+    return last[-1]
 
 
 def cmd_close(etcd: EtcdClient, args: argparse.Namespace) -> int:
     """Close a run so that its agents exit."""
-    backend = EtcdRendezvousBackend(etcd, args.run_id, name="etcd_rdzv")
+    run = registry.acquire(etcd.config, args.run_id)
     try:
-        state, changed = close_run(backend, args.run_id)
+        state, changed = close_run(run)
     finally:
-        backend.close()
+        registry.release(run)
     if changed:
         emit(f"run '{args.run_id}' closed at round {state.round}; its agents exit at their next check")
     else:
@@ -97,7 +88,7 @@ class ResetPlan:
     def lines(self) -> list[str]:
         return [
             f"  state key {self.state_key} ({'present' if self.state_present else 'absent'})",
-            f"  {self.run_keys} key(s) under {self.run_range} (join announcements, liveness)",
+            f"  {self.run_keys} key(s) under {self.run_range} (announcements, liveness, receipts)",
             f"  {self.store_keys} key(s) under {self.store_range} (the agents' store)",
         ]
 
@@ -108,12 +99,12 @@ def _count(etcd: EtcdClient, prefix: str) -> int:
 
 
 def plan_reset(etcd: EtcdClient, run_id: str) -> ResetPlan:
-    """Count the keys that ``reset`` would delete; other runs' keys are outside every range."""
-    key = state_key(etcd.config.key_prefix, run_id)
-    present = bool(etcd.request(lambda c: c.get_response(key, count_only=True)).count)
-    run_range, store_range = f"{key}/", f"{store_prefix(etcd.config.key_prefix, run_id)}/"
-    stores = _count(etcd, store_range)
-    return ResetPlan(key, present, run_range, _count(etcd, run_range) - stores, store_range, stores)
+    """Count the keys that ``reset`` would delete: the run's directory, no other run's keys."""
+    layout = RunKeys(etcd.config.key_prefix, run_id)
+    present = bool(etcd.request(lambda c: c.get_response(layout.state, count_only=True)).count)
+    stores = _count(etcd, layout.store)
+    others = _count(etcd, layout.root) - stores - int(present)
+    return ResetPlan(layout.state, present, layout.root, others, layout.store, stores)
 
 
 def cmd_reset(etcd: EtcdClient, args: argparse.Namespace) -> int:
@@ -124,7 +115,8 @@ def cmd_reset(etcd: EtcdClient, args: argparse.Namespace) -> int:
     if not args.yes:
         emit_all([f"reset would delete from etcd at {etcd.config.describe_endpoints()}:", *plan.lines()])
         raise UsageError(f"refusing to delete run '{args.run_id}' without --yes")
-    backend = EtcdRendezvousBackend(etcd, args.run_id, name="etcd_rdzv")
+    run = registry.acquire(etcd.config, args.run_id)
+    backend = EtcdRendezvousBackend(run, name="etcd_rdzv", release=registry.release)
     try:
         backend.delete_run()
     finally:

@@ -12,7 +12,7 @@ from rdzv_common.codec import decode_announcement, decode_state
 from rdzv_common.state import NodeDesc, RendezvousState
 
 from .output import clock
-from .runs import RunKeys
+from .runs import RunSnapshot
 
 
 def _list_changes(round_: int, title: str, before: set[NodeDesc], after: set[NodeDesc]) -> list[str]:
@@ -69,7 +69,8 @@ class RunWatcher:
         revision: the etcd revision to watch from next (the one after the last change seen).
     """
 
-    def __init__(self, keys: RunKeys) -> None:
+    def __init__(self, keys: RunSnapshot) -> None:
+        self.layout = keys.layout
         self.key = keys.key
         self.revision = keys.revision + 1
         self.value = keys.state
@@ -121,15 +122,15 @@ class RunWatcher:
         return ""
 
     def on_event(self, event: Any) -> list[str]:
-        """Lines for one watch event on the run's keys; none for keys of other runs."""
+        """Lines for one watch event on the run's keys."""
         self.revision = max(self.revision, event.kv.mod_revision + 1)
         key = event.kv.key.decode()
         put = event.type == kv_pb2.Event.PUT
         if key == self.key:
             return self.on_state(event.kv.value if put else None)
-        if key.startswith(f"{self.key}/alive/"):
-            return self.on_liveness(key[len(f"{self.key}/alive/") :], put)
-        if key.startswith(f"{self.key}/joins/") and put:
+        if key.startswith(self.layout.alive):
+            return self.on_liveness(self.layout.node_of(event.kv.key), put)
+        if key.startswith(self.layout.joins) and put:
             return [self._announcement(event.kv.value)]
         return []
 
@@ -142,7 +143,7 @@ class RunWatcher:
             return f"node {note.node} announced a join"
         return f"node {note.node} announced it leaves round {note.round}"
 
-    def on_snapshot(self, keys: RunKeys) -> list[str]:
+    def on_snapshot(self, keys: RunSnapshot) -> list[str]:
         """Lines for the run having become ``keys``, read afresh after a gap in the watch."""
         self.revision = keys.revision + 1
         lines = self.on_state(keys.state) if keys.state != self.value else []

@@ -9,30 +9,30 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import etcd3.utils
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from rdzv_common.codec import decode_state
 from rdzv_common.state import RendezvousState
 
-from ..backend import state_key
 from ..client import EtcdClient
+from ..keys import RunKeys, prefix_range, run_of_key, run_of_state_key
 from .options import PROG, RunNotFound
 from .output import emit, emit_all
 
 
 @dataclass(frozen=True)
-class RunKeys:
+class RunSnapshot:
     """A run's keys as read at one etcd ``revision``.
 
     Attributes:
+        layout: where the run's keys are.
         state: the state key's value, or ``None`` when it does not exist.
         mod_revision, version: the state key's last-write revision and its number of writes.
-        alive: node key -> lease id, for each ``alive/<node key>`` key.
-        join_revisions: the create revision of each ``joins/`` announcement.
+        alive: node key -> lease id, for each liveness key.
+        join_revisions: the create revision of each pending announcement.
     """
 
-    key: str
+    layout: RunKeys
     revision: int
     state: bytes | None
     mod_revision: int = 0
@@ -40,29 +40,35 @@ class RunKeys:
     alive: dict[str, int] = field(default_factory=dict)
     join_revisions: tuple[int, ...] = ()
 
-
-def prefix_range(prefix: str) -> tuple[bytes, bytes]:
-    raw = prefix.encode()
-    return raw, etcd3.utils.prefix_range_end(raw)
-
-
-def read_run_keys(etcd: EtcdClient, run_id: str) -> RunKeys:
-    """Read the state key and its ``joins/`` and ``alive/`` keys at one revision."""
-    key = state_key(etcd.config.key_prefix, run_id)
-    head = etcd.request(lambda c: c.get_response(key))
-    revision = head.header.revision
-    start, end = prefix_range(key + "/")
-    below = etcd.request(lambda c: c.get_range_response(start, end, keys_only=True, revision=revision))
-    alive_prefix, joins_prefix = f"{key}/alive/".encode(), f"{key}/joins/".encode()
-    alive = {kv.key[len(alive_prefix) :].decode(): kv.lease for kv in below.kvs if kv.key.startswith(alive_prefix)}
-    joins = tuple(kv.create_revision for kv in below.kvs if kv.key.startswith(joins_prefix))
-    if not head.kvs:
-        return RunKeys(key, revision, None, alive=alive, join_revisions=joins)
-    kv = head.kvs[0]
-    return RunKeys(key, revision, kv.value, kv.mod_revision, kv.version, alive, joins)
+    @property
+    def key(self) -> str:
+        """The state key."""
+        return self.layout.state
 
 
-def decode_run_state(keys: RunKeys, run_id: str) -> RendezvousState:
+def read_run(etcd: EtcdClient, run_id: str) -> RunSnapshot:
+    """Read the run's whole directory at one revision."""
+    layout = RunKeys(etcd.config.key_prefix, run_id)
+    start, end = prefix_range(layout.root)
+    response = etcd.request(lambda c: c.get_range_response(start, end))
+    state = None
+    alive: dict[str, int] = {}
+    joins: list[int] = []
+    alive_prefix, joins_prefix, state_key = layout.alive.encode(), layout.joins.encode(), layout.state.encode()
+    for kv in response.kvs:
+        if kv.key == state_key:
+            state = kv
+        elif kv.key.startswith(alive_prefix):
+            alive[layout.node_of(kv.key)] = kv.lease
+        elif kv.key.startswith(joins_prefix):
+            joins.append(kv.create_revision)
+    revision = response.header.revision
+    if state is None:
+        return RunSnapshot(layout, revision, None, alive=alive, join_revisions=tuple(joins))
+    return RunSnapshot(layout, revision, state.value, state.mod_revision, state.version, alive, tuple(joins))
+
+
+def decode_run_state(keys: RunSnapshot, run_id: str) -> RendezvousState:
     """The run's decoded state.
 
     Raises:
@@ -82,23 +88,6 @@ def lease_ttls(etcd: EtcdClient, lease_ids: Iterable[int]) -> dict[int, int]:
     return {lease: etcd.request(lambda c, lease=lease: c.get_lease_info(lease)).TTL for lease in set(lease_ids)}
 
 
-# Directories below a run's state key: announcements, liveness and the agents' store.
-RUN_SUBDIRS = ("joins", "alive", "store")
-
-
-def _is_state_key(relative: str) -> bool:
-    """Whether a key below the key prefix (``relative`` to it) is a run's state key rather than
-    one of the keys in a run's ``joins/``, ``alive/`` or ``store/`` directories."""
-    return not any(part in RUN_SUBDIRS for part in relative.split("/")[1:-1])
-
-
-def _run_of(relative: str) -> str:
-    """The run a key in one of a run's directories belongs to."""
-    parts = relative.split("/")
-    inner = next(i for i, part in enumerate(parts[1:-1], 1) if part in RUN_SUBDIRS)
-    return "/".join(parts[:inner])
-
-
 def _run_entry(run_id: str, kv: Any, alive: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"run_id": run_id, "mod_revision": kv.mod_revision, "alive": alive}
     try:
@@ -116,16 +105,19 @@ def list_runs(etcd: EtcdClient) -> list[dict[str, Any]]:
     A corrupt state gives an entry with ``error`` set and its state fields ``None``; ``alive``
     counts the run's liveness keys.
     """
-    prefix = etcd.config.key_prefix + "/"
-    start, end = prefix_range(prefix)
+    key_prefix = etcd.config.key_prefix
+    start, end = prefix_range(key_prefix + "/")
     response = etcd.request(lambda c: c.get_range_response(start, end))
     states, alive = {}, {}
     for kv in response.kvs:
-        relative = kv.key.decode()[len(prefix) :]
-        if _is_state_key(relative):
-            states[relative] = kv
-        elif relative.split("/")[-2] == "alive":
-            alive[_run_of(relative)] = alive.get(_run_of(relative), 0) + 1
+        key = kv.key.decode(errors="replace")
+        run_id = run_of_key(key_prefix, key)
+        if run_id is None:
+            continue
+        if run_of_state_key(key_prefix, key) is not None:
+            states[run_id] = kv
+        elif key.startswith(RunKeys(key_prefix, run_id).alive):
+            alive[run_id] = alive.get(run_id, 0) + 1
     return [_run_entry(run_id, states[run_id], alive.get(run_id, 0)) for run_id in sorted(states)]
 
 

@@ -13,10 +13,10 @@ from rdzv_common.state import NodeDesc, RendezvousState
 
 from ..client import EtcdClient
 from .output import clock, emit_all
-from .runs import RunKeys, decode_run_state, lease_ttls, read_run_keys
+from .runs import RunSnapshot, decode_run_state, lease_ttls, read_run
 
 
-def _node_doc(node: NodeDesc, keys: RunKeys, ttls: Mapping[int, int]) -> dict[str, Any]:
+def _node_doc(node: NodeDesc, keys: RunSnapshot, ttls: Mapping[int, int]) -> dict[str, Any]:
     lease = keys.alive.get(node.key)
     ttl = ttls.get(lease) if lease is not None else None
     return {
@@ -30,7 +30,7 @@ def _node_doc(node: NodeDesc, keys: RunKeys, ttls: Mapping[int, int]) -> dict[st
     }
 
 
-def status_document(run_id: str, keys: RunKeys, state: RendezvousState, ttls: Mapping[int, int]) -> dict[str, Any]:
+def status_document(run_id: str, keys: RunSnapshot, state: RendezvousState, ttls: Mapping[int, int]) -> dict[str, Any]:
     """The run's status with stable keys (``status --json``).
 
     Nodes carry ``alive`` (their liveness key exists on an unexpired lease), ``lease_id`` and
@@ -105,7 +105,7 @@ def render_status(doc: Mapping[str, Any]) -> list[str]:
 
 def cmd_status(etcd: EtcdClient, args: argparse.Namespace) -> int:
     """Print one run's status."""
-    keys = read_run_keys(etcd, args.run_id)
+    keys = read_run(etcd, args.run_id)
     state = decode_run_state(keys, args.run_id)
     doc = status_document(args.run_id, keys, state, lease_ttls(etcd, keys.alive.values()))
     emit_all([json.dumps(doc, indent=2)] if args.json else render_status(doc))

@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import etcd3
-import grpc
-from etcd3 import etcdrpc
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from ..client import EtcdClient, fail_over
+from ..client import EtcdClient
+from ..keys import prefix_range
+from ..watch import Watch, WatchCanceled, WatchCompacted
 from .changes import RunWatcher
 from .options import CliError
 from .output import emit, emit_all
-from .runs import prefix_range, read_run_keys
+from .runs import read_run
 
 # How often ``watch``'s main thread wakes up to act on a Ctrl-C.
 SIGNAL_CHECK_SECONDS = 0.2
@@ -33,13 +33,13 @@ def _stamp(revision: int, line: str) -> str:
 @dataclass
 class WatchLimits:
     """When ``watch`` stops: after ``count`` changes, at monotonic time ``deadline``, or on ``stop``
-    (from another thread), which also cancels the watch stream in progress (``call``)."""
+    (from another thread), which also cancels the watch stream in progress (``watch``)."""
 
     count: int | None
     deadline: float
     seen: int = 0
     stopped: threading.Event = field(default_factory=threading.Event)
-    call: grpc.Future | None = None
+    watch: Watch | None = None
 
     def done(self) -> bool:
         return (
@@ -50,8 +50,8 @@ class WatchLimits:
 
     def stop(self) -> None:
         self.stopped.set()
-        if self.call is not None:
-            self.call.cancel()
+        if self.watch is not None:
+            self.watch.cancel()
 
     def remaining(self) -> float | None:
         """Seconds left, ``None`` without a deadline."""
@@ -66,12 +66,9 @@ def _report(revision: int, lines: list[str], limits: WatchLimits) -> None:
 
 
 def follow(client: etcd3.MultiEndpointEtcd3Client, watcher: RunWatcher, limits: WatchLimits) -> bool:
-    """Stream the events on the run's keys from ``watcher.revision`` and report each change until
-    ``limits`` are reached; call it within a request, which resumes from the last change seen.
-
-    The range watched is ``[state key, state key + "0")``: the state key and everything under
-    ``<state key>/``, plus keys of runs whose id extends this one (``run-1-b``), which
-    ``RunWatcher`` ignores.
+    """Stream the events on the run's keys (its directory) from ``watcher.revision`` and report
+    each change until ``limits`` are reached; call it within a request, which resumes from the
+    last change seen.
 
     Returns:
         ``False`` if etcd compacted the history the watch started in: re-read the run.
@@ -79,40 +76,27 @@ def follow(client: etcd3.MultiEndpointEtcd3Client, watcher: RunWatcher, limits: 
     Raises:
         CliError: etcd cancelled the watch (e.g. for lack of permission).
     """
-    _, end = prefix_range(watcher.key + "/")
-    create = etcdrpc.WatchCreateRequest(key=watcher.key.encode(), range_end=end, start_revision=watcher.revision)
-    done = threading.Event()
-
-    def requests() -> Iterator[etcdrpc.WatchRequest]:
-        yield etcdrpc.WatchRequest(create_request=create)
-        done.wait()  # ending the request stream would end the watch on the server
-
-    call = etcdrpc.WatchStub(client.channel).Watch(requests(), timeout=limits.remaining(), metadata=client.metadata)
-    limits.call = call
+    start, end = prefix_range(watcher.layout.root)
+    if limits.done():
+        return True
+    watch = Watch(client, start, end, watcher.revision, timeout=limits.remaining())
+    limits.watch = watch
     try:
-        if limits.done():
-            return True
-        for response in call:
-            if response.compact_revision:
-                return False
-            if response.canceled:
-                reason = response.cancel_reason or "no reason given"
-                raise CliError(f"etcd cancelled the watch on {watcher.key}: {reason}")
-            for event in response.events:
+        for reply in watch:
+            for event in reply.events:
                 if limits.done():
                     break
                 _report(event.kv.mod_revision, watcher.on_event(event), limits)
             if limits.done():
                 break
         return True
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or limits.done():
-            return True
-        fail_over(client, exc)
+    except WatchCompacted:
+        return False
+    except WatchCanceled as exc:
+        raise CliError(f"etcd cancelled the watch on {watcher.layout.root}: {exc}") from None
     finally:
-        limits.call = None
-        done.set()
-        call.cancel()
+        limits.watch = None
+        watch.cancel()
 
 
 def _follow_with_retries(etcd: EtcdClient, watcher: RunWatcher, limits: WatchLimits) -> bool:
@@ -129,12 +113,12 @@ def _follow_with_retries(etcd: EtcdClient, watcher: RunWatcher, limits: WatchLim
 
 def watch_run(etcd: EtcdClient, run_id: str, limits: WatchLimits) -> None:
     """Print how the run looks, then each change to it, until ``limits`` are reached."""
-    keys = read_run_keys(etcd, run_id)
+    keys = read_run(etcd, run_id)
     watcher = RunWatcher(keys)
     emit(_stamp(keys.revision, f"watching run '{run_id}': {watcher.describe()}"))
     while not limits.done():
         if not _follow_with_retries(etcd, watcher, limits):
-            keys = read_run_keys(etcd, run_id)
+            keys = read_run(etcd, run_id)
             _report(keys.revision, watcher.on_snapshot(keys), limits)
 
 

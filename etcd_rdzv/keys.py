@@ -1,0 +1,97 @@
+"""Where a run's keys live in etcd: the one place that knows the key layout.
+
+Below ``key_prefix`` (default ``/torch/elastic/rendezvous``) each run owns exactly one directory,
+named by its run id percent-escaped (so ``/`` and ``%`` never appear in it)::
+
+    <key_prefix>/<run>/state            the state; its mod_revision is the compare-and-set token
+    <key_prefix>/<run>/joins/<uuid>     pending join/leave announcements, on the poster's session lease
+    <key_prefix>/<run>/alive/<node>     one key per live node, on that node's own lease
+    <key_prefix>/<run>/store/<key>      the agents' ``torch.distributed.Store``
+    <key_prefix>/<run>/ops/<uuid>       receipts of store operations that must apply once (``add``)
+
+Escaping makes the directories of two runs disjoint whatever their ids: run ``job`` owns
+``<prefix>/job/`` and nothing of run ``job/x`` (``<prefix>/job%2Fx/``), ``job-2`` or ``job.x``, so a
+watch, a read or a delete of one run's directory touches that run alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+import etcd3.utils
+
+STATE = "state"
+# Directories of a run, each below the run's own directory.
+JOINS, ALIVE, STORE, OPS = "joins/", "alive/", "store/", "ops/"
+
+
+def escape_run_id(run_id: str) -> str:
+    """The run id as one path segment: every byte but letters, digits and ``_.-~`` is escaped."""
+    if not run_id:
+        raise ValueError("The run id must be a non-empty string; pass --rdzv-id.")
+    return quote(run_id, safe="")
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The keys of run ``run_id`` below ``key_prefix`` (which has no trailing ``/``)."""
+
+    key_prefix: str
+    run_id: str
+
+    @property
+    def root(self) -> str:
+        """The run's directory, with its trailing ``/``: every key of the run starts with it."""
+        return f"{self.key_prefix}/{escape_run_id(self.run_id)}/"
+
+    @property
+    def state(self) -> str:
+        return self.root + STATE
+
+    @property
+    def joins(self) -> str:
+        return self.root + JOINS
+
+    @property
+    def alive(self) -> str:
+        return self.root + ALIVE
+
+    @property
+    def store(self) -> str:
+        return self.root + STORE
+
+    @property
+    def ops(self) -> str:
+        return self.root + OPS
+
+    def alive_key(self, node_key: str) -> str:
+        return self.alive + node_key
+
+    def node_of(self, alive_key: bytes) -> str:
+        """The node key of a liveness key of this run."""
+        return alive_key[len(self.alive) :].decode()
+
+
+def prefix_range(prefix: str | bytes) -> tuple[bytes, bytes]:
+    """The ``[key, range_end)`` that etcd reads, watches or deletes for every key under ``prefix``."""
+    raw = prefix.encode() if isinstance(prefix, str) else prefix
+    return raw, etcd3.utils.prefix_range_end(raw)
+
+
+def run_of_state_key(key_prefix: str, key: str) -> str | None:
+    """The run id whose state key is ``key``, or ``None`` if ``key`` is no run's state key."""
+    head = key_prefix + "/"
+    if not key.startswith(head) or not key.endswith("/" + STATE):
+        return None
+    segment = key[len(head) : -len(STATE) - 1]
+    return unquote(segment) if segment and "/" not in segment else None
+
+
+def run_of_key(key_prefix: str, key: str) -> str | None:
+    """The run id whose directory holds ``key``, or ``None`` if it is in none."""
+    head = key_prefix + "/"
+    if not key.startswith(head):
+        return None
+    segment, sep, _ = key[len(head) :].partition("/")
+    return unquote(segment) if segment and sep else None

@@ -1,0 +1,280 @@
+"""A process's live copy of one run's keys, kept current by one watch stream.
+
+The nodes of a process read the run's state, announcements and liveness keys here instead of asking
+etcd each time, and wait here for the state or a store key to change: one stream per (cluster, run)
+delivers every change to every local node.
+
+The copy is a consistent snapshot: it loads the run's directory with one read at revision ``r`` and
+then applies the watch's events in order, and etcd sends a watcher's events in revision order, so
+after applying the events up to revision ``a`` the copy equals the run's keys at ``a``. The applied
+revision advances by events of the run's keys only. A progress reply says nothing the copy can
+rely on (etcd before 3.4.25 / 3.5.8 could send one ahead of events still queued for the stream,
+etcd-io/etcd#15220), so it only proves the stream is alive.
+
+Reads take a *floor*: the newest revision of the run's keys that the process has written or read
+elsewhere (``EtcdRun`` keeps it). The view answers only once it has applied its floor and heard
+from etcd within ``TRUSTED_FOR_SECONDS``, else it raises ``ViewBehind`` and the caller asks etcd
+itself. A stream that stays silent although asked for progress is cancelled and opened anew, and
+every wait here ends after ``WAIT_CAP_SECONDS`` at most, so a silent stream costs a second, never a
+stale answer or a wait to some long timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import etcd3
+import tenacity
+from etcd3.etcdrpc import kv_pb2
+
+from .client import EtcdClient
+from .keys import RunKeys, prefix_range
+from .watch import Watch
+
+logger = logging.getLogger(__name__)
+
+# How often the stream asks etcd to confirm it is current, how long after the last word from etcd
+# the view still answers reads, and after how long without any reply the stream is reopened.
+PROGRESS_EVERY_SECONDS = 1.0
+TRUSTED_FOR_SECONDS = 3.0
+STALL_AFTER_SECONDS = 3.0
+# How long a reader waits for the view to reach its floor before it asks etcd instead.
+CATCH_UP_SECONDS = 0.2
+# The longest any wait on the view lasts before its caller looks again (at etcd, if need be).
+WAIT_CAP_SECONDS = 1.0
+
+_DELETE = kv_pb2.Event.DELETE
+
+
+class ViewBehind(Exception):
+    """The view cannot answer yet (reconnecting, silent, paused, closed, or behind the floor)."""
+
+
+class RunView:
+    """The state, announcements, liveness keys and store key names of one run.
+
+    Store values are not kept, only which store keys exist. ``pause``/``resume`` take the stream
+    down and up again around a ``fork()`` (see ``registry.py``).
+    """
+
+    def __init__(self, etcd: EtcdClient, keys: RunKeys) -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self._state_key = keys.state.encode()
+        self._joins = keys.joins.encode()
+        self._alive = keys.alive.encode()
+        self._store = keys.store.encode()
+        self._changed = threading.Condition()
+        self._state: tuple[bytes, int] | None = None
+        self._state_revision = 0  # revision of the state's last change (put or delete)
+        self._joins_kv: dict[bytes, tuple[bytes, int]] = {}  # key -> (value, create_revision)
+        self._alive_keys: set[str] = set()
+        self._store_keys: set[bytes] = set()
+        self._applied = 0  # every event of the run up to this revision is applied
+        self._heard_at = float("-inf")
+        self._healthy = False
+        self._closed = False
+        self._running = threading.Event()  # cleared while paused
+        self._running.set()
+        self._watch: Watch | None = None
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name=f"etcd-rdzv-view {self._keys.root}", daemon=True)
+        thread.start()
+        return thread
+
+    # Reads. Each raises ``ViewBehind`` when the view cannot vouch for ``floor``.
+
+    def state(self, floor: int) -> tuple[bytes, int] | None:
+        """The state's value and mod revision, or ``None`` if there is no state."""
+        with self._caught_up(floor):
+            return self._state
+
+    def joins(self, after: int, floor: int) -> list[tuple[bytes, bytes, int]]:
+        """``(key, value, create_revision)`` of the announcements created after ``after``, oldest first."""
+        with self._caught_up(floor):
+            found = [(k, v, rev) for k, (v, rev) in self._joins_kv.items() if rev > after]
+        return sorted(found, key=lambda item: item[2])
+
+    def alive(self, node_keys: Collection[str], floor: int) -> set[str]:
+        """Which of ``node_keys`` have a liveness key."""
+        with self._caught_up(floor):
+            return self._alive_keys.intersection(node_keys)
+
+    def join_keys_up_to(self, cursor: int) -> list[bytes]:
+        """The announcement keys created at or before ``cursor`` that the view knows of, however
+        current it is (to delete folded records: a key missed here lapses with its session)."""
+        with self._changed:
+            return [k for k, (_, rev) in self._joins_kv.items() if rev <= cursor]
+
+    @contextmanager
+    def _caught_up(self, floor: int) -> Iterator[None]:
+        """Hold the view's lock once it can answer for ``floor``; else raise ``ViewBehind``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._trusted(floor), CATCH_UP_SECONDS):
+                raise ViewBehind(f"the run view of {self._keys.root} cannot vouch for revision {floor}")
+            yield
+
+    def _trusted(self, floor: int = 0) -> bool:
+        return (
+            self._healthy
+            and self._applied >= floor
+            and time.monotonic() - self._heard_at < TRUSTED_FOR_SECONDS
+        )
+
+    # Waits: each returns after at most ``WAIT_CAP_SECONDS``; callers look again afterwards.
+
+    def wait_state_past(self, revision: int | None, timeout: float) -> None:
+        """Return once the state changed after ``revision`` (``None``: it did not exist), or after
+        ``timeout`` seconds."""
+        after = revision or 0
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._closed or (self._healthy and self._state_revision > after),
+                min(timeout, WAIT_CAP_SECONDS),
+            )
+
+    def wait_store_keys(self, keys: Collection[bytes], timeout: float) -> bool:
+        """Wait until every store key (full etcd key) in ``keys`` exists, or ``timeout``.
+
+        Returns:
+            ``False`` only if the view is current and still lacks a key, so the caller may wait on
+            without asking etcd; ``True`` if the keys may exist now (read them).
+        """
+        with self._changed:
+            present = self._changed.wait_for(
+                lambda: self._closed or (self._healthy and self._store_keys.issuperset(keys)),
+                min(timeout, WAIT_CAP_SECONDS),
+            )
+            return present or not self._trusted()
+
+    # The watch.
+
+    def _run(self) -> None:
+        retrying = tenacity.Retrying(
+            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=2.0),
+            # A pause ends the thread (``resume`` starts another), a close ends it for good.
+            retry=tenacity.retry_if_exception(lambda exc: not self._closed and self._running.is_set()),
+            before_sleep=lambda state: logger.debug(
+                "The run view of %s reconnects: %s", self._keys.root, state.outcome.exception()
+            ),
+        )
+        try:
+            retrying(self._follow)
+        except Exception:
+            pass  # only reached once closed or paused: the stream was cancelled on purpose
+
+    def _load(self) -> int:
+        """Read the run's whole directory at one revision into the copy; return that revision."""
+        start, end = prefix_range(self._keys.root)
+        response = self._etcd.request(lambda c: c.get_range_response(start, end))
+        with self._changed:
+            self._state = None
+            self._joins_kv, self._alive_keys, self._store_keys = {}, set(), set()
+            for kv in response.kvs:
+                self._put(kv)
+            self._applied = response.header.revision
+            self._heard_at = time.monotonic()
+            self._healthy = True
+            self._changed.notify_all()
+        return response.header.revision
+
+    def _follow(self) -> None:
+        """Load the keys, then follow them on one stream until closed, paused or broken."""
+        try:
+            if self._closed or not self._running.is_set():
+                return
+            revision = self._load()
+            start, end = prefix_range(self._keys.root)
+            watch = Watch(
+                self._etcd.raw,
+                start,
+                end,
+                revision + 1,
+                progress_every=PROGRESS_EVERY_SECONDS,
+                stall_after=STALL_AFTER_SECONDS,
+            )
+            with self._changed:
+                if self._closed or not self._running.is_set():
+                    watch.cancel()
+                self._watch = watch
+            for reply in watch:
+                self._apply(reply)
+            if not self._closed and self._running.is_set():
+                raise ViewBehind("the run view's stream ended")
+        finally:
+            self._set_unhealthy()
+
+    def _put(self, kv: Any) -> None:
+        key = kv.key
+        if key == self._state_key:
+            self._state = (kv.value, kv.mod_revision)
+            self._state_revision = max(self._state_revision, kv.mod_revision)
+        elif key.startswith(self._joins):
+            self._joins_kv[key] = (kv.value, kv.create_revision)
+        elif key.startswith(self._alive):
+            self._alive_keys.add(self._keys.node_of(key))
+        elif key.startswith(self._store):
+            self._store_keys.add(key)
+
+    def _delete(self, key: bytes, revision: int) -> None:
+        if key == self._state_key:
+            self._state = None
+            self._state_revision = max(self._state_revision, revision)
+        elif key.startswith(self._joins):
+            self._joins_kv.pop(key, None)
+        elif key.startswith(self._alive):
+            self._alive_keys.discard(self._keys.node_of(key))
+        elif key.startswith(self._store):
+            self._store_keys.discard(key)
+
+    def _apply(self, reply: Any) -> None:
+        with self._changed:
+            for event in reply.events:
+                kv = event.kv
+                revision = kv.mod_revision or reply.header.revision
+                if event.type == _DELETE:
+                    self._delete(kv.key, revision)
+                else:
+                    self._put(kv)
+                self._applied = max(self._applied, revision)
+            self._heard_at = time.monotonic()
+            self._changed.notify_all()
+
+    def _set_unhealthy(self) -> None:
+        with self._changed:
+            self._healthy = False
+            self._watch = None
+            self._changed.notify_all()
+
+    def _stop_stream(self) -> None:
+        with self._changed:
+            watch = self._watch
+            self._changed.notify_all()
+        if watch is not None:
+            watch.cancel()
+
+    def pause(self, timeout: float) -> None:
+        """Take the stream down (before a ``fork()``): no thread of the view stays inside gRPC."""
+        self._running.clear()
+        self._stop_stream()
+        self._thread.join(timeout)
+
+    def resume(self) -> None:
+        """Open the stream again after ``pause``."""
+        self._running.set()
+        if not self._thread.is_alive() and not self._closed:
+            self._thread = self._start()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+        self._running.set()
+        self._stop_stream()
+        self._thread.join(timeout=5)

@@ -1,0 +1,120 @@
+"""The process's registry of shared etcd objects: sharing, release, finalizers and fork()."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from etcd_rdzv.client import ForkGate
+from etcd_rdzv.config import EtcdConfig
+from etcd_rdzv.registry import Registry
+
+# Nothing listens there: the objects are built, and their streams retry in the background.
+CONFIG = EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=1.0, key_prefix="/unit")
+
+
+@pytest.fixture
+def registry():
+    return Registry()
+
+
+def _threads(prefix: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+
+
+def test_a_process_shares_one_run_and_one_cluster(registry):
+    a, b = registry.acquire(CONFIG, "job"), registry.acquire(CONFIG, "job")
+    other = registry.acquire(CONFIG, "job-2")
+    try:
+        assert a is b
+        assert other is not a
+        assert other.etcd is a.etcd and other.session is a.session  # one connection per cluster
+    finally:
+        for run in (a, b, other):
+            registry.release(run)
+
+
+def test_the_last_release_stops_the_run_view(registry):
+    run = registry.acquire(CONFIG, "stops")
+    second = registry.acquire(CONFIG, "stops")
+    view = f"etcd-rdzv-view {run.keys.root}"
+    registry.release(run)
+    assert view in _threads(view)
+    registry.release(second)
+    deadline = time.monotonic() + 5
+    while _threads(view) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _threads(view) == []
+    registry.release(run)  # a release too many is ignored
+
+
+def test_a_finalizer_inside_acquire_does_not_deadlock(registry):
+    """Garbage collection can run a store's finalizer on the very thread that holds the registry's
+    lock inside ``acquire``: its release must not wait for that lock (it did, for 90 s)."""
+    run = registry.acquire(CONFIG, "finalized")
+    with registry._lock:
+        started = time.monotonic()
+        registry.release_soon(run)
+        assert time.monotonic() - started < 0.5
+    deadline = time.monotonic() + 5
+    while registry._runs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert registry._runs == {}
+
+
+def test_the_fork_gate_waits_for_requests_in_flight_and_holds_new_ones():
+    gate = ForkGate()
+    inside, leave = threading.Event(), threading.Event()
+
+    def request() -> None:
+        with gate.passage():
+            inside.set()
+            leave.wait(5)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    inside.wait(5)
+    assert not gate.close(0.1)  # one request is still in flight
+    leave.set()
+    worker.join(5)
+    assert gate.close(0.1)
+    entered = threading.Event()
+    late = threading.Thread(target=lambda: gate.passage().__enter__() and None or entered.set())
+    late.start()
+    assert not entered.wait(0.2)  # held while the gate is closed
+    gate.open()
+    assert entered.wait(5)
+    late.join(5)
+
+
+def test_an_orphaned_gate_refuses_at_once():
+    gate = ForkGate()
+    gate.orphan()
+    with pytest.raises(RuntimeError, match="parent of this forked process"):
+        with gate.passage():
+            pass
+
+
+def test_a_forked_child_starts_with_an_empty_registry():
+    """The child must not reuse its parent's channel, session or view (no thread runs them there)."""
+    from etcd_rdzv.registry import registry as shared
+
+    run = shared.acquire(CONFIG, "forked")
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            ok = not shared._runs and not shared._clusters
+            try:
+                run.etcd.request(lambda c: None, budget=0)
+                ok = False  # the parent's client must refuse
+            except RuntimeError:
+                pass
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert shared._runs  # the parent keeps its own
+    finally:
+        shared.release(run)
