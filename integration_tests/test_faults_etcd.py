@@ -16,6 +16,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 from etcd_rdzv.backend import state_key
 from etcd_rdzv.embedded import EtcdCluster
 from etcd_rdzv.plugin import create_handler
+from integration_tests.answers import AnswerLog, check, record_rendezvous
 from integration_tests.invariants import InvariantChecker, etcd_client, snapshot, wait_until
 from rdzv_common.codec import decode_state
 
@@ -43,6 +44,7 @@ class Run:
         self.min_nodes, self.max_nodes = min_nodes, max_nodes
         self.read_timeout = read_timeout
         self.handlers = []
+        self.answers = AnswerLog()
         self.pool = ThreadPoolExecutor(8)
 
     def handler(self):
@@ -60,7 +62,7 @@ class Run:
 
     def next(self, handlers):
         """Start ``next_rendezvous`` on each handler in a thread; futures come back."""
-        return [self.pool.submit(h.next_rendezvous) for h in handlers]
+        return [self.pool.submit(record_rendezvous, h, self.answers) for h in handlers]
 
     def close(self) -> None:
         for handler in self.handlers:
@@ -68,7 +70,7 @@ class Run:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def assert_group(infos, checker: InvariantChecker, handlers) -> int:
+def assert_group(infos, checker: InvariantChecker, handlers, run: Run) -> int:
     assert sorted(i.rank for i in infos) == list(range(len(infos)))
     assert {i.world_size for i in infos} == {len(infos)}
     rounds = {h.last_timings.round for h in handlers}
@@ -76,6 +78,7 @@ def assert_group(infos, checker: InvariantChecker, handlers) -> int:
     (round_,) = rounds
     checker.sync()
     assert checker.group(round_).ranks == {h.node.key: i.rank for h, i in zip(handlers, infos)}
+    assert check(run.answers, checker.groups) == [], run.answers.describe()
     return round_
 
 
@@ -101,7 +104,7 @@ def test_cluster_leader_killed_mid_rendezvous_fails_over_and_loses_nothing(clust
             leader.kill()
             late = run.next(handlers[2:])
             infos = [f.result(timeout=STEP) for f in early + late]
-            round_ = assert_group(infos, checker, handlers)
+            round_ = assert_group(infos, checker, handlers, run)
             assert cluster.leader() is not leader
 
             # The member comes back with its data and catches up: the group is intact on it alone.
@@ -123,7 +126,7 @@ def test_cluster_leader_killed_mid_rendezvous_fails_over_and_loses_nothing(clust
 
             # And the run goes on: another round over all three members.
             infos = [f.result(timeout=STEP) for f in run.next(handlers)]
-            assert assert_group(infos, checker, handlers) > round_
+            assert assert_group(infos, checker, handlers, run) > round_
     finally:
         run.close()
 
@@ -135,7 +138,7 @@ def test_single_etcd_restarted_mid_run_is_ridden_out(etcd_server):
         handlers = [run.handler() for _ in range(2)]
         with run.checker() as checker:
             infos = [f.result(timeout=STEP) for f in run.next(handlers)]
-            first = assert_group(infos, checker, handlers)
+            first = assert_group(infos, checker, handlers, run)
             server.stop()
             started = time.monotonic()
             pending = run.next(handlers)
@@ -144,7 +147,7 @@ def test_single_etcd_restarted_mid_run_is_ridden_out(etcd_server):
             infos = [f.result(timeout=STEP) for f in pending]
             # Within read_timeout of the outage's start, plus one last call.
             assert time.monotonic() - started < run.read_timeout + FAST["last_call_timeout"] + 2
-            assert assert_group(infos, checker, handlers) > first
+            assert assert_group(infos, checker, handlers, run) > first
     finally:
         run.close()
 
