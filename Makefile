@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration demo bench soak clean
+.PHONY: install test unit integration demo bench soak clean test-etcd34
 
 install: $(STAMP)
 
@@ -24,6 +24,15 @@ unit: install
 
 integration: install
 	$(PY) -m pytest -q integration_tests
+
+# etcd 3.4 (Debian's etcd-server, unpacked under .venv/) against the tests that talk to etcd
+# itself; torchrun and CLI tests add minutes and nothing version-specific.
+ETCD34_DIR := $(VENV)/etcd-3.4
+ETCD34_TESTS := integration_tests/test_etcd_*.py integration_tests/test_faults_*.py
+
+test-etcd34: install
+	.ci/get-etcd34 $(ETCD34_DIR)
+	ETCD_BINARY=$(abspath $(ETCD34_DIR))/etcd $(PY) -m pytest -q -m "not slow" $(ETCD34_TESTS)
 
 demo: install
 	$(PY) -m etcd_rdzv.demo
