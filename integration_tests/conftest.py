@@ -26,6 +26,7 @@ from integration_tests.etcd_fixture import (
     free_port,
     publish_on_loopback,
     select_source,
+    wait_until_serving,
     wants_docker,
 )
 
@@ -61,14 +62,13 @@ def _image() -> str:
 
 def _start_container() -> tuple[object, str]:
     from testcontainers.core.container import DockerContainer
-    from testcontainers.core.waiting_utils import wait_for_logs
 
     port = free_port()
     container = DockerContainer(_image()).with_command(etcd_command("session", f"http://127.0.0.1:{port}"))
     publish_on_loopback(container, port)
     container.start()
     try:
-        wait_for_logs(container, "ready to serve client requests", timeout=60)
+        wait_until_serving(container, 60)
     except BaseException:
         container.stop()
         raise

@@ -22,7 +22,7 @@ from etcd_rdzv.embedded import EtcdServer, find_etcdctl, free_port, wait_for
 
 __all__ = [
     "ContainerMember", "EtcdContainerCluster", "EtcdServer", "EtcdSource", "docker_usable", "etcd_command",
-    "etcd_image", "find_etcd_binary", "find_etcdctl", "free_port", "publish_on_loopback", "select_source", "wait_for", "wants_docker",
+    "etcd_image", "find_etcd_binary", "find_etcdctl", "free_port", "publish_on_loopback", "select_source", "wait_for", "wait_until_serving", "wants_docker",
 ]
 
 ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.17"
@@ -155,6 +155,20 @@ def publish_on_loopback(container, port: int) -> None:
     container.ports["2379/tcp"] = ("127.0.0.1", port)
 
 
+def wait_until_serving(container, timeout: float = 60.0) -> None:
+    """Return once etcd in ``container`` logged that it serves clients.
+
+    Raises:
+        RuntimeError: it did not within ``timeout``; the message holds the end of its log.
+    """
+
+    def log() -> str:
+        return b"".join(container.get_logs()).decode(errors="replace")
+
+    if not wait_for(lambda: embedded.READY_MESSAGE in log(), timeout, interval=0.2):
+        raise RuntimeError(f"etcd in a container was not ready within {timeout:g}s; its log ends with:\n{log()[-4000:]}")
+
+
 def etcd_command(name: str, client_url: str, extra: Sequence[str] = ()) -> list[str]:
     """etcd's command line in a container: clients on port 2379 (advertised as ``client_url``,
     the address the host reaches it at), peers on 2380."""
@@ -226,7 +240,6 @@ class EtcdContainerCluster:
     def start(self, timeout: float = 60.0) -> None:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.network import Network
-        from testcontainers.core.waiting_utils import wait_for_logs
 
         try:
             self.network = Network()
@@ -252,7 +265,7 @@ class EtcdContainerCluster:
                 self.members.append(ContainerMember(container, name, port))
                 container.start()
             for member in self.members:
-                wait_for_logs(member.container, embedded.READY_MESSAGE, timeout=timeout)
+                wait_until_serving(member.container, timeout)
         except BaseException:
             self.close()
             raise

@@ -431,32 +431,45 @@ class Proxy:
                 continue
             except OSError:
                 return
-            client.settimeout(None)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._cond:
-                blackholed = self._all.blackholed
-            upstream = None
-            if not blackholed:
-                try:
-                    upstream = socket.create_connection(self.target, timeout=5)
-                except OSError:
-                    # The target is down: the client sees its connection refused, as it would.
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    client.close()
-                    continue
-                upstream.settimeout(None)
-                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                self._admit(client)
+            except OSError:
+                # The client gave up before it was set up: nothing to forward, keep accepting.
+                client.close()
+
+    def _admit(self, client: socket.socket) -> None:
+        client.settimeout(None)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._cond:
+            blackholed = self._all.blackholed
+        upstream = None
+        if not blackholed:
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                # The target is down: reset the client at once, the nearest a proxy comes to the
+                # refusal the client would have seen.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                return
+            upstream.settimeout(None)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
             connection = Connection(self, client, upstream)
-            if upstream is None:
-                connection.poisoned = True
-            with self._cond:
-                if self._closed:
-                    connection.closed = True
-                    for sock in connection._sockets():
-                        sock.close()
-                    return
-                self._connections.append(connection)
-            connection._start()
+        except OSError:
+            if upstream is not None:
+                upstream.close()
+            raise
+        if upstream is None:
+            connection.poisoned = True
+        with self._cond:
+            if self._closed:
+                connection.closed = True
+                for sock in connection._sockets():
+                    sock.close()
+                return
+            self._connections.append(connection)
+        connection._start()
 
 
 def proxies_for(endpoints: Iterable[str]) -> list[Proxy]:
