@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration demo bench soak clean
+.PHONY: install test unit integration demo bench soak clean test-etcd34 test-docker
 
 install: $(STAMP)
 
@@ -24,6 +24,30 @@ unit: install
 
 integration: install
 	$(PY) -m pytest -q integration_tests
+
+# etcd 3.4 (Debian's etcd-server, unpacked under .venv/) against the tests that talk to etcd
+# itself; torchrun and CLI tests add minutes and nothing version-specific.
+ETCD34_DIR := $(VENV)/etcd-3.4
+ETCD34_TESTS := integration_tests/test_etcd_*.py integration_tests/test_faults_*.py
+
+test-etcd34: install
+	.ci/get-etcd34 $(ETCD34_DIR)
+	ETCD_BINARY=$(abspath $(ETCD34_DIR))/etcd $(PY) -m pytest -q -m "not slow" $(ETCD34_TESTS)
+
+# The integration suite with its session etcd in a container (a local image built FROM scratch
+# when no registry is reachable) and the container-cluster tests; needs a running Docker engine.
+DOCKER_STAMP := $(VENV)/.installed-docker
+
+$(DOCKER_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,docker]'
+	touch $(DOCKER_STAMP)
+
+test-docker: $(DOCKER_STAMP)
+	@$(PY) -c "import docker; docker.from_env(timeout=10).ping()" >/dev/null 2>&1 || { \
+	  echo "make test-docker: no Docker engine answers at $${DOCKER_HOST:-unix:///var/run/docker.sock}." >&2; \
+	  echo "Start one (as root): 'systemctl start docker', or 'dockerd >/tmp/dockerd.log 2>&1 &'; see README, 'Tests on etcd 3.4 and in Docker'." >&2; \
+	  exit 1; }
+	TESTCONTAINERS_RYUK_DISABLED=true ETCD_SOURCE=docker $(PY) -m pytest -q integration_tests
 
 demo: install
 	$(PY) -m etcd_rdzv.demo

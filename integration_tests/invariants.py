@@ -32,6 +32,7 @@ import etcd3
 import etcd3.utils
 
 from etcd_rdzv.watch import wait_for_events
+from integration_tests.answers import Answer
 from rdzv_common.codec import decode_state
 from rdzv_common.state import NodeDesc, RendezvousState
 
@@ -292,7 +293,9 @@ NODE_PROGRAM = textwrap.dedent(
         try:
             if cmd == "next":
                 info = handler.next_rendezvous()
-                emit(event="rdzv", rank=info.rank, world=info.world_size, round=handler.last_timings.round)
+                store = info.bootstrap_store_info
+                emit(event="rdzv", rank=info.rank, world=info.world_size, round=handler.last_timings.round,
+                     store=f"{store.master_addr}:{store.master_port}")
             elif cmd == "waiting":
                 emit(event="waiting", count=handler.num_nodes_waiting())
             elif cmd == "shutdown":
@@ -332,6 +335,7 @@ class NodeProcess:
         self.messages: queue.Queue[dict] = queue.Queue()
         self.stderr: list[str] = []
         self.node: str | None = None
+        self.answers: list[Answer] = []  # what it was told, for ``answers.check``
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
@@ -361,6 +365,10 @@ class NodeProcess:
             ) from None
         if message.get("event") != event:
             raise AssertionError(f"node {self.node} sent {message}, expected '{event}'")
+        if event == "rdzv":
+            self.answers.append(
+                Answer(self.node, message["round"], message["rank"], message["world"], message["store"], time.monotonic())
+            )
         return message
 
     def ready(self, timeout: float = 60.0) -> NodeProcess:

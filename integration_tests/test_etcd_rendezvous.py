@@ -12,6 +12,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.plugin import create_handler
+from integration_tests.answers import AnswerLog, check, record_rendezvous
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,12 +30,14 @@ def test_handlers_form_a_group_and_report_their_backend_name(etcd_run):
         last_call_timeout=1,
     )
     handlers = [create_handler(params) for _ in range(3)]
+    answers = AnswerLog()
     try:
         assert {h.get_backend() for h in handlers} == {"etcd-v2"}
         with ThreadPoolExecutor(3) as pool:
-            infos = list(pool.map(lambda h: h.next_rendezvous(), handlers))
+            infos = list(pool.map(lambda h: record_rendezvous(h, answers), handlers))
         assert sorted(info.rank for info in infos) == [0, 1, 2]
         assert {info.world_size for info in infos} == {3}
+        assert check(answers) == [], answers.describe()
         # The agents' store is shared: what rank 0 writes, every rank reads.
         infos[0].store.set("hello", "world")
         assert all(info.store.get("hello") == b"world" for info in infos)

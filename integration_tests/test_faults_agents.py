@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from etcd_rdzv.keys import RunKeys
+from integration_tests.answers import check
 from integration_tests.invariants import InvariantChecker, NodeProcess, etcd_client, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -81,6 +82,8 @@ def assert_group(results: list[dict], nodes: list[NodeProcess], checker: Invaria
     checker.sync()
     group = checker.group(round_)
     assert group.ranks == {n.node: r["rank"] for n, r in zip(nodes, results)}
+    answers = [a for n in nodes for a in n.answers]
+    assert check(answers, checker.groups) == [], answers
     return round_
 
 

@@ -7,6 +7,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.factory import create_backend
 from integration_tests.agents import AgentGroup
+from integration_tests.answers import check_worker_results
 from rdzv_common.codec import decode_state
 
 # Short liveness so a killed node is declared dead within about two seconds.
@@ -52,6 +53,7 @@ def test_two_agents_all_reduce_over_etcd_v2(etcd_job):
     etcd_job.start()
     assert etcd_job.wait(timeout=120) == [0, 0], etcd_job.logs()
     results = etcd_job.results()
+    assert check_worker_results(results) == [], results
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert {r["world_size"] for r in results} == {2}
     assert {r["sum"] for r in results} == {3.0}
@@ -66,6 +68,7 @@ def test_scale_up_restarts_workers_with_world_size_three(etcd_job):
     etcd_job.start()
     assert etcd_job.wait(timeout=150) == [0, 0, 0], etcd_job.logs()
     results = etcd_job.results()
+    assert check_worker_results(results) == [], results
     assert sorted(r["rank"] for r in results) == [0, 1, 2]
     assert {r["world_size"] for r in results} == {3}
     assert {r["sum"] for r in results} == {6.0}
@@ -83,6 +86,7 @@ def test_node_loss_survivors_re_rendezvous_and_dead_node_leaves_state(etcd_job):
     victim.kill()
     assert etcd_job.wait(timeout=150, agents=agents[:2]) == [0, 0], etcd_job.logs()
     results = etcd_job.results()
+    assert check_worker_results(results) == [], results
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert {r["world_size"] for r in results} == {2}
     # Survivors shut down (closing the run); the killed agent is in no list of the final state.
