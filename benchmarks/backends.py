@@ -124,11 +124,11 @@ def stop_heartbeats(handler) -> bool:
 def leave_at_exit(handler) -> bool:
     """Run what interpreter exit runs for ``handler`` when its process exits without ``shutdown()``.
 
-    Ours registers that as ``handler._leave_at_exit`` (a ``weakref.finalize`` that ends the node's
+    Ours registers that as ``handler._abandoned`` (a ``weakref.finalize`` that ends the node's
     liveness at once); torch's handlers have nothing of the kind, so for them this does nothing and
     returns False: their departed node stays until its heartbeat times out.
     """
-    hook = getattr(handler, "_leave_at_exit", None)
+    hook = getattr(handler, "_abandoned", None)
     if hook is None or not callable(hook):
         return False
     hook()

@@ -166,7 +166,7 @@ def markdown(doc: dict) -> str:
                 for r in runs)]
             lines += ["", "The leaver exits the way a process does on SIGTERM under torchrun (no `shutdown()`): its "
                       "keep-alives stop and whatever the handler registered for interpreter exit runs. Ours ends "
-                      "the node's liveness there (`weakref.finalize`, `handler._leave_at_exit`), so survivors need "
+                      "the node's liveness there (`weakref.finalize`, `handler._abandoned`), so survivors need "
                       "not wait for the heartbeat timeout; torch's handlers register nothing, so for them this is "
                       "the same as `rejoin` (the departed node stays until keep-alive "
                       f"{s['keep_alive']:g} s × {s['keep_alive_attempts']} attempts have passed). The figure is "

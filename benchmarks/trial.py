@@ -10,7 +10,7 @@ Scenarios:
   the dead node (``keep_alive_interval * keep_alive_max_attempt``) and the last call wait.
 * ``exit``: as ``rejoin``, but the leaver leaves the way a process that exits on SIGTERM does
   (torchrun does not call ``shutdown()`` then): its keep-alives stop and, where the handler has an
-  at-exit hook (ours: ``_leave_at_exit``, which ends its liveness at once), that hook runs, as at
+  at-exit hook (ours: ``_abandoned``, which ends its liveness at once), that hook runs, as at
   interpreter exit. torch's handlers have none, so for them ``exit`` is the same as ``rejoin``.
 
 Every phase is capped: nodes still blocked at the cap are abandoned and their processes killed.

@@ -67,10 +67,10 @@ class StateHolder:
         self._settings = settings
         self._wall_clock = wall_clock
         self._state = RendezvousState()
-        # The state as last read or written (``_state`` is the caller's copy, changed in place).
-        self._stored = RendezvousState()
         self._token: Token | None = None
         self._dirty = False
+        # Whether ``_state`` may differ from anything stored (a write prepared it, then failed).
+        self._stale = False
         self._last_sync = float("-inf")
         self._pending: _Pending | None = None
         # node key -> monotonic time it was last seen alive; only positive answers are cached, so a
@@ -106,32 +106,35 @@ class StateHolder:
             RendezvousConnectionError: the backend is unreachable.
         """
         has_set: bool | None = None
-        if self._dirty:
-            # The write is prepared on a copy: a write that fails must leave no trace behind, or
-            # the next sync would write a fold and a completion that were never stored.
+        if self._dirty and not self._stale:
             self._dirty = False
-            candidate, self._state = self._state, self._stored.copy()
-            folded = self._fold_mailbox(candidate)
-            self._drop_dead(candidate)
-            settle(candidate, self._settings, self._wall_clock())
+            # Until a response replaces it, the local state holds a fold and a completion that
+            # were never stored: if the write fails, no later write may start from it.
+            self._stale = True
+            folded = self._fold_mailbox(self._state)
+            self._drop_dead(self._state)
+            settle(self._state, self._settings, self._wall_clock())
             fence = [record.handle for record in folded]
-            response = self._backend.set_state(encode_state(candidate), self._token, fence)
+            response = self._backend.set_state(encode_state(self._state), self._token, fence)
             has_set = bool(response and response[2])
             self.writes += 1
             self.failed_writes += 0 if has_set else 1
             if has_set and folded:
-                self._backend.mailbox.trim(candidate.cursor)
-        elif time.monotonic() - self._last_sync < max_age:
+                self._backend.mailbox.trim(self._state.cursor)
+        elif not self._dirty and not self._stale and time.monotonic() - self._last_sync < max_age:
             return None
         else:
+            # A change made on a stale state (after a failed write) is dropped, not written: its
+            # caller decides again from what this read returns.
             response = self._backend.get_state()
 
+        self._dirty = False
         if response is None:
-            self._stored, self._token = RendezvousState(), None
+            self._state, self._token = RendezvousState(), None
         else:
             where = f"{self._backend.location} (run '{self._settings.run_id}')"
-            self._stored, self._token = decode_state(response[0], where), response[1]
-        self._state = self._stored.copy()
+            self._state, self._token = decode_state(response[0], where), response[1]
+        self._stale = False
         # Only a read that decoded counts as fresh: a corrupt state must fail every caller.
         self._last_sync = time.monotonic()
         if self._is_folded(self._pending) or (has_set and self._pending and self._pending.record.position is None):

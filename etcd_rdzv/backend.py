@@ -15,7 +15,7 @@ from .keys import prefix_range
 from .lease import revoke
 from .liveness import EtcdLiveness
 from .mailbox import EtcdMailbox
-from .run import EtcdRun, Seen
+from .run import EtcdRun, Floor, Seen
 
 
 class EtcdRendezvousBackend(RendezvousBackend):
@@ -31,8 +31,10 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self._run = run
         self._name = name
         self._release = release
-        self._mailbox = EtcdMailbox(run)
-        self._liveness = EtcdLiveness(run)
+        # What this node has written or read of the run: its reads from the view are at least this new.
+        self._floor = Floor()
+        self._mailbox = EtcdMailbox(run, self._floor)
+        self._liveness = EtcdLiveness(run, self._floor)
         self._close_lock = threading.Lock()
         self._closed = False
 
@@ -43,6 +45,11 @@ class EtcdRendezvousBackend(RendezvousBackend):
     @property
     def run(self) -> EtcdRun:
         return self._run
+
+    @property
+    def floor(self) -> Floor:
+        """The newest revision of the run this node has written or read."""
+        return self._floor
 
     @property
     def key(self) -> str:
@@ -65,9 +72,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 kv = response.kvs[0]
                 return Seen((kv.value, kv.mod_revision), kv.mod_revision)
 
-            return self._run.read(get)
+            return self._run.read(get, self._floor)
 
-        return self._run.viewed(lambda view, floor: view.state(floor), from_etcd)
+        return self._run.viewed(lambda view, floor: view.state(floor), from_etcd, self._floor)
 
     def set_state(
         self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
@@ -93,7 +100,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
             value, meta = responses[0][0]
             return Seen((value, meta.mod_revision, False), meta.mod_revision)
 
-        return self._run.write(compare_and_set)
+        return self._run.write(compare_and_set, self._floor)
 
     def wait_for_change(self, token: Token | None, timeout: float) -> None:
         """Wait on the process's run view until the state has a revision after ``token``, or

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import etcd3
 import tenacity
 
-from .run import EtcdRun, Seen
+from .run import EtcdRun, Floor, Seen
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def compare_and_swap(
     change: Callable[[bytes | None], bytes | None],
     timeout: float,
     receipt: bytes | None = None,
+    floor: Floor | None = None,
 ) -> bytes | None:
     """Replace the key's value ``v`` with ``change(v)`` (``v`` is ``None`` if absent) and return the
     value written; if ``change`` returns ``None`` nothing is written and ``v`` comes back.
@@ -39,7 +40,9 @@ def compare_and_swap(
         receipt: a key unique to this call. The write puts it too, on the session lease, and a
             retried request that finds it knows its write already committed (its response was
             lost): the change applies exactly once. It is deleted afterwards.
+        floor: the caller's floor, raised to what the swap wrote or read.
     """
+    floor = floor or Floor()
     # (value, mod_revision) as last seen; None: absent (or not read yet).
     seen: list[tuple[bytes, int] | None] = [None]
     session = run.session
@@ -73,7 +76,7 @@ def compare_and_swap(
         return Seen((False, None))
 
     def attempt() -> bytes | None:
-        done, value = run.write(cas)
+        done, value = run.write(cas, floor)
         if not done:
             raise Conflict(key.decode(errors="replace"))
         return value

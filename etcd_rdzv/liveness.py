@@ -16,7 +16,7 @@ from rdzv_common.backend import Liveness
 
 from .keys import prefix_range
 from .lease import refresh, revoke
-from .run import EtcdRun, Seen
+from .run import EtcdRun, Floor, Seen
 
 
 class EtcdLiveness(Liveness):
@@ -29,8 +29,9 @@ class EtcdLiveness(Liveness):
     between rendezvous rounds keeps its keys.
     """
 
-    def __init__(self, run: EtcdRun) -> None:
+    def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run = run
+        self._floor = floor
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}
 
@@ -40,7 +41,7 @@ class EtcdLiveness(Liveness):
         def renew(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[bool]:
             return Seen(lease_id is not None and refresh(client, lease_id))
 
-        if self._run.write(renew, timeout):
+        if self._run.write(renew, self._floor, timeout):
             return
         key = self._run.keys.alive_key(node_key)
         value = json.dumps(
@@ -53,15 +54,15 @@ class EtcdLiveness(Liveness):
             revision = client.put(key, value, lease=new_id).header.revision
             return Seen(new_id, revision)
 
-        new_id = self._run.write(grant_and_put, timeout)
+        new_id = self._run.write(grant_and_put, self._floor, timeout)
         with self._lock:
             self._leases[node_key] = new_id
 
     def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
         """Which nodes have a liveness key, from the process's run view when it can vouch for it.
 
-        A node beats before it announces itself, so a view that holds a node's announcement (the
-        run's floor covers every record the process read) holds its liveness key too."""
+        A node beats before it announces itself, so a view that holds a node's announcement (this
+        node's floor covers every record it read) holds its liveness key too."""
         start, end = prefix_range(self._run.keys.alive)
 
         def from_etcd() -> set[str]:
@@ -70,9 +71,9 @@ class EtcdLiveness(Liveness):
                 present = {self._run.keys.node_of(kv.key) for kv in response.kvs}
                 return Seen(present, max((kv.mod_revision for kv in response.kvs), default=0))
 
-            return self._run.read(get).intersection(node_keys)
+            return self._run.read(get, self._floor).intersection(node_keys)
 
-        return self._run.viewed(lambda view, floor: view.alive(node_keys, floor), from_etcd)
+        return self._run.viewed(lambda view, floor: view.alive(node_keys, floor), from_etcd, self._floor)
 
     def forget(self, node_key: str) -> None:
         """Delete the node's key, so the whole process sees it gone at once, and revoke its lease."""
@@ -84,7 +85,7 @@ class EtcdLiveness(Liveness):
             response = client.delete(key, return_response=True)
             return Seen(None, response.header.revision if response.deleted else 0)
 
-        self._run.write(delete)
+        self._run.write(delete, self._floor)
         if lease_id is not None:
             revoke(self._run.etcd, lease_id)
 

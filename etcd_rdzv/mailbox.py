@@ -14,7 +14,7 @@ from rdzv_common.backend import Mailbox, Record
 from .client import MAX_TXN_OPS, Retryable
 from .keys import prefix_range
 from .lease import is_lease_missing
-from .run import EtcdRun, Seen
+from .run import EtcdRun, Floor, Seen
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ class EtcdMailbox(Mailbox):
     # One compare of a fencing write is the state's token; etcd allows MAX_TXN_OPS per transaction.
     batch_limit = MAX_TXN_OPS - 1
 
-    def __init__(self, run: EtcdRun) -> None:
+    def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run = run
+        self._floor = floor
 
     def post(self, record: bytes) -> Record:
         key = (self._run.keys.joins + uuid.uuid4().hex).encode()
@@ -52,7 +53,7 @@ class EtcdMailbox(Mailbox):
                 raise
             return Seen(revision, revision)
 
-        return Record(bytes(record), self._run.write(put), key)
+        return Record(bytes(record), self._run.write(put, self._floor), key)
 
     def read(self, cursor: int) -> list[Record]:
         """The records after ``cursor``, from the process's run view when it can vouch for them."""
@@ -67,9 +68,9 @@ class EtcdMailbox(Mailbox):
                 # Seeing these records, the process must not decide on a view that lacks them.
                 return Seen(found, max((rev for *_, rev in found), default=0))
 
-            return self._run.read(get)
+            return self._run.read(get, self._floor)
 
-        found = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd)
+        found = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
         return [Record(value, revision, key) for key, value, revision in found]
 
     def withdraw(self, handle: Any) -> None:
@@ -79,7 +80,7 @@ class EtcdMailbox(Mailbox):
             response = client.delete(handle, return_response=True)
             return Seen(None, response.header.revision if response.deleted else 0)
 
-        self._run.write(delete)
+        self._run.write(delete, self._floor)
 
     def trim(self, cursor: int) -> None:
         """Delete the records up to ``cursor`` that the view knows of; best effort, since records
@@ -97,6 +98,6 @@ class EtcdMailbox(Mailbox):
                     revision = responses[0].response_delete_range.header.revision if responses else 0
                     return Seen(None, revision)
 
-                self._run.write(delete)
+                self._run.write(delete, self._floor)
         except RendezvousConnectionError as exc:
             logger.warning("Could not trim the mailbox at %s: %s", self._run.keys.joins, exc)

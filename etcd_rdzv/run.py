@@ -5,13 +5,15 @@ mailbox, liveness and store of every handler of the process that takes part in t
 run's key layout (``keys``), its shared lease, the one watch-fed view of its keys, and the
 read-your-writes rule:
 
-    No decision may rest on a read older than what the process has already written or read of
-    the run.
+    No decision may rest on a read older than what the deciding node has already written or
+    read of the run.
 
 Every request of the run goes through ``write`` or ``read``, whose operations hand back, with their
-result, the newest revision of the run's keys they wrote or saw; the run keeps the largest as its
-*floor*, and the view answers only reads it can vouch for at that floor (``RunView``). No caller has
-to remember to report what it saw.
+result, the newest revision of the run's keys they wrote or saw; the run raises the caller's
+``Floor`` to it, and ``viewed`` answers from the view only what the view can vouch for at that
+floor (``RunView``). No caller has to remember to report what it saw. Floors are per node, not per
+process: a node waits for the view to show its own writes, never for the hundreds of other nodes of
+a large process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ from .session import Session
 from .view import RunView, ViewBehind
 
 T = TypeVar("T")
+
+
+class Floor:
+    """The newest revision of the run's keys that one user of the run (a node's backend, a store)
+    has written or read; ``EtcdRun`` raises it, and reads from the view must be at least as new."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revision = 0
+
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            return self._revision
+
+    def raise_to(self, revision: int) -> None:
+        with self._lock:
+            self._revision = max(self._revision, revision)
 
 
 @dataclass(frozen=True)
@@ -55,8 +75,6 @@ class EtcdRun:
         self.session = session
         self.keys = RunKeys(etcd.config.key_prefix, run_id)
         self.lease = RunLease(self.keys.state, etcd.config.ttl)
-        self._lock = threading.Lock()
-        self._floor = 0
         # Opened now, so that it has loaded by the first rendezvous.
         self.view = RunView(etcd, self.keys)
 
@@ -68,18 +86,12 @@ class EtcdRun:
         """Where ``key`` (default: the state key) is, for messages."""
         return f"etcd key '{key or self.keys.state}' at {self.etcd.config.describe_endpoints()}"
 
-    @property
-    def floor(self) -> int:
-        with self._lock:
-            return self._floor
-
-    def _saw(self, revision: int) -> None:
-        with self._lock:
-            self._floor = max(self._floor, revision)
-
-    def write(self, op: Callable[[etcd3.MultiEndpointEtcd3Client, int], Seen[T]], budget: float | None = None) -> T:
-        """Run ``op(client, run_lease_id)`` as a request; the run's lease is renewed when due and
-        granted again if it lapsed. Keys the run writes should carry the lease."""
+    def write(
+        self, op: Callable[[etcd3.MultiEndpointEtcd3Client, int], Seen[T]], floor: Floor, budget: float | None = None
+    ) -> T:
+        """Run ``op(client, run_lease_id)`` as a request and raise ``floor`` to what it wrote; the
+        run's lease is renewed when due and granted again if it lapsed. Keys the run writes should
+        carry the lease."""
 
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> Seen[T]:
             lease_id = self.lease.current(client)
@@ -91,19 +103,20 @@ class EtcdRun:
                 raise
 
         seen = self.etcd.request(attempt, budget)
-        self._saw(seen.revision)
+        floor.raise_to(seen.revision)
         return seen.value
 
-    def read(self, op: Callable[[etcd3.MultiEndpointEtcd3Client], Seen[T]], budget: float | None = None) -> T:
-        """Run ``op(client)`` as a request that reads the run's keys from etcd."""
-        seen = self.etcd.request(op, budget)
-        self._saw(seen.revision)
+    def read(self, op: Callable[[etcd3.MultiEndpointEtcd3Client], Seen[T]], floor: Floor) -> T:
+        """Run ``op(client)`` as a request that reads the run's keys from etcd; raise ``floor`` to
+        what it saw."""
+        seen = self.etcd.request(op)
+        floor.raise_to(seen.revision)
         return seen.value
 
-    def viewed(self, from_view: Callable[[RunView, int], T], from_etcd: Callable[[], T]) -> T:
-        """``from_view(view, floor)`` when the view can vouch for the floor, else ``from_etcd()``."""
+    def viewed(self, from_view: Callable[[RunView, int], T], from_etcd: Callable[[], T], floor: Floor) -> T:
+        """``from_view(view, floor)`` when the view can vouch for ``floor``, else ``from_etcd()``."""
         try:
-            return from_view(self.view, self.floor)
+            return from_view(self.view, floor.revision)
         except ViewBehind:
             pass
         # Outside the handler: a failure of the request must not carry ``ViewBehind`` as its cause.

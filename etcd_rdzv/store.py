@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .cas import compare_and_swap
 from .client import MAX_TXN_OPS
 from .keys import prefix_range
-from .run import EtcdRun, Seen
+from .run import EtcdRun, Floor, Seen
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -42,6 +42,7 @@ class EtcdStore(dist.Store):
     ) -> None:
         super().__init__()
         self._run = run
+        self._floor = Floor()
         if release is not None:
             weakref.finalize(self, release, run)
         self._prefix = run.keys.store
@@ -78,7 +79,7 @@ class EtcdStore(dist.Store):
                 )
                 return Seen(None, responses[0].response_put.header.revision)
 
-            self._run.write(put)
+            self._run.write(put, self._floor)
 
     def wait(self, keys: Sequence[str], timeout: timedelta | None = None) -> None:
         self._await(list(keys), self.timeout if timeout is None else timeout)
@@ -91,7 +92,7 @@ class EtcdStore(dist.Store):
             response = client.delete(self._key(key), return_response=True)
             return Seen(bool(response.deleted), response.header.revision if response.deleted else 0)
 
-        return self._run.write(delete)
+        return self._run.write(delete, self._floor)
 
     def num_keys(self) -> int:
         start, end = prefix_range(self._prefix)
@@ -116,13 +117,19 @@ class EtcdStore(dist.Store):
             lambda old: str(int(old or b"0") + amount).encode(),
             self.timeout.total_seconds(),
             receipt=self._receipt(),
+            floor=self._floor,
         )
         return int(new)
 
     def append(self, key: str, value: str | bytes) -> None:
         suffix = _as_bytes(value)
         compare_and_swap(
-            self._run, self._key(key), lambda old: (old or b"") + suffix, self.timeout.total_seconds(), receipt=self._receipt()
+            self._run,
+            self._key(key),
+            lambda old: (old or b"") + suffix,
+            self.timeout.total_seconds(),
+            receipt=self._receipt(),
+            floor=self._floor,
         )
 
     def compare_set(self, key: str, expected_value: str | bytes, desired_value: str | bytes) -> bytes:
@@ -135,7 +142,7 @@ class EtcdStore(dist.Store):
             matches = old == expected if old is not None else not expected
             return desired if matches else None
 
-        current = compare_and_swap(self._run, self._key(key), swap, self.timeout.total_seconds())
+        current = compare_and_swap(self._run, self._key(key), swap, self.timeout.total_seconds(), floor=self._floor)
         return expected if current is None else current
 
     def _read(self, keys: list[str]) -> dict[str, bytes]:
@@ -151,7 +158,7 @@ class EtcdStore(dist.Store):
                 newest = max((kvs[0][1].mod_revision for kvs in responses if kvs), default=0)
                 return Seen(found, newest)
 
-            values.update(self._run.read(get))
+            values.update(self._run.read(get, self._floor))
         return values
 
     def _await(self, keys: list[str], timeout: timedelta) -> list[bytes]:

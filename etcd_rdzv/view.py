@@ -21,11 +21,14 @@ stale answer or a wait to some long timeout.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from threading import Condition
 from typing import Any
 
 import etcd3
@@ -43,8 +46,10 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY_SECONDS = 1.0
 TRUSTED_FOR_SECONDS = 3.0
 STALL_AFTER_SECONDS = 3.0
-# How long a reader waits for the view to reach its floor before it asks etcd instead.
-CATCH_UP_SECONDS = 0.2
+# How long a reader waits for the view to reach its floor before it asks etcd instead. A view on a
+# busy machine trails a burst of hundreds of writes by a good part of a second; asking etcd then
+# would only add to the burst.
+CATCH_UP_SECONDS = 1.0
 # The longest any wait on the view lasts before its caller looks again (at etcd, if need be).
 WAIT_CAP_SECONDS = 1.0
 
@@ -69,7 +74,15 @@ class RunView:
         self._joins = keys.joins.encode()
         self._alive = keys.alive.encode()
         self._store = keys.store.encode()
-        self._changed = threading.Condition()
+        # One lock, and a condition per kind of waiter: a node waiting for the state must not be
+        # woken by each of the hundreds of announcements and liveness keys of a large rendezvous.
+        self._lock = threading.Lock()
+        self._state_changed = threading.Condition(self._lock)
+        self._store_changed = threading.Condition(self._lock)
+        # Readers waiting for the view to reach their floor: (floor, ticket, event), a heap, so
+        # that each applied reply wakes only those it satisfies.
+        self._floor_waiters: list[tuple[int, int, threading.Event]] = []
+        self._tickets = itertools.count()
         self._state: tuple[bytes, int] | None = None
         self._state_revision = 0  # revision of the state's last change (put or delete)
         self._joins_kv: dict[bytes, tuple[bytes, int]] = {}  # key -> (value, create_revision)
@@ -110,14 +123,21 @@ class RunView:
     def join_keys_up_to(self, cursor: int) -> list[bytes]:
         """The announcement keys created at or before ``cursor`` that the view knows of, however
         current it is (to delete folded records: a key missed here lapses with its session)."""
-        with self._changed:
+        with self._lock:
             return [k for k, (_, rev) in self._joins_kv.items() if rev <= cursor]
 
     @contextmanager
     def _caught_up(self, floor: int) -> Iterator[None]:
         """Hold the view's lock once it can answer for ``floor``; else raise ``ViewBehind``."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._trusted(floor), CATCH_UP_SECONDS):
+        with self._lock:
+            if self._trusted(floor):
+                yield
+                return
+            reached = threading.Event()
+            heapq.heappush(self._floor_waiters, (floor, next(self._tickets), reached))
+        reached.wait(CATCH_UP_SECONDS)
+        with self._lock:
+            if not self._trusted(floor):
                 raise ViewBehind(f"the run view of {self._keys.root} cannot vouch for revision {floor}")
             yield
 
@@ -134,8 +154,8 @@ class RunView:
         """Return once the state changed after ``revision`` (``None``: it did not exist), or after
         ``timeout`` seconds."""
         after = revision or 0
-        with self._changed:
-            self._changed.wait_for(
+        with self._state_changed:
+            self._state_changed.wait_for(
                 lambda: self._closed or (self._healthy and self._state_revision > after),
                 min(timeout, WAIT_CAP_SECONDS),
             )
@@ -147,8 +167,8 @@ class RunView:
             ``False`` only if the view is current and still lacks a key, so the caller may wait on
             without asking etcd; ``True`` if the keys may exist now (read them).
         """
-        with self._changed:
-            present = self._changed.wait_for(
+        with self._store_changed:
+            present = self._store_changed.wait_for(
                 lambda: self._closed or (self._healthy and self._store_keys.issuperset(keys)),
                 min(timeout, WAIT_CAP_SECONDS),
             )
@@ -174,7 +194,7 @@ class RunView:
         """Read the run's whole directory at one revision into the copy; return that revision."""
         start, end = prefix_range(self._keys.root)
         response = self._etcd.request(lambda c: c.get_range_response(start, end))
-        with self._changed:
+        with self._lock:
             self._state = None
             self._joins_kv, self._alive_keys, self._store_keys = {}, set(), set()
             for kv in response.kvs:
@@ -182,7 +202,7 @@ class RunView:
             self._applied = response.header.revision
             self._heard_at = time.monotonic()
             self._healthy = True
-            self._changed.notify_all()
+            self._wake_all()
         return response.header.revision
 
     def _follow(self) -> None:
@@ -200,7 +220,7 @@ class RunView:
                 progress_every=PROGRESS_EVERY_SECONDS,
                 stall_after=STALL_AFTER_SECONDS,
             )
-            with self._changed:
+            with self._lock:
                 if self._closed or not self._running.is_set():
                     watch.cancel()
                 self._watch = watch
@@ -211,52 +231,70 @@ class RunView:
         finally:
             self._set_unhealthy()
 
-    def _put(self, kv: Any) -> None:
+    def _put(self, kv: Any) -> Condition | None:
+        """Apply a put; return the condition whose waiters it concerns."""
         key = kv.key
         if key == self._state_key:
             self._state = (kv.value, kv.mod_revision)
             self._state_revision = max(self._state_revision, kv.mod_revision)
-        elif key.startswith(self._joins):
+            return self._state_changed
+        if key.startswith(self._joins):
             self._joins_kv[key] = (kv.value, kv.create_revision)
         elif key.startswith(self._alive):
             self._alive_keys.add(self._keys.node_of(key))
         elif key.startswith(self._store):
             self._store_keys.add(key)
+            return self._store_changed
+        return None
 
-    def _delete(self, key: bytes, revision: int) -> None:
+    def _delete(self, key: bytes, revision: int) -> Condition | None:
+        """Apply a delete; return the condition whose waiters it concerns."""
         if key == self._state_key:
             self._state = None
             self._state_revision = max(self._state_revision, revision)
-        elif key.startswith(self._joins):
+            return self._state_changed
+        if key.startswith(self._joins):
             self._joins_kv.pop(key, None)
         elif key.startswith(self._alive):
             self._alive_keys.discard(self._keys.node_of(key))
         elif key.startswith(self._store):
             self._store_keys.discard(key)
+        return None
 
     def _apply(self, reply: Any) -> None:
-        with self._changed:
+        with self._lock:
+            concerned = set()
             for event in reply.events:
                 kv = event.kv
                 revision = kv.mod_revision or reply.header.revision
                 if event.type == _DELETE:
-                    self._delete(kv.key, revision)
+                    concerned.add(self._delete(kv.key, revision))
                 else:
-                    self._put(kv)
+                    concerned.add(self._put(kv))
                 self._applied = max(self._applied, revision)
             self._heard_at = time.monotonic()
-            self._changed.notify_all()
+            for condition in concerned - {None}:
+                condition.notify_all()
+            while self._floor_waiters and self._floor_waiters[0][0] <= self._applied:
+                heapq.heappop(self._floor_waiters)[2].set()
+
+    def _wake_all(self) -> None:
+        for condition in (self._state_changed, self._store_changed):
+            condition.notify_all()
+        waiters, self._floor_waiters = self._floor_waiters, []
+        for _, _, reached in waiters:
+            reached.set()
 
     def _set_unhealthy(self) -> None:
-        with self._changed:
+        with self._lock:
             self._healthy = False
             self._watch = None
-            self._changed.notify_all()
+            self._wake_all()
 
     def _stop_stream(self) -> None:
-        with self._changed:
+        with self._lock:
             watch = self._watch
-            self._changed.notify_all()
+            self._wake_all()
         if watch is not None:
             watch.cancel()
 
@@ -273,7 +311,7 @@ class RunView:
             self._thread = self._start()
 
     def close(self) -> None:
-        with self._changed:
+        with self._lock:
             self._closed = True
         self._running.set()
         self._stop_stream()

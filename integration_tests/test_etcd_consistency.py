@@ -91,7 +91,7 @@ def test_a_mailbox_read_from_etcd_raises_what_liveness_must_vouch_for(make, etcd
     wait_until(lambda: backend.get_state() is not None, 5)
     lag = _HeldEvents(backend.run.view, monkeypatch)
     backend.liveness.beat("me", 5)  # our own write, not yet in the view
-    own_write = backend.run.floor
+    own_write = backend.floor.revision
     keys = backend.run.keys
     # Then another process's joiner beats and announces itself.
     lease = etcd_admin.lease(30)
