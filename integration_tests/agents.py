@@ -68,6 +68,8 @@ class AgentGroup:
     conf: dict[str, str] = field(default_factory=dict)
     max_restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    nproc_per_node: int = 1
+    start_method: str | None = None  # torchrun's --start-method; None keeps torchrun's default
     agents: list[Agent] = field(default_factory=list)
 
     @property
@@ -81,11 +83,13 @@ class AgentGroup:
         merged = {**self.conf, **(conf or {})}
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
-            f"--nnodes={self.nnodes}", "--nproc-per-node=1",
+            f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node}",
             f"--rdzv-backend={self.backend}", f"--rdzv-endpoint={self.endpoint}",
             f"--rdzv-id={self.run_id}", f"--max-restarts={self.max_restarts}",
             "--monitor-interval=0.5", "--local-addr=127.0.0.1",
         ]
+        if self.start_method is not None:
+            cmd.append(f"--start-method={self.start_method}")
         if merged:
             cmd.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in merged.items()))
         cmd.append(str(SCRIPTS / script))
