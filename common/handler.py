@@ -79,6 +79,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._executor = OpExecutor(node, self._holder, backend, settings)
         self._lock = threading.Lock()
         self._heartbeat_stop: threading.Event | None = None
+        self._beats_failing = False
         self._trainer_store = TrainerStoreHost(node.addr)
         self.last_timings: RendezvousTimings | None = None
         # A handler dropped without shutdown(), or a process that exits without it (torchrun skips
@@ -229,20 +230,28 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _keep_alive(self) -> None:
         # A beat touches only this node's liveness: it neither reads nor writes the shared state.
+        # Failures are logged when the heartbeat's health changes, not at every interval, so an
+        # outage does not flood the log (torch's event stream still gets every failure).
         with self._lock:
             try:
                 self._executor.beat(self._settings.heartbeat_timeout)
-                logger.debug("The node '%s' sent a keep-alive heartbeat.", self._node)
             except RendezvousError as ex:
-                self._report_failure("send a keep-alive heartbeat to", ex)
+                self._report_failure("send a keep-alive heartbeat to", ex, log=not self._beats_failing)
+                self._beats_failing = True
+                return
+            if self._beats_failing:
+                logger.info("The node '%s' sends keep-alive heartbeats again.", self._node)
+            self._beats_failing = False
+            logger.debug("The node '%s' sent a keep-alive heartbeat.", self._node)
 
-    def _report_failure(self, what: str, ex: RendezvousError) -> None:
+    def _report_failure(self, what: str, ex: RendezvousError, log: bool = True) -> None:
         msg = (
             f"The node '{self._node}' has failed to {what} the rendezvous "
             f"'{self._settings.run_id}' due to an error of type {type(ex).__name__}: {ex}"
         )
         self._record(msg, NodeState.FAILED)
-        logger.warning(msg)
+        if log:
+            logger.warning(msg)
 
     def _start_heartbeats(self) -> None:
         stop = threading.Event()
