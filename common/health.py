@@ -129,13 +129,15 @@ class Admission:
             self._strikes += 1
             seconds = cooldown(self._settings.health_cooldown, self._strikes)
             reason = f"health check {self._settings.health_check} failed: {result.describe()}"
-            self._quarantine.put(QuarantineEntry(self.host, self._wall_clock() + seconds, reason, self._strikes))
+            entry = QuarantineEntry(self.host, self._wall_clock() + seconds, reason, self._strikes)
+            self._quarantine.put(entry)
             logger.warning(
                 "The node '%s' stays out of the rendezvous '%s': its health check %s failed (%s, "
                 "failure %d in a row); its host %s is quarantined for %.0fs. Last output:\n%s",
                 self._node, self._settings.run_id, self._settings.health_check, result.status,
                 self._strikes, self.host, seconds, result.output or "(none)",
             )
+            self._wait(entry, deadline, failed)
 
     def _wait(self, entry: QuarantineEntry, deadline: float, failed: CheckResult | None) -> None:
         left = deadline - self._clock()
@@ -151,7 +153,7 @@ class Admission:
                 f"within join_timeout: its host {self.host} is quarantined for "
                 f"{max(0.0, entry.until - self._wall_clock()):.0f}s more ({entry.reason})."
             )
-        logger.info(
+        logger.debug(
             "The host %s of node '%s' is quarantined in the rendezvous '%s' for %.0fs more: %s",
             self.host, self._node, self._settings.run_id, entry.until - self._wall_clock(), entry.reason,
         )

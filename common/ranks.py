@@ -23,7 +23,7 @@ RANK_ORDERS = ("sorted", "natural", "topology")
 TOPOLOGY_ENV = "TORCH_RDZV_TOPOLOGY"
 # A label is short printable text; anything longer is a mistake, not a datacenter.
 MAX_TOPOLOGY_CHARS = 256
-_COMPONENT = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_COMPONENT = re.compile(r"[A-Za-z0-9_.:-]+")
 _RUNS = re.compile(r"(\d+)")
 
 
@@ -37,7 +37,7 @@ def check_topology(label: str) -> str:
     if not isinstance(label, str) or not label or len(label) > MAX_TOPOLOGY_CHARS:
         raise ValueError(f"a topology label must be 1..{MAX_TOPOLOGY_CHARS} characters of text")
     for component in label.split("/"):
-        if not _COMPONENT.match(component):
+        if not _COMPONENT.fullmatch(component):
             raise ValueError(
                 f"component {component!r} of the topology label {label!r} is not 1 or more letters, "
                 "digits or '_.:-' (write the path as 'zone-a/rack-07/switch-3')"
@@ -47,15 +47,19 @@ def check_topology(label: str) -> str:
 
 def natural_key(text: str) -> tuple:
     """A sort key that orders ``text`` naturally: IP addresses first, by numeric value; other text
-    by its runs of digits as numbers and the rest case-insensitively; ties broken by the text itself,
-    so distinct texts never compare equal."""
+    label by label (split at dots), each by its runs of digits as numbers and the rest
+    case-insensitively; ties broken by the text itself, so distinct texts never compare equal."""
     try:
         address = ipaddress.ip_address(text)
         return (0, address.version, int(address), text)
     except ValueError:
         pass
-    parts = tuple((0, int(run), "") if run.isdigit() else (1, 0, run.casefold()) for run in _RUNS.split(text) if run)
-    return (1, parts, text)
+    # Host names compare label by label, so that 'gpu.dc1' comes before 'gpu1.dc1'.
+    labels = tuple(
+        tuple((0, int(run), "") if run.isdigit() else (1, 0, run.casefold()) for run in _RUNS.split(label) if run)
+        for label in text.split(".")
+    )
+    return (1, labels, text)
 
 
 def node_key(node: NodeDesc) -> tuple:
