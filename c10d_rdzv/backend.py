@@ -10,6 +10,8 @@ percent-quoted (so it holds no ``/``):
 ``changed/<g>``        set by the write that bumped ``generation`` to ``g``; waiters block on it
 ``log``                the join mailbox: records appended as ``<length>:<record>,``
 ``hb/<node_key>``      the node's last beat, ``time.time()`` as decimal text; ``0`` once forgotten
+``quarantine/<host>``  the host's quarantine entry, JSON with its expiry time (``until``); see
+                       ``quarantine.py``, which also owns ``quarantined`` and ``lapses/<host>``
 =====================  ===========================================================================
 
 The nonce makes every write's stored value unique, so ``has_set`` is exact (torch's c10d backend
@@ -29,13 +31,14 @@ from typing import Any
 from torch.distributed import Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousStateError
 
-from rdzv_common.backend import Liveness, Mailbox, RendezvousBackend, Token
+from rdzv_common.backend import Liveness, Mailbox, Quarantine, RendezvousBackend, Token
 
 from .calls import StoreCalls, describe
 from .keywait import KeyWaiter
 from .keys import RunKeys
 from .liveness import C10dLiveness
 from .mailbox import C10dMailbox
+from .quarantine import C10dQuarantine
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class C10dRendezvousBackend(RendezvousBackend):
         self._name = name
         self._mailbox = C10dMailbox(self._calls, self._keys.log)
         self._liveness = C10dLiveness(self._calls, self._keys)
+        self._quarantine = C10dQuarantine(self._calls, self._keys)
         # A TCPStore connection serves one request at a time, so a wait on the shared connection
         # would stall this node's heartbeats (and the agents' store calls) for the whole wait.
         # Connecting now also spares the many nodes of a large run from all connecting at the
@@ -90,6 +94,10 @@ class C10dRendezvousBackend(RendezvousBackend):
     @property
     def liveness(self) -> Liveness:
         return self._liveness
+
+    @property
+    def quarantine(self) -> Quarantine:
+        return self._quarantine
 
     def get_state(self) -> tuple[bytes, Token] | None:
         stored = self._calls.peek(self._keys.state)

@@ -36,3 +36,13 @@ class RunKeys:
 
     def heartbeat(self, node_key: str) -> str:
         return f"{self.root}hb/{node_key}"
+
+    @property
+    def quarantined(self) -> str:
+        return self.root + "quarantined"
+
+    def quarantine(self, host: str) -> str:
+        return f"{self.root}quarantine/{quote(host, safe='')}"
+
+    def lapses(self, host: str) -> str:
+        return f"{self.root}lapses/{quote(host, safe='')}"

@@ -7,6 +7,8 @@ A backend stores one opaque state value per run and offers three capabilities th
 * ``wait_for_change``: block until the state moves past a token, so no node polls on a timer.
 * ``mailbox`` and ``liveness``: where joins and leaves are announced and where nodes prove they are
   alive, both kept off the shared state so that neither grows contention with the number of nodes.
+* ``quarantine``: hosts kept out of the run for a cool-down, and the record of liveness lapses
+  that quarantines a host (see ``health.py``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,47 @@ class Liveness(ABC):
         """Drop ``node_key``'s liveness; it is dead from now on."""
 
 
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A host kept out of a run: no node of it joins before ``until`` (UNIX time).
+
+    Attributes:
+        reason: why, for operators (a failed check's last output lines, lapses, an operator).
+        strikes: consecutive failures that led here; the next cool-down doubles from it.
+    """
+
+    host: str
+    until: float
+    reason: str
+    strikes: int = 1
+
+
+class Quarantine(ABC):
+    """Per-run quarantine of hosts, kept off the shared state. An entry ends by itself at its
+    ``until`` (an etcd lease, an expiry time); ``get`` and ``entries`` never return an ended one."""
+
+    @abstractmethod
+    def put(self, entry: QuarantineEntry) -> None:
+        """Quarantine ``entry.host`` until ``entry.until``, replacing any entry it had."""
+
+    @abstractmethod
+    def get(self, host: str) -> QuarantineEntry | None:
+        """The host's entry, or ``None`` when it is not quarantined."""
+
+    @abstractmethod
+    def remove(self, host: str) -> None:
+        """End the host's quarantine now."""
+
+    @abstractmethod
+    def entries(self) -> list[QuarantineEntry]:
+        """Every quarantined host of the run, by host."""
+
+    @abstractmethod
+    def note_lapse(self, host: str, window: float) -> int:
+        """Record that a node of ``host`` lost its liveness now; return how many lapses of the host
+        (this one included) the run recorded within the last ``window`` seconds."""
+
+
 class RendezvousBackend(ABC):
     """Holds the shared rendezvous state of one run.
 
@@ -145,6 +188,11 @@ class RendezvousBackend(ABC):
     @abstractmethod
     def liveness(self) -> Liveness:
         """Where nodes beat. Heartbeats never rewrite the shared state."""
+
+    @property
+    @abstractmethod
+    def quarantine(self) -> Quarantine:
+        """The run's quarantined hosts."""
 
     def close(self) -> None:
         """Release what this backend holds (connections, leases, threads). Idempotent."""

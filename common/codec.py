@@ -1,16 +1,25 @@
 """The wire format of ``RendezvousState``: versioned JSON, validated on the way in. Never pickle.
 
-Format (version 1), UTF-8 JSON object::
+Format (version 2), UTF-8 JSON object::
 
-    {"format": "torch-rdzv-state", "version": 1,
+    {"format": "torch-rdzv-state", "version": 2,
      "round": 3, "complete": true, "closed": false, "deadline": null, "cursor": 17,
      "world_size": 2,
-     "participants": [{"addr": "10.0.0.1", "pid": 41, "local_id": 0, "rank": 0}, ...],
+     "participants": [{"addr": "10.0.0.1", "pid": 41, "local_id": 0, "rank": 0,
+                       "topology": "zone-a/rack-07"}, ...],
      "wait_list": [{"addr": ..., "pid": ..., "local_id": ...}, ...],
-     "redundancy_list": [...]}
+     "redundancy_list": [...],
+     "previous_ranks": [{"addr": ..., "pid": ..., "local_id": ..., "rank": 1}, ...]}
+
+A node entry carries ``topology`` only if the node announced a label. Version rules: a release
+writes one version and reads every version it can read without losing a field; a version 1
+state (before topology labels and ``previous_ranks``) reads as one with neither, and is
+rewritten as version 2 by the next write. A version it does not know is refused, never guessed:
+version 1 releases refuse version 2, which is why every node of a job must run the same release.
 
 Announcements posted to a backend's mailbox are ``{"join": NODE}`` and
-``{"leave": NODE, "round": N, "complete": BOOL}``, NODE being ``{"addr", "pid", "local_id"}``.
+``{"leave": NODE, "round": N, "complete": BOOL}``, NODE being ``{"addr", "pid", "local_id"}``
+(a join's NODE also carries ``topology`` if the node has a label).
 A leave names the round it leaves and whether that round was complete when the node decided to
 leave: a node that leaves a complete round (its workers stopped) and one that takes back its join
 of an incomplete round (its join timed out) want different things, and a leave folded late must
@@ -27,20 +36,27 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
+from .ranks import check_topology
 from .state import NodeDesc, RendezvousState
 
 FORMAT = "torch-rdzv-state"
-VERSION = 1
+VERSION = 2
+# The versions this release reads (see the module's version rules).
+READABLE_VERSIONS = (1, 2)
 # A state for tens of thousands of nodes stays far below this; a larger value is not ours.
 MAX_STATE_BYTES = 16 * 1024 * 1024
 
 
-def _node_to_json(node: NodeDesc) -> dict[str, Any]:
-    return {"addr": node.addr, "pid": node.pid, "local_id": node.local_id}
+def _node_to_json(node: NodeDesc, topology: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"addr": node.addr, "pid": node.pid, "local_id": node.local_id}
+    if topology is not None:
+        doc["topology"] = topology
+    return doc
 
 
 def encode_state(state: RendezvousState) -> bytes:
     """Serialize ``state``; participants and lists are sorted so equal states encode equally."""
+    labels = state.topology
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -51,10 +67,11 @@ def encode_state(state: RendezvousState) -> bytes:
         "cursor": state.cursor,
         "world_size": state.world_size,
         "participants": [
-            {**_node_to_json(n), "rank": r} for n, r in sorted(state.participants.items())
+            {**_node_to_json(n, labels.get(n)), "rank": r} for n, r in sorted(state.participants.items())
         ],
-        "wait_list": [_node_to_json(n) for n in sorted(state.wait_list)],
-        "redundancy_list": [_node_to_json(n) for n in sorted(state.redundancy_list)],
+        "wait_list": [_node_to_json(n, labels.get(n)) for n in sorted(state.wait_list)],
+        "redundancy_list": [_node_to_json(n, labels.get(n)) for n in sorted(state.redundancy_list)],
+        "previous_ranks": [{**_node_to_json(n), "rank": r} for n, r in sorted(state.previous_ranks.items())],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -87,8 +104,17 @@ def _node(doc: Any, where: str) -> NodeDesc:
     return NodeDesc(addr, pid, local_id)
 
 
-def _node_list(doc: dict[str, Any], name: str, where: str) -> list[tuple[NodeDesc, dict]]:
-    entries = _field(doc, name, list, where)
+def _topology(entry: dict[str, Any], where: str) -> str | None:
+    if "topology" not in entry:
+        return None
+    try:
+        return check_topology(_field(entry, "topology", str, where))
+    except ValueError as exc:
+        raise _fail(where, str(exc)) from None
+
+
+def _node_list(doc: dict[str, Any], name: str, where: str, default: list | None = None) -> list[tuple[NodeDesc, dict]]:
+    entries = default if default is not None and name not in doc else _field(doc, name, list, where)
     nodes = [(_node(e, where), e) for e in entries]
     if len({n for n, _ in nodes}) != len(nodes):
         raise _fail(where, f"'{name}' names a node twice")
@@ -113,7 +139,7 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
 
     Raises:
         RendezvousStateError: naming ``where`` and what is wrong, for any value that is not a
-            well-formed version-1 state.
+            well-formed state of a version this release reads.
     """
     return _cached(_decode_state, data, where).copy()
 
@@ -134,11 +160,11 @@ def _decode_state(data: bytes, where: str) -> RendezvousState:
     if doc.get("format") != FORMAT:
         raise _fail(where, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
     version = doc.get("version")
-    if type(version) is not int or version != VERSION:  # noqa: E721 - True must not pass as 1
+    if type(version) is not int or version not in READABLE_VERSIONS:  # noqa: E721 - True must not pass as 1
         raise _fail(
             where,
-            f"format version {version!r} is not supported (this library reads "
-            f"version {VERSION}); upgrade every node to the same release",
+            f"format version {version!r} is not supported (this library reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade every node to the same release",
         )
     state = RendezvousState(
         round=_field(doc, "round", int, where),
@@ -157,8 +183,10 @@ def _decode_state(data: bytes, where: str) -> RendezvousState:
         state.deadline = float(deadline)
     if state.round < 0 or state.cursor < 0 or state.world_size < 0:
         raise _fail(where, "round, cursor and world_size must not be negative")
+    labelled = []
     for node, entry in _node_list(doc, "participants", where):
         state.participants[node] = _field(entry, "rank", int, where)
+        labelled.append((node, entry))
     ranks = list(state.participants.values())
     if state.complete and (
         len(set(ranks)) != len(ranks) or not all(0 <= r < state.world_size for r in ranks)
@@ -166,11 +194,23 @@ def _decode_state(data: bytes, where: str) -> RendezvousState:
         raise _fail(where, f"the ranks {sorted(ranks)} do not fit a complete group of {state.world_size}")
     if not state.complete and (state.world_size != 0 or any(ranks)):
         raise _fail(where, "an incomplete round carries ranks or a world size")
-    state.wait_list = {n for n, _ in _node_list(doc, "wait_list", where)}
-    state.redundancy_list = {n for n, _ in _node_list(doc, "redundancy_list", where)}
+    waiting = _node_list(doc, "wait_list", where)
+    redundant = _node_list(doc, "redundancy_list", where)
+    state.wait_list = {n for n, _ in waiting}
+    state.redundancy_list = {n for n, _ in redundant}
     lists = [set(state.participants), state.wait_list, state.redundancy_list]
     if sum(map(len, lists)) != len(set().union(*lists)):
         raise _fail(where, "a node is in more than one of participants, wait_list, redundancy_list")
+    for node, entry in labelled + waiting + redundant:
+        label = _topology(entry, where)
+        if label is not None:
+            state.topology[node] = label
+    # Version 1 has no previous ranks: it reads as a run whose ranks start afresh.
+    for node, entry in _node_list(doc, "previous_ranks", where, default=[] if version == 1 else None):
+        state.previous_ranks[node] = _field(entry, "rank", int, where)
+    previous = list(state.previous_ranks.values())
+    if len(set(previous)) != len(previous) or any(r < 0 for r in previous):
+        raise _fail(where, f"the previous ranks {sorted(previous)} are not distinct ranks")
     return state
 
 
@@ -183,11 +223,12 @@ class Announcement:
     node: NodeDesc
     round: int | None = None
     complete: bool | None = None
+    topology: str | None = None
 
 
-def encode_join(node: NodeDesc) -> bytes:
-    """Serialize the announcement that ``node`` wants to join."""
-    return json.dumps({"join": _node_to_json(node)}, separators=(",", ":")).encode()
+def encode_join(node: NodeDesc, topology: str | None = None) -> bytes:
+    """Serialize the announcement that ``node``, labelled ``topology`` if given, wants to join."""
+    return json.dumps({"join": _node_to_json(node, topology)}, separators=(",", ":")).encode()
 
 
 def encode_leave(node: NodeDesc, round: int, complete: bool) -> bytes:
@@ -209,7 +250,8 @@ def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement
 def _decode_announcement(data: bytes, where: str) -> Announcement:
     doc = _load_json(data, where)
     if isinstance(doc, dict) and "join" in doc:
-        return Announcement("join", _node(doc["join"], where))
+        node = _node(doc["join"], where)
+        return Announcement("join", node, topology=_topology(doc["join"], where))
     if isinstance(doc, dict) and "leave" in doc:
         round_ = _field(doc, "round", int, where)
         if round_ < 0:

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -24,8 +24,10 @@ from .backend import RendezvousBackend
 from .bootstrap import TrainerStoreHost, shared_store_enabled
 from .events import record_event
 from .executor import OpExecutor
+from .health import Admission
 from .holder import StateHolder
-from .ops import close_op, exit_op, join_op
+from .ops import close_op, exit_op, join_op, nodes_waiting
+from .ranks import TOPOLOGY_ENV, check_topology
 from .settings import RendezvousSettings, settings_from_params
 from .state import NodeDesc, NodeDescGenerator
 
@@ -69,13 +71,18 @@ class DynamicRendezvousHandler(RendezvousHandler):
         backend_name: str,
         store: dist.Store,
         backend: RendezvousBackend,
+        topology: str | None = None,
     ) -> None:
         self._node = node
         self._settings = settings
         self._backend_name = backend_name
         self._store = store
         self._backend = backend
-        self._holder = StateHolder(backend, settings, node)
+        self._admission = Admission(node, settings, backend.quarantine)
+        # Lapses quarantine hosts only where admission is health-gated: without a check, a host
+        # that restarts its agents often (or every node of a single-host test) must not lock itself out.
+        on_dropped = self._admission.note_lapses if settings.health_check else None
+        self._holder = StateHolder(backend, settings, node, topology=topology, on_dropped=on_dropped)
         self._executor = OpExecutor(node, self._holder, backend, settings)
         self._lock = threading.Lock()
         self._heartbeat_stop: threading.Event | None = None
@@ -140,6 +147,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._executor.beat()
                 deadline = started + self._settings.join_timeout
                 self._executor.run(exit_op, deadline)
+                self._admission.admit(self._holder.state.round, deadline)
                 self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
                 placed_at = self._executor.placed_at or time.monotonic()
             self._start_heartbeats()
@@ -196,7 +204,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def num_nodes_waiting(self) -> int:
         def read() -> int:
             self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
-            return len(self._holder.state.wait_list)
+            return nodes_waiting(self._holder.state, self._settings)
 
         return self._guarded(read)
 
@@ -312,6 +320,19 @@ def _heartbeat_loop(handler_ref: weakref.ref, stop: threading.Event, interval: f
         del handler
 
 
+def _topology_label(environ: Mapping[str, str]) -> str | None:
+    raw = environ.get(TOPOLOGY_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return check_topology(raw)
+    except ValueError as exc:
+        raise ValueError(
+            f"The environment variable {TOPOLOGY_ENV} is {raw!r}: {exc}. Set it to where the node sits, "
+            "e.g. 'zone-a/rack-07/switch-3', or unset it."
+        ) from None
+
+
 def create_handler_with(
     make_backend: Callable[[RendezvousParameters], tuple[RendezvousBackend, dist.Store]],
     params: RendezvousParameters,
@@ -334,16 +355,17 @@ def create_handler(
 ) -> DynamicRendezvousHandler:
     """Create a handler for ``params`` over ``backend``, handing ``store`` to the agents.
 
-    Reads ``join_timeout``, ``last_call_timeout``, ``close_timeout``, ``heartbeat_timeout``,
-    ``keep_alive_interval`` and ``keep_alive_max_attempt`` (see ``settings.CORE_KEYS``).
+    Reads the core's keys (``settings.CORE_OPTIONS``) and the node's topology label from the
+    environment variable ``TORCH_RDZV_TOPOLOGY``.
 
     Raises:
         ValueError: a configuration value is invalid; the message names the key and the value.
     """
     try:
         settings = settings_from_params(params)
+        topology = _topology_label(os.environ)
         node = _node_desc_generator.generate(params.local_addr)
-        return DynamicRendezvousHandler(node, settings, params.backend, store, backend)
+        return DynamicRendezvousHandler(node, settings, params.backend, store, backend, topology)
     except Exception as e:
         from torch.distributed.elastic.events import construct_and_record_rdzv_event
 

@@ -53,6 +53,8 @@ class StateHolder:
 
     Args:
         wall_clock: UNIX time, for the state's last-call deadline (shared between machines).
+        topology: the node's topology label, sent with its joins.
+        on_dropped: called with the nodes a write that won dropped as dead (after the write).
     """
 
     def __init__(
@@ -61,9 +63,13 @@ class StateHolder:
         settings: RendezvousSettings,
         node: NodeDesc | None = None,
         wall_clock: Callable[[], float] = time.time,
+        topology: str | None = None,
+        on_dropped: Callable[[list[NodeDesc]], None] | None = None,
     ) -> None:
         self._backend = backend
         self._node = node
+        self._topology = topology
+        self._on_dropped = on_dropped
         self._settings = settings
         self._wall_clock = wall_clock
         self._state = RendezvousState()
@@ -112,7 +118,7 @@ class StateHolder:
             # were never stored: if the write fails, no later write may start from it.
             self._stale = True
             folded = self._fold_mailbox(self._state)
-            self._drop_dead(self._state)
+            dropped = self._drop_dead(self._state)
             settle(self._state, self._settings, self._wall_clock())
             fence = [record.handle for record in folded]
             response = self._backend.set_state(encode_state(self._state), self._token, fence)
@@ -121,6 +127,8 @@ class StateHolder:
             self.failed_writes += 0 if has_set else 1
             if has_set and folded:
                 self._backend.mailbox.trim(self._state.cursor)
+            if has_set and dropped and self._on_dropped is not None:
+                self._on_dropped(dropped)
         elif not self._dirty and not self._stale and time.monotonic() - self._last_sync < max_age:
             return None
         else:
@@ -160,21 +168,24 @@ class StateHolder:
             state.cursor = records[-1].position
         return records
 
-    def _drop_dead(self, state: RendezvousState) -> None:
+    def _drop_dead(self, state: RendezvousState) -> list[NodeDesc]:
+        """Drop the nodes whose liveness lapsed from ``state``; return them."""
         nodes = state.nodes() - {self._node} if self._node else state.nodes()
         if not nodes:
-            return
+            return []
         now = time.monotonic()
         fresh_for = self._settings.keep_alive_interval
         if all(now - self._seen_alive.get(n.key, float("-inf")) <= fresh_for for n in nodes):
-            return
+            return []
         # Ask about every node at once: one request answers for all, and the answers stay fresh.
         by_key = {n.key: n for n in nodes}
         alive = self._backend.liveness.alive(list(by_key), self._settings.liveness_ttl)
         for key in alive:
             self._seen_alive[key] = now
+        dropped = []
         for key, node in by_key.items():
             if key not in alive:
+                dropped.append(node)
                 self._seen_alive.pop(key, None)
                 logger.debug(
                     "Detected dead node '%s' in run '%s', removing it from the rendezvous",
@@ -182,6 +193,7 @@ class StateHolder:
                     self._settings.run_id,
                 )
                 state.remove_node(node)
+        return dropped
 
     def refresh_liveness(self) -> None:
         """Ask the backend afresh about every node at the next sync (a new rendezvous starts)."""
@@ -199,7 +211,7 @@ class StateHolder:
         if action is Action.REMOVE_FROM_PARTICIPANTS:
             data = encode_leave(self._node, state.round, state.complete)
         else:
-            data = encode_join(self._node)
+            data = encode_join(self._node, self._topology)
         self._pending = _Pending(state.round, action, self._backend.mailbox.post(data))
 
     def await_fold(self) -> bool:

@@ -8,17 +8,22 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from .backend import Liveness, Mailbox, Record, RendezvousBackend, Token
+from .backend import Liveness, Mailbox, Quarantine, QuarantineEntry, Record, RendezvousBackend, Token
 
 
 class MemoryStore:
     """The shared server side: one state per run, a join log and heartbeat times.
 
     ``clock`` returns seconds; tests pass a fake one to expire heartbeats without sleeping.
+    ``wall_clock`` (UNIX seconds) ends quarantines and ages lapses.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
+        self.wall_clock = wall_clock
+        # run id -> host -> entry, and run id -> host -> UNIX times of its lapses.
+        self.quarantine: dict[str, dict[str, QuarantineEntry]] = {}
+        self.lapses: dict[str, dict[str, list[float]]] = {}
         self.changed = threading.Condition()
         self.states: dict[str, tuple[bytes, int]] = {}
         self.logs: dict[str, list[bytes]] = {}
@@ -79,6 +84,42 @@ class MemoryLiveness(Liveness):
             self._store.beats.get(self._run_id, {}).pop(node_key, None)
 
 
+class MemoryQuarantine(Quarantine):
+    def __init__(self, store: MemoryStore, run_id: str) -> None:
+        self._store = store
+        self._run_id = run_id
+
+    def _live(self) -> dict[str, QuarantineEntry]:
+        now = self._store.wall_clock()
+        entries = self._store.quarantine.setdefault(self._run_id, {})
+        for host in [h for h, e in entries.items() if e.until <= now]:
+            del entries[host]
+        return entries
+
+    def put(self, entry: QuarantineEntry) -> None:
+        with self._store.changed:
+            self._live()[entry.host] = entry
+
+    def get(self, host: str) -> QuarantineEntry | None:
+        with self._store.changed:
+            return self._live().get(host)
+
+    def remove(self, host: str) -> None:
+        with self._store.changed:
+            self._live().pop(host, None)
+
+    def entries(self) -> list[QuarantineEntry]:
+        with self._store.changed:
+            return [e for _, e in sorted(self._live().items())]
+
+    def note_lapse(self, host: str, window: float) -> int:
+        with self._store.changed:
+            now = self._store.wall_clock()
+            times = self._store.lapses.setdefault(self._run_id, {}).setdefault(host, [])
+            times[:] = [t for t in times if now - t < window] + [now]
+            return len(times)
+
+
 class MemoryBackend(RendezvousBackend):
     """A backend over a ``MemoryStore``; the token is a version number that grows on each write.
     Like etcd's, its writes are fenced on the records they fold (``withdraw``)."""
@@ -89,6 +130,7 @@ class MemoryBackend(RendezvousBackend):
         self._name = name
         self._mailbox = MemoryMailbox(store, run_id)
         self._liveness = MemoryLiveness(store, run_id)
+        self._quarantine = MemoryQuarantine(store, run_id)
 
     @property
     def name(self) -> str:
@@ -134,3 +176,7 @@ class MemoryBackend(RendezvousBackend):
     @property
     def liveness(self) -> Liveness:
         return self._liveness
+
+    @property
+    def quarantine(self) -> Quarantine:
+        return self._quarantine

@@ -73,10 +73,12 @@ def exit_op(ctx: Context, deadline: float) -> Action:
 
 
 def _placement(state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> Action | None:
-    """Where a node that is in no list belongs now, or ``None`` if it needs no move."""
+    """Where a node that is in no list belongs now, or ``None`` if it needs no move. A complete
+    group below ``max_world`` has room for more whole units: a node waits for the next round; a
+    full one makes it redundant."""
     if not state.complete:
         return Action.ADD_TO_PARTICIPANTS
-    if len(state.participants) < settings.max_nodes:
+    if len(state.participants) < settings.max_world:
         return None if node in state.wait_list else Action.ADD_TO_WAIT_LIST
     if node in state.redundancy_list or node in state.wait_list:
         return None
@@ -99,7 +101,7 @@ def join_op(ctx: Context, deadline: float) -> Action:
 
     if node in state.redundancy_list:
         # Redundant nodes ignore the join timeout: they may wait for a free place indefinitely.
-        if len(state.participants) < settings.max_nodes:
+        if len(state.participants) < settings.max_world:
             return Action.REMOVE_FROM_REDUNDANCY_LIST
         return Action.KEEP_ALIVE if ctx.keep_alive_due else Action.SYNC
 
@@ -117,7 +119,7 @@ def join_op(ctx: Context, deadline: float) -> Action:
 
     if is_participant:
         if (
-            settings.min_nodes <= len(state.participants) <= settings.max_nodes
+            settings.group_size(len(state.participants)) >= settings.min_nodes
             and state.deadline is not None
             and state.deadline < ctx.wall
         ):
@@ -166,21 +168,23 @@ def apply(action: Action, state: RendezvousState, node: NodeDesc) -> None:
 def settle(state: RendezvousState, settings: RendezvousSettings, wall: float) -> None:
     """The completion rule, applied to every state just before it is written (``wall``: UNIX time).
 
-    An open round completes at ``max_nodes`` participants, or at ``min_nodes`` or more once its
-    last call (``last_call_timeout`` from reaching ``min_nodes``) is over; ranks are assigned then.
-    Applying it last, after folding announcements and dropping dead nodes, means a round never
-    completes below ``min_nodes``, nor below ``max_nodes`` before its last call, whatever the
-    write removed. A round that was complete already keeps its group.
+    Participants count in whole ``node_unit``s (``settings.group_size``). An open round completes
+    once they fill ``max_world``, or with ``min_nodes`` or more once its last call
+    (``last_call_timeout`` from reaching ``min_nodes``) is over; ranks are assigned then, and
+    participants beyond the group's size move to the wait list. Applying it last, after folding
+    announcements and dropping dead nodes, means a round never completes below ``min_nodes``, nor
+    below ``max_world`` before its last call, whatever the write removed. A round that was
+    complete already keeps its group.
     """
     if state.complete or state.closed:
         return
-    joined = len(state.participants)
-    if joined < settings.min_nodes:
+    size = settings.group_size(len(state.participants))
+    if size < settings.min_nodes:
         state.deadline = None
-    elif joined >= settings.max_nodes or (state.deadline is not None and state.deadline <= wall):
+    elif size >= settings.max_world or (state.deadline is not None and state.deadline <= wall):
         state.complete = True
         state.deadline = None
-        state.assign_ranks()
+        state.assign_ranks(size, settings.rank_order, settings.stable_ranks)
     elif state.deadline is None:
         state.deadline = wall + settings.last_call_timeout
 
@@ -213,6 +217,8 @@ def fold(state: RendezvousState, announcement: Announcement, settings: Rendezvou
         if action is None:
             return False
         apply(action, state, node)
+        if announcement.topology is not None:
+            state.topology[node] = announcement.topology
     logger.debug(
         "Folded the announcement of %s into round %d of the rendezvous '%s': %s",
         node,
@@ -229,3 +235,12 @@ def would_fold(state: RendezvousState, announcement: Announcement, settings: Ren
     if announcement.kind == "leave":
         return _leave_applies(state, announcement)
     return not state.closed and node not in state.participants and _placement(state, node, settings) is not None
+
+
+def nodes_waiting(state: RendezvousState, settings: RendezvousSettings) -> int:
+    """How many waiting nodes a new round would add to the complete group (``num_nodes_waiting``):
+    the waiting nodes that fill whole ``node_unit``s up to ``max_world``. A leftover too few for a
+    unit is not counted, so that it does not restart a group that could not grow by it."""
+    if not state.complete:
+        return len(state.wait_list)
+    return settings.group_size(state.world_size + len(state.wait_list)) - state.world_size

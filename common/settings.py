@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+from .ranks import RANK_ORDERS
 
 # Configuration keys the core reads from ``--rdzv-conf``, with their defaults (seconds or counts).
 CORE_KEYS: dict[str, float] = {
@@ -15,7 +19,15 @@ CORE_KEYS: dict[str, float] = {
     "heartbeat_timeout": 5,
     "keep_alive_interval": 5,
     "keep_alive_max_attempt": 3,
+    "health_check_timeout": 60,
+    "health_cooldown": 60,
+    "node_unit": 1,
 }
+# Every key the core reads: the numbers above and the options of rank order and admission.
+CORE_OPTIONS = frozenset(CORE_KEYS) | {"rank_order", "stable_ranks", "health_check"}
+# The environment variable that names the health check when ``health_check`` is not set
+# (``--rdzv-conf`` cannot carry a value with a comma).
+HEALTH_CHECK_ENV = "TORCH_RDZV_HEALTH_CHECK"
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,11 @@ class RendezvousSettings:
 
     A node is dead once ``keep_alive_interval * keep_alive_max_attempt`` seconds pass without a
     heartbeat (``liveness_ttl``).
+
+    A round forms a group whose size is a multiple of ``node_unit`` within
+    ``min_nodes..max_nodes``; ``max_world`` is the largest such size. ``rank_order`` and
+    ``stable_ranks`` choose the ranks (``RendezvousState.assign_ranks``). ``health_check`` is
+    the path of an executable run before each join (``health.py``).
     """
 
     run_id: str
@@ -35,6 +52,12 @@ class RendezvousSettings:
     heartbeat_timeout: float = CORE_KEYS["heartbeat_timeout"]
     keep_alive_interval: float = CORE_KEYS["keep_alive_interval"]
     keep_alive_max_attempt: int = int(CORE_KEYS["keep_alive_max_attempt"])
+    rank_order: str = "natural"
+    stable_ranks: bool = True
+    node_unit: int = int(CORE_KEYS["node_unit"])
+    health_check: str | None = None
+    health_check_timeout: float = CORE_KEYS["health_check_timeout"]
+    health_cooldown: float = CORE_KEYS["health_cooldown"]
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -46,10 +69,35 @@ class RendezvousSettings:
                 f"max_nodes ({self.max_nodes}) is less than min_nodes ({self.min_nodes}); "
                 "use --nnodes=MIN:MAX with MIN <= MAX."
             )
+        if self.rank_order not in RANK_ORDERS:
+            raise ValueError(
+                f"The rendezvous configuration option 'rank_order' is {self.rank_order!r}; it must be "
+                f"one of {', '.join(RANK_ORDERS)}."
+            )
+        if self.node_unit < 1:
+            raise ValueError(
+                f"The rendezvous configuration option 'node_unit' is {self.node_unit!r}; it must be a "
+                "positive integer."
+            )
+        if self.max_world < self.min_nodes:
+            raise ValueError(
+                f"min_nodes ({self.min_nodes}) and max_nodes ({self.max_nodes}) admit no multiple of "
+                f"node_unit ({self.node_unit}); choose --nnodes=MIN:MAX with a multiple of "
+                f"{self.node_unit} between MIN and MAX, or a node_unit that divides a size in that range."
+            )
 
     @property
     def liveness_ttl(self) -> float:
         return self.keep_alive_interval * self.keep_alive_max_attempt
+
+    @property
+    def max_world(self) -> int:
+        """The largest group a round forms: the largest multiple of ``node_unit`` up to ``max_nodes``."""
+        return self.max_nodes - self.max_nodes % self.node_unit
+
+    def group_size(self, joined: int) -> int:
+        """The size of the group ``joined`` participants can form: whole units, at most ``max_world``."""
+        return min(joined - joined % self.node_unit, self.max_world)
 
 
 def _positive(params: RendezvousParameters, key: str, integral: bool) -> float:
@@ -68,11 +116,47 @@ def _positive(params: RendezvousParameters, key: str, integral: bool) -> float:
     return value
 
 
-def settings_from_params(params: RendezvousParameters) -> RendezvousSettings:
-    """Read the core's keys (``CORE_KEYS``) from ``params``.
+def _choice(params: RendezvousParameters, key: str, default: str) -> str:
+    raw = params.get(key, default)
+    return raw.strip().lower() if isinstance(raw, str) else raw
+
+
+def _flag(params: RendezvousParameters, key: str, default: bool) -> bool:
+    try:
+        value = params.get_as_bool(key, default)
+    except ValueError:
+        value = None
+    if value is None:
+        raise ValueError(
+            f"The rendezvous configuration option '{key}' is {params.get(key)!r}; it must be a boolean "
+            "(true/false, yes/no, 1/0)."
+        )
+    return value
+
+
+def _health_check(params: RendezvousParameters, environ: Mapping[str, str]) -> str | None:
+    key, raw = "health_check", params.get("health_check")
+    if raw is None:
+        key, raw = HEALTH_CHECK_ENV, environ.get(HEALTH_CHECK_ENV)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    path = raw.strip() if isinstance(raw, str) else raw
+    if not isinstance(path, str) or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise ValueError(
+            f"The health check '{key}' is {raw!r}, which is not an executable file on this node; pass "
+            "the path of an executable that exits 0 when the node is healthy (chmod +x it)."
+        )
+    return path
+
+
+def settings_from_params(
+    params: RendezvousParameters, environ: Mapping[str, str] = os.environ
+) -> RendezvousSettings:
+    """Read the core's keys (``CORE_OPTIONS``) from ``params``; the health check may also come from
+    ``TORCH_RDZV_HEALTH_CHECK`` in ``environ``.
 
     Raises:
-        ValueError: naming the key and the value, for a value that is not positive or not a number.
+        ValueError: naming the key and the value, for a value that is not valid, and the fix.
     """
     return RendezvousSettings(
         run_id=params.run_id,
@@ -84,4 +168,10 @@ def settings_from_params(params: RendezvousParameters) -> RendezvousSettings:
         heartbeat_timeout=_positive(params, "heartbeat_timeout", False),
         keep_alive_interval=_positive(params, "keep_alive_interval", False),
         keep_alive_max_attempt=int(_positive(params, "keep_alive_max_attempt", True)),
+        rank_order=_choice(params, "rank_order", "natural"),
+        stable_ranks=_flag(params, "stable_ranks", True),
+        node_unit=int(_positive(params, "node_unit", True)),
+        health_check=_health_check(params, environ),
+        health_check_timeout=_positive(params, "health_check_timeout", False),
+        health_cooldown=_positive(params, "health_cooldown", False),
     )

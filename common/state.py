@@ -9,12 +9,15 @@ import threading
 import dataclasses
 from dataclasses import dataclass, field
 
+from . import ranks
+
 
 @dataclass(frozen=True, order=True)
 class NodeDesc:
     """One rendezvous participant: a handler in one process on one host.
 
-    Ordering (addr, pid, local_id) is what assigns ranks when a round completes, as in torch.
+    Its ordering, (addr, pid, local_id), is torch's rank order (``rank_order=sorted``); the other
+    orders are in ``ranks.py``.
     """
 
     addr: str
@@ -61,6 +64,11 @@ class RendezvousState:
         world_size: the size of the group the current round formed when it completed (0 before).
             It stays fixed while participants later leave the complete round, so every member
             reports the same world size whenever it reads the state.
+        topology: the topology label each labelled node announced with its join. Only labels of
+            nodes the state names are stored; one left behind by a removal is dropped on encoding.
+        previous_ranks: the ranks that nodes held in the last complete round they left (or were
+            dropped from); kept across the round change for ``stable_ranks``, and replaced by
+            the next completion.
     """
 
     round: int = 0
@@ -72,6 +80,8 @@ class RendezvousState:
     redundancy_list: set[NodeDesc] = field(default_factory=set)
     cursor: int = 0
     world_size: int = 0
+    topology: dict[NodeDesc, str] = field(default_factory=dict)
+    previous_ranks: dict[NodeDesc, int] = field(default_factory=dict)
 
     def copy(self) -> RendezvousState:
         """A copy whose lists can change without touching this state's."""
@@ -80,6 +90,8 @@ class RendezvousState:
             participants=dict(self.participants),
             wait_list=set(self.wait_list),
             redundancy_list=set(self.redundancy_list),
+            topology=dict(self.topology),
+            previous_ranks=dict(self.previous_ranks),
         )
 
     def nodes(self) -> set[NodeDesc]:
@@ -88,18 +100,37 @@ class RendezvousState:
 
     def remove_participant(self, node: NodeDesc) -> None:
         """Drop ``node`` from the participants; a complete round that loses its last participant
-        opens the next round. (An incomplete round's last call is settled by ``ops.settle``.)"""
-        del self.participants[node]
+        opens the next round. (An incomplete round's last call is settled by ``ops.settle``.)
+        A node leaving a complete round leaves its rank behind for the next round's assignment."""
+        rank = self.participants.pop(node)
+        if self.complete:
+            self.previous_ranks[node] = rank
         if self.complete and not self.participants:
             self.complete = False
             self.world_size = 0
             self.round += 1
 
-    def assign_ranks(self) -> None:
-        """Give the participants ranks 0..n-1 in (addr, pid, local_id) order; fix the world size."""
-        for rank, member in enumerate(sorted(self.participants)):
-            self.participants[member] = rank
-        self.world_size = len(self.participants)
+    def assign_ranks(self, world_size: int, order: str, stable: bool) -> None:
+        """Form the group of ``world_size`` (at most the number of participants): give its members
+        ranks 0..world_size-1 and move the participants left over to the wait list.
+
+        The participants are put in ``order`` (``ranks.RANK_ORDERS``). With ``stable``, a member of
+        the previous group keeps its rank whenever that rank is below ``world_size``, and so is
+        admitted first; the others fill the free ranks in order. Leftovers are the last in order.
+        """
+        ordered = ranks.order_nodes(self.participants, order, self.topology)
+        kept = {}
+        if stable:
+            kept = {n: self.previous_ranks[n] for n in ordered if self.previous_ranks.get(n, world_size) < world_size}
+        newcomers = [n for n in ordered if n not in kept]
+        free = sorted(set(range(world_size)) - set(kept.values()))
+        assigned = {**kept, **dict(zip(newcomers, free))}
+        for node in newcomers[len(free) :]:
+            del self.participants[node]
+            self.wait_list.add(node)
+        self.participants.update(assigned)
+        self.world_size = world_size
+        self.previous_ranks = {}
 
     def remove_node(self, node: NodeDesc) -> None:
         """Drop ``node`` from whichever lists hold it."""

@@ -9,12 +9,13 @@ from typing import Any
 
 import etcd3
 
-from rdzv_common.backend import Liveness, Mailbox, RendezvousBackend, Token
+from rdzv_common.backend import Liveness, Mailbox, Quarantine, RendezvousBackend, Token
 
 from .keys import prefix_range
 from .lease import revoke
 from .liveness import EtcdLiveness
 from .mailbox import EtcdMailbox
+from .quarantine import EtcdQuarantine
 from .run import EtcdRun, Floor, Seen
 
 
@@ -35,6 +36,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self._floor = Floor()
         self._mailbox = EtcdMailbox(run, self._floor)
         self._liveness = EtcdLiveness(run, self._floor)
+        self._quarantine = EtcdQuarantine(run, self._floor)
         self._close_lock = threading.Lock()
         self._closed = False
 
@@ -114,6 +116,10 @@ class EtcdRendezvousBackend(RendezvousBackend):
     @property
     def liveness(self) -> Liveness:
         return self._liveness
+
+    @property
+    def quarantine(self) -> Quarantine:
+        return self._quarantine
 
     def delete_run(self) -> None:
         """Delete every key of the run (its directory) and the run's lease.

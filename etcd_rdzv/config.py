@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from rdzv_common.settings import CORE_KEYS
+from rdzv_common.settings import CORE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +168,13 @@ def _existing_file(params: RendezvousParameters, key: str) -> str | None:
 
 
 def _warn_unknown_keys(params: RendezvousParameters) -> None:
-    known = ETCD_KEYS | TORCH_KEYS | CORE_KEYS.keys()
+    known = ETCD_KEYS | TORCH_KEYS | CORE_OPTIONS
     for key in sorted(set(params.config) - known):
         logger.warning(
             "The rendezvous configuration option '%s' is not known to the etcd backend and is "
             "ignored; known options: %s.",
             key,
-            ", ".join(sorted(ETCD_KEYS | CORE_KEYS.keys())),
+            ", ".join(sorted(ETCD_KEYS | CORE_OPTIONS)),
         )
 
 

@@ -8,6 +8,8 @@ named by its run id percent-escaped (so ``/`` and ``%`` never appear in it)::
     <key_prefix>/<run>/alive/<node>     one key per live node, on that node's own lease
     <key_prefix>/<run>/store/<key>      the agents' ``torch.distributed.Store``
     <key_prefix>/<run>/ops/<uuid>       receipts of store operations that must apply once (``add``)
+    <key_prefix>/<run>/quarantine/<host>  a quarantined host's entry, on a lease of its cool-down
+    <key_prefix>/<run>/lapses/<host>/<uuid>  one liveness lapse of a host, on a lease of the window
 
 Escaping makes the directories of two runs disjoint whatever their ids: run ``job`` owns
 ``<prefix>/job/`` and nothing of run ``job/x`` (``<prefix>/job%2Fx/``), ``job-2`` or ``job.x``, so a
@@ -24,6 +26,7 @@ import etcd3.utils
 STATE = "state"
 # Directories of a run, each below the run's own directory.
 JOINS, ALIVE, STORE, OPS = "joins/", "alive/", "store/", "ops/"
+QUARANTINE, LAPSES = "quarantine/", "lapses/"
 
 
 def escape_run_id(run_id: str) -> str:
@@ -64,6 +67,18 @@ class RunKeys:
     @property
     def ops(self) -> str:
         return self.root + OPS
+
+    @property
+    def quarantine(self) -> str:
+        return self.root + QUARANTINE
+
+    def quarantine_key(self, host: str) -> str:
+        """The host's quarantine entry; the host is escaped like a run id."""
+        return self.quarantine + quote(host, safe="")
+
+    def lapses_of(self, host: str) -> str:
+        """The directory of the host's lapse records."""
+        return f"{self.root}{LAPSES}{quote(host, safe='')}/"
 
     def alive_key(self, node_key: str) -> str:
         return self.alive + node_key

@@ -78,15 +78,23 @@ class AgentGroup:
         path.mkdir(exist_ok=True)
         return path
 
-    def start(self, script: str = "allreduce.py", conf: dict[str, str] | None = None) -> Agent:
-        """Start one more agent; ``conf`` adds ``--rdzv-conf`` keys for this agent only."""
+    def start(
+        self,
+        script: str = "allreduce.py",
+        conf: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        local_addr: str = "127.0.0.1",
+    ) -> Agent:
+        """Start one more agent; ``conf`` adds ``--rdzv-conf`` keys and ``env`` environment
+        variables for this agent only. ``local_addr`` is its node's address: any 127.x.y.z is
+        loopback, so agents can be distinct hosts on one machine."""
         merged = {**self.conf, **(conf or {})}
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node}",
             f"--rdzv-backend={self.backend}", f"--rdzv-endpoint={self.endpoint}",
             f"--rdzv-id={self.run_id}", f"--max-restarts={self.max_restarts}",
-            "--monitor-interval=0.5", "--local-addr=127.0.0.1",
+            "--monitor-interval=0.5", f"--local-addr={local_addr}",
         ]
         if self.start_method is not None:
             cmd.append(f"--start-method={self.start_method}")
@@ -94,7 +102,7 @@ class AgentGroup:
             cmd.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in merged.items()))
         cmd.append(str(SCRIPTS / script))
         log = self.workdir / f"agent{len(self.agents)}.log"
-        env = {**os.environ, "RESULT_DIR": str(self.result_dir), "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "RESULT_DIR": str(self.result_dir), "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -229,3 +229,32 @@ def test_environment_configures_the_connection_and_flags_win(etcd_run, etcd_admi
     flag_wins = cli("--endpoints", etcd_run.endpoint, "status", etcd_run.run_id, env=wrong)
     assert flag_wins.returncode == 0, flag_wins.stderr
     assert_one_line_error(cli("status", etcd_run.run_id, env=wrong), 1)
+
+
+def test_quarantine_add_shows_in_status_and_remove_ends_it(etcd_run):
+    with live_run(etcd_run, etcd_run.run_id):
+        added = cli("quarantine", etcd_run.run_id, "--add", "10.0.0.7", "--for", "10m", *_connection(etcd_run))
+        assert added.returncode == 0, added.stderr
+        assert "host 10.0.0.7 quarantined" in added.stdout
+
+        doc = json.loads(cli("status", etcd_run.run_id, "--json", *_connection(etcd_run)).stdout)
+        [entry] = doc["quarantined"]
+        assert entry["host"] == "10.0.0.7" and 590 <= entry["seconds_left"] <= 600
+        assert "operator" in entry["reason"]
+        text = cli("status", etcd_run.run_id, *_connection(etcd_run)).stdout
+        assert "quarantined:      1" in text and "10.0.0.7  " in text and "s left" in text
+
+        listed = cli("quarantine", etcd_run.run_id, *_connection(etcd_run))
+        assert listed.returncode == 0 and listed.stdout.startswith("10.0.0.7  "), listed
+
+        removed = cli("quarantine", etcd_run.run_id, "--remove", "10.0.0.7", *_connection(etcd_run))
+        assert removed.returncode == 0, removed.stderr
+        doc = json.loads(cli("status", etcd_run.run_id, "--json", *_connection(etcd_run)).stdout)
+        assert doc["quarantined"] == []
+
+
+def test_quarantine_rejects_a_bad_duration_in_one_line(etcd_run):
+    result = cli("quarantine", etcd_run.run_id, "--add", "h", "--for", "ten", *_connection(etcd_run))
+    assert "invalid duration 'ten'" in assert_one_line_error(result, 2)
+    result = cli("quarantine", etcd_run.run_id, "--add", "h", *_connection(etcd_run))
+    assert "--add needs --for" in assert_one_line_error(result, 2)

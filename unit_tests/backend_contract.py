@@ -188,3 +188,41 @@ class BackendContract:
         while "node-a" in a.liveness.alive(["node-a"], ttl) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert a.liveness.alive(["node-a"], ttl) == set()
+
+    # Quarantine: entries are shared by every backend of the run, end by themselves, and are
+    # private to their run.
+
+    def test_quarantine_is_shared_and_isolated(self, make_backend):
+        from rdzv_common.backend import QuarantineEntry
+
+        a, b, other = make_backend("run-q"), make_backend("run-q"), make_backend("run-q-other")
+        assert a.quarantine.get("10.0.0.7") is None
+        entry = QuarantineEntry("10.0.0.7", time.time() + 60, "health check failed: exit status 1", 2)
+        a.quarantine.put(entry)
+        seen = b.quarantine.get("10.0.0.7")
+        assert (seen.host, seen.reason, seen.strikes) == ("10.0.0.7", entry.reason, 2)
+        assert abs(seen.until - entry.until) < 2
+        assert [e.host for e in b.quarantine.entries()] == ["10.0.0.7"]
+        assert other.quarantine.get("10.0.0.7") is None and other.quarantine.entries() == []
+        b.quarantine.remove("10.0.0.7")
+        assert a.quarantine.get("10.0.0.7") is None and a.quarantine.entries() == []
+
+    def test_quarantine_ends_by_itself(self, make_backend):
+        from rdzv_common.backend import QuarantineEntry
+
+        a = make_backend("run-q-end")
+        a.quarantine.put(QuarantineEntry("host-a", time.time() + self.liveness_ttl, "operator"))
+        assert a.quarantine.get("host-a") is not None
+        deadline = time.monotonic() + self.liveness_ttl + 5
+        while a.quarantine.get("host-a") is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert a.quarantine.get("host-a") is None
+        assert a.quarantine.entries() == []
+
+    def test_lapses_are_counted_per_host_within_the_window(self, make_backend):
+        a, b = make_backend("run-lapse"), make_backend("run-lapse")
+        assert a.quarantine.note_lapse("host-a", 600) == 1
+        assert b.quarantine.note_lapse("host-a", 600) == 2
+        assert b.quarantine.note_lapse("host-b", 600) == 1
+        time.sleep(self.liveness_ttl + 0.1)
+        assert a.quarantine.note_lapse("host-a", self.liveness_ttl) == 1

@@ -189,7 +189,7 @@ def test_missing_format_is_refused():
     _assert_refused(_bytes(doc), "format is None")
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None, 1.5])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", None, 1.5, True])
 def test_unknown_version_is_refused(version):
     doc = _doc()
     doc["version"] = version

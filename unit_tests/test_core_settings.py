@@ -12,7 +12,7 @@ from rdzv_common.handler import DynamicRendezvousHandler, create_handler
 from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.settings import CORE_KEYS, RendezvousSettings, settings_from_params
 
-FLOAT_KEYS = [k for k in CORE_KEYS if k != "keep_alive_max_attempt"]
+FLOAT_KEYS = [k for k in CORE_KEYS if k not in ("keep_alive_max_attempt", "node_unit")]
 
 
 def _params(backend="memory", run_id="set-run", min_nodes=1, max_nodes=2, **conf) -> RendezvousParameters:
@@ -41,6 +41,9 @@ def test_core_keys_are_exactly_the_documented_ones():
         "heartbeat_timeout",
         "keep_alive_interval",
         "keep_alive_max_attempt",
+        "health_check_timeout",
+        "health_cooldown",
+        "node_unit",
     }
     assert {f.name for f in dataclasses.fields(RendezvousSettings)} >= set(CORE_KEYS)
 

@@ -1,10 +1,14 @@
-"""The commands that change a run: ``close`` (mark it closed so that its agents exit) and
-``reset`` (delete every key of it)."""
+"""The commands that change a run: ``close`` (mark it closed so that its agents exit), ``reset``
+(delete every key of it) and ``quarantine`` (keep a host out of it, or let it back in)."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import time
 from dataclasses import dataclass
+
+from rdzv_common.backend import QuarantineEntry
 
 from rdzv_common.codec import decode_state, encode_state
 from rdzv_common.state import RendezvousState
@@ -13,10 +17,11 @@ from ..backend import EtcdRendezvousBackend
 from ..cas import Conflict, compare_and_swap
 from ..client import EtcdClient
 from ..keys import RunKeys, prefix_range
+from ..quarantine import EtcdQuarantine
 from ..registry import registry
-from ..run import EtcdRun
+from ..run import EtcdRun, Floor
 from .options import CliError, RunNotFound, UsageError
-from .output import emit, emit_all
+from .output import clock, emit, emit_all
 
 # How long ``close`` keeps trying while agents keep winning the state's compare-and-set.
 CLOSE_SECONDS = 10.0
@@ -122,4 +127,49 @@ def cmd_reset(etcd: EtcdClient, args: argparse.Namespace) -> int:
     finally:
         backend.close()
     emit_all([f"deleted run '{args.run_id}':", *plan.lines()])
+    return 0
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a number with an optional unit, ``s``, ``m``, ``h`` or ``d`` (``10m``).
+
+    Raises:
+        argparse.ArgumentTypeError: naming the text and the expected form.
+    """
+    match = _DURATION.match(text.strip().lower())
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 90, 90s, 10m, 2h or 1d")
+    return seconds
+
+
+def cmd_quarantine(etcd: EtcdClient, args: argparse.Namespace) -> int:
+    """Quarantine a host of a run for a while (``--add HOST --for DURATION``), end a host's
+    quarantine (``--remove HOST``), or list the quarantined hosts (neither)."""
+    if args.add is not None and args.duration is None:
+        raise UsageError("--add needs --for DURATION (e.g. --for 10m)")
+    if args.add is None and args.duration is not None:
+        raise UsageError("--for goes with --add HOST")
+    run = registry.acquire(etcd.config, args.run_id)
+    try:
+        quarantine = EtcdQuarantine(run, Floor())
+        if args.add is not None:
+            until = time.time() + args.duration
+            quarantine.put(QuarantineEntry(args.add, until, "quarantined by an operator (etcd-rdzv)"))
+            emit(f"host {args.add} quarantined in run '{args.run_id}' until {clock(until)} ({args.duration:g}s)")
+        elif args.remove is not None:
+            quarantine.remove(args.remove)
+            emit(f"host {args.remove} may join run '{args.run_id}' again")
+        else:
+            entries = quarantine.entries()
+            emit_all(
+                [f"{e.host}  {max(0, round(e.until - time.time()))}s left  {e.reason}" for e in entries]
+                or [f"no host is quarantined in run '{args.run_id}'"]
+            )
+    finally:
+        registry.release(run)
     return 0

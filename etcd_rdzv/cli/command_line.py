@@ -12,7 +12,7 @@ from typing import NoReturn
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousStateError
 
 from ..client import EtcdClient
-from .admin import cmd_close, cmd_reset
+from .admin import cmd_close, cmd_quarantine, cmd_reset, parse_duration
 from .options import DEFAULT_READ_TIMEOUT, PROG, CliError, UsageError, env_var, load_config
 from .runs import cmd_list
 from .status import cmd_status
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", help="stop after this long")
     watch.add_argument("--count", type=_positive_int, metavar="N", help="stop after N changes")
     add("close", cmd_close, "Mark a run closed so that its agents exit.")
+    quarantine = add("quarantine", cmd_quarantine, "Keep a host out of a run for a while, or let it back in; "
+                     "without --add or --remove, list the quarantined hosts.")
+    which = quarantine.add_mutually_exclusive_group()
+    which.add_argument("--add", metavar="HOST", help="quarantine HOST (a node's address, as torchrun's --local-addr)")
+    which.add_argument("--remove", metavar="HOST", help="end HOST's quarantine now")
+    quarantine.add_argument("--for", dest="duration", type=parse_duration, metavar="DURATION",
+                            help="how long, with --add: 90, 90s, 10m, 2h or 1d")
     add("reset", cmd_reset, "Delete every key of a run (its state, joins, liveness and store).").add_argument(
         "--yes", action="store_true", help="really delete; without it, only show what would go"
     )

@@ -11,11 +11,13 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
+from rdzv_common.backend import QuarantineEntry
 from rdzv_common.codec import decode_state
 from rdzv_common.state import RendezvousState
 
 from ..client import EtcdClient
 from ..keys import RunKeys, prefix_range, run_of_key, run_of_state_key
+from ..quarantine import decode_entry
 from .options import PROG, RunNotFound
 from .output import emit, emit_all
 
@@ -30,6 +32,7 @@ class RunSnapshot:
         mod_revision, version: the state key's last-write revision and its number of writes.
         alive: node key -> lease id, for each liveness key.
         join_revisions: the create revision of each pending announcement.
+        quarantined: the run's quarantined hosts whose cool-down has not ended.
     """
 
     layout: RunKeys
@@ -39,6 +42,7 @@ class RunSnapshot:
     version: int = 0
     alive: dict[str, int] = field(default_factory=dict)
     join_revisions: tuple[int, ...] = ()
+    quarantined: tuple[QuarantineEntry, ...] = ()
 
     @property
     def key(self) -> str:
@@ -54,7 +58,9 @@ def read_run(etcd: EtcdClient, run_id: str) -> RunSnapshot:
     state = None
     alive: dict[str, int] = {}
     joins: list[int] = []
+    quarantined: list[QuarantineEntry] = []
     alive_prefix, joins_prefix, state_key = layout.alive.encode(), layout.joins.encode(), layout.state.encode()
+    quarantine_prefix = layout.quarantine.encode()
     for kv in response.kvs:
         if kv.key == state_key:
             state = kv
@@ -62,10 +68,13 @@ def read_run(etcd: EtcdClient, run_id: str) -> RunSnapshot:
             alive[layout.node_of(kv.key)] = kv.lease
         elif kv.key.startswith(joins_prefix):
             joins.append(kv.create_revision)
+        elif kv.key.startswith(quarantine_prefix):
+            quarantined += filter(None, [decode_entry(kv)])
     revision = response.header.revision
+    extra = {"alive": alive, "join_revisions": tuple(joins), "quarantined": tuple(quarantined)}
     if state is None:
-        return RunSnapshot(layout, revision, None, alive=alive, join_revisions=tuple(joins))
-    return RunSnapshot(layout, revision, state.value, state.mod_revision, state.version, alive, tuple(joins))
+        return RunSnapshot(layout, revision, None, **extra)
+    return RunSnapshot(layout, revision, state.value, state.mod_revision, state.version, **extra)
 
 
 def decode_run_state(keys: RunSnapshot, run_id: str) -> RendezvousState:

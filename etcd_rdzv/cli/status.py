@@ -16,7 +16,7 @@ from .output import clock, emit_all
 from .runs import RunSnapshot, decode_run_state, lease_ttls, read_run
 
 
-def _node_doc(node: NodeDesc, keys: RunSnapshot, ttls: Mapping[int, int]) -> dict[str, Any]:
+def _node_doc(node: NodeDesc, keys: RunSnapshot, ttls: Mapping[int, int], state: RendezvousState) -> dict[str, Any]:
     lease = keys.alive.get(node.key)
     ttl = ttls.get(lease) if lease is not None else None
     return {
@@ -24,6 +24,7 @@ def _node_doc(node: NodeDesc, keys: RunSnapshot, ttls: Mapping[int, int]) -> dic
         "addr": node.addr,
         "pid": node.pid,
         "local_id": node.local_id,
+        "topology": state.topology.get(node),
         "alive": ttl is not None and ttl > 0,
         "lease_id": lease,
         "lease_ttl": ttl,
@@ -34,12 +35,15 @@ def status_document(run_id: str, keys: RunSnapshot, state: RendezvousState, ttls
     """The run's status with stable keys (``status --json``).
 
     Nodes carry ``alive`` (their liveness key exists on an unexpired lease), ``lease_id`` and
-    ``lease_ttl`` (seconds left; ``None`` without a liveness key). Participants carry ``rank``,
+    ``lease_ttl`` (seconds left; ``None`` without a liveness key) and ``topology`` (their label,
+    ``None`` without one). ``quarantined`` lists the hosts kept out of the run, with the time their
+    cool-down ends (``until``, UNIX time), ``seconds_left`` and ``reason``. Participants carry ``rank``,
     ``None`` until the round is complete. etcd keeps no timestamps: the last change is the state
     key's ``mod_revision`` (and its ``version``, the number of writes), against the cluster's
     ``revision`` at the time of reading.
     """
     listed = {n.key for n in state.nodes()}
+    now = time.time()
     return {
         "run_id": run_id,
         "state_key": keys.key,
@@ -52,13 +56,18 @@ def status_document(run_id: str, keys: RunSnapshot, state: RendezvousState, ttls
         "world_size": state.world_size,
         "deadline": state.deadline,
         "participants": [
-            {**_node_doc(n, keys, ttls), "rank": rank if state.complete else None}
+            {**_node_doc(n, keys, ttls, state), "rank": rank if state.complete else None}
             for n, rank in sorted(state.participants.items(), key=lambda item: (item[1], item[0]))
         ],
-        "wait_list": [_node_doc(n, keys, ttls) for n in sorted(state.wait_list)],
-        "redundancy_list": [_node_doc(n, keys, ttls) for n in sorted(state.redundancy_list)],
+        "wait_list": [_node_doc(n, keys, ttls, state) for n in sorted(state.wait_list)],
+        "redundancy_list": [_node_doc(n, keys, ttls, state) for n in sorted(state.redundancy_list)],
         "pending_joins": sum(1 for r in keys.join_revisions if r > state.cursor),
         "alive_unlisted": sorted(set(keys.alive) - listed),
+        "quarantined": [
+            {"host": e.host, "until": e.until, "seconds_left": max(0, round(e.until - now)), "reason": e.reason,
+             "strikes": e.strikes}
+            for e in sorted(keys.quarantined, key=lambda e: e.host)
+        ],
     }
 
 
@@ -73,6 +82,8 @@ def _liveness_text(node: Mapping[str, Any]) -> str:
 def _node_line(node: Mapping[str, Any]) -> str:
     rank = node.get("rank")
     where = f"addr={node['addr']} pid={node['pid']} local_id={node['local_id']}"
+    if node["topology"] is not None:
+        where += f" topology={node['topology']}"
     prefix = f"rank {rank if rank is not None else '-'}  " if "rank" in node else ""
     return f"  {prefix}{node['node']}  {where}  {_liveness_text(node)}"
 
@@ -100,6 +111,8 @@ def render_status(doc: Mapping[str, Any]) -> list[str]:
     lines.append(f"{'pending joins:':<18}{doc['pending_joins']} announcement(s) not yet folded into the state")
     if doc["alive_unlisted"]:
         lines.append(f"{'alive, unlisted:':<18}{', '.join(doc['alive_unlisted'])}")
+    lines.append(f"{'quarantined:':<18}{len(doc['quarantined'])}")
+    lines += [f"  {q['host']}  {q['seconds_left']}s left (until {clock(q['until'])})  {q['reason']}" for q in doc["quarantined"]]
     return lines
 
 

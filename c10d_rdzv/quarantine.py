@@ -1,0 +1,71 @@
+"""Quarantined hosts in a c10d store: one key per host holding its entry and expiry time.
+
+A store has no expiring keys, so an entry holds its end (``until``, UNIX time) and readers ignore
+an entry that has ended; ``remove`` deletes the key. ``quarantined`` lists (one quoted host a line)
+every host ever quarantined, since a store cannot list keys; ``lapses/<host>`` holds the UNIX times
+of the host's liveness lapses, one a line. Times compare across machines, so clock skew between
+them shortens or stretches a cool-down by that skew.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import quote, unquote
+
+from torch.distributed.elastic.rendezvous.api import RendezvousStateError
+
+from rdzv_common.backend import Quarantine, QuarantineEntry
+
+from .calls import StoreCalls
+from .keys import RunKeys
+
+
+class C10dQuarantine(Quarantine):
+    def __init__(self, calls: StoreCalls, keys: RunKeys) -> None:
+        self._calls = calls
+        self._keys = keys
+
+    def put(self, entry: QuarantineEntry) -> None:
+        doc = {"host": entry.host, "until": entry.until, "reason": entry.reason, "strikes": entry.strikes}
+        self._calls("set", self._keys.quarantine(entry.host), json.dumps(doc).encode())
+        self._calls("append", self._keys.quarantined, f"{quote(entry.host, safe='')}\n".encode())
+
+    def get(self, host: str) -> QuarantineEntry | None:
+        key = self._keys.quarantine(host)
+        value = self._calls.peek(key)
+        if value is None:
+            return None
+        entry = _entry(key, value)
+        return entry if entry.until > time.time() else None
+
+    def remove(self, host: str) -> None:
+        self._calls("delete_key", self._keys.quarantine(host))
+
+    def entries(self) -> list[QuarantineEntry]:
+        listed = self._calls.peek(self._keys.quarantined) or b""
+        hosts = sorted({unquote(line) for line in listed.decode(errors="replace").split("\n") if line})
+        return [entry for entry in map(self.get, hosts) if entry is not None]
+
+    def note_lapse(self, host: str, window: float) -> int:
+        now = time.time()
+        self._calls("append", self._keys.lapses(host), f"{now!r}\n".encode())
+        log = self._calls.peek(self._keys.lapses(host)) or b""
+        times = [float(t) for t in log.decode(errors="replace").split("\n") if _is_time(t)]
+        return sum(1 for t in times if now - t < window)
+
+
+def _is_time(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _entry(key: str, value: bytes) -> QuarantineEntry:
+    try:
+        doc = json.loads(value.decode())
+        return QuarantineEntry(str(doc["host"]), float(doc["until"]), str(doc["reason"]), int(doc["strikes"]))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise RendezvousStateError(f"The quarantine entry '{key}' holds {value!r}, which is not an entry ({exc}).") from None
