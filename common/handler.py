@@ -38,8 +38,10 @@ _node_desc_generator = NodeDescGenerator()
 # How stale a state read by the agent's monitoring calls (num_nodes_waiting, is_closed) may be.
 # torchrun polls these every monitor interval; a short cache keeps that off the server.
 MONITOR_CACHE_SECONDS = 1.0
-# How long an exiting process spends, at most, ending its liveness.
-EXIT_LEAVE_SECONDS = 2.0
+# How long an exiting process (or the thread that collects an abandoned handler) waits, at most,
+# for the node's liveness to end: one request on a healthy etcd; an unreachable one must not hold
+# up exit or garbage collection, and the node's lease lapses anyway.
+EXIT_LEAVE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)

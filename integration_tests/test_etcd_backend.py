@@ -11,6 +11,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 from etcd_rdzv.backend import EtcdRendezvousBackend
 from etcd_rdzv.factory import create_backend
 from integration_tests.etcd_fixture import free_port
+from integration_tests.invariants import wait_until
 from unit_tests.backend_contract import BackendContract
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,7 +144,8 @@ def test_fails_over_from_a_dead_endpoint(etcd_run):
 def test_mailbox_records_vanish_with_the_process_session(make_backend, etcd_admin):
     poster, reader = make_backend(), make_backend()
     poster.mailbox.post(b"join")
-    assert [r.data for r in reader.mailbox.read(0)] == [b"join"]  # another backend of the process sees it at once
+    # Another node's write reaches this one through the run's watch (a node waits only for its own).
+    wait_until(lambda: [r.data for r in reader.mailbox.read(0)] == [b"join"], 5)
     joins = reader.run.keys.joins
     poster.close()
     # The backends of a process share its session: the record stays while one of them is open.

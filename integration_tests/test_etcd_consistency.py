@@ -208,5 +208,5 @@ def test_the_mailbox_keeps_nothing_per_record_read(make):
     before = dict(vars(reader.mailbox))
     for i in range(20):
         poster.mailbox.post(b"join-%d" % i)
-    assert len(reader.mailbox.read(0)) == 20
+    wait_until(lambda: len(reader.mailbox.read(0)) == 20, 5)
     assert vars(reader.mailbox) == before
