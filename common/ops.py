@@ -73,10 +73,17 @@ def exit_op(ctx: Context, deadline: float) -> Action:
 
 
 def _placement(state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> Action | None:
-    """Where a node that is in no list belongs now, or ``None`` if it needs no move."""
-    if not state.complete:
+    """Where a node that is in no list belongs now, or ``None`` if it needs no move.
+
+    An open round that already has ``max_nodes`` participants is full: only a fold, which folds
+    several joins into one write before ``settle`` completes the round, can see one, and the node
+    then goes where it would have gone had the round been completed at the join that filled it (a
+    fold once put every pending join into the round, which then completed above ``max_nodes``).
+    """
+    has_room = len(state.participants) < settings.max_nodes
+    if not state.complete and has_room:
         return Action.ADD_TO_PARTICIPANTS
-    if len(state.participants) < settings.max_nodes:
+    if has_room:
         return None if node in state.wait_list else Action.ADD_TO_WAIT_LIST
     if node in state.redundancy_list or node in state.wait_list:
         return None
