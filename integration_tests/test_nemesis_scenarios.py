@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import collections
 import gc
-import json
 import random
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import etcd3.etcdrpc as rpc
 import grpc
 import pytest
-import tenacity
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
 from torch.distributed.elastic.utils.store import barrier
 
@@ -81,7 +78,8 @@ def member_ids(cluster: EtcdCluster) -> dict[str, str]:
         client.close()
 
 
-def finished(run: Run, futures, limit: float) -> list:
+def finished(futures, limit: float) -> list:
+    """The results of ``futures``, each within ``limit`` seconds."""
     return [f.result(timeout=limit) for f in futures]
 
 
@@ -97,9 +95,11 @@ def test_stalled_connection_while_a_round_forms_costs_seconds_not_timeouts(etcd_
     target = etcd_endpoints[0]
     with Proxy.to(target) as first, Proxy.to(target) as second:
         run = Run(f"{first.endpoint},{second.endpoint}", 3, 3, read_timeout=5, direct=target)
+        backend = None
         try:
             handlers = [run.handler() for _ in range(3)]
-            _, store = create_backend(run.params(), "etcd_rdzv")
+            # A store of the same process and run: it shares the handlers' client and view.
+            backend, store = create_backend(run.params(), "etcd_rdzv")
             with run.checker() as checker:
                 early = run.next(handlers[:2])
                 wait_for_participants(checker, 2)
@@ -113,7 +113,7 @@ def test_stalled_connection_while_a_round_forms_costs_seconds_not_timeouts(etcd_
                 etcd_admin.put(store.prefix + "late-key", b"set-directly")
                 assert blocked.result(timeout=15) == b"set-directly"
                 read_took = time.monotonic() - stalled_at
-                infos = finished(run, early + late, 20)
+                infos = finished(early + late, 20)
                 round_took = time.monotonic() - stalled_at
                 assert_group(infos, checker, handlers, run)
             print(f"stall: blocked read returned after {read_took:.1f}s, round completed {round_took:.1f}s after the stall")
@@ -121,6 +121,8 @@ def test_stalled_connection_while_a_round_forms_costs_seconds_not_timeouts(etcd_
             assert round_took < 20, f"the round took {round_took:.1f}s with read_timeout=5"
             stalled.resume()
         finally:
+            if backend is not None:
+                backend.close()
             run.close()
 
 
@@ -238,7 +240,7 @@ def test_member_cut_off_from_its_peers_is_left_for_the_others(proxied_cluster):
             partition(cut, ids, peers)
             cut_at = time.monotonic()
             late = run.next(handlers[2:])
-            infos = finished(run, early + late, STEP + run.read_timeout)
+            infos = finished(early + late, STEP + run.read_timeout)
             took = time.monotonic() - cut_at
             round_ = assert_group(infos, checker, handlers, run)
             print(f"partition of {cut}: the round completed {took:.1f}s after the cut")
@@ -253,7 +255,7 @@ def test_member_cut_off_from_its_peers_is_left_for_the_others(proxied_cluster):
                 assert "no leader" in (refused.value.details() or ""), refused.value
             finally:
                 solo.close()
-            infos = finished(run, run.next(handlers), STEP)
+            infos = finished(run.next(handlers), STEP)
             assert assert_group(infos, checker, handlers, run) > round_
         for n in names:
             peers[n].heal()
@@ -278,12 +280,12 @@ def test_32_nodes_rendezvous_and_replace_one_under_50_to_200ms_latency(etcd_endp
         handlers = [run.handler(orders[i % 4]) for i in range(32)]
         with run.checker() as checker:
             started = time.monotonic()
-            first = assert_group(finished(run, run.next(handlers), 40), checker, handlers, run)
+            first = assert_group(finished(run.next(handlers), 40), checker, handlers, run)
             first_took = time.monotonic() - started
             leave(handlers[5])
             handlers[5] = run.handler(orders[1])
             started = time.monotonic()
-            second = assert_group(finished(run, run.next(handlers), 40), checker, handlers, run)
+            second = assert_group(finished(run.next(handlers), 40), checker, handlers, run)
             second_took = time.monotonic() - started
         assert second > first
         answers = len(run.answers.answers)
@@ -346,14 +348,14 @@ def test_leader_hung_behind_its_proxy_mid_rendezvous_the_round_still_completes(c
             hung_at = time.monotonic()
             try:
                 late = run.next(handlers[2:])
-                infos = finished(run, early + late, STEP + run.read_timeout)
+                infos = finished(early + late, STEP + run.read_timeout)
                 took = time.monotonic() - hung_at
                 round_ = assert_group(infos, checker, handlers, run)
             finally:
                 proxy.resume()
             print(f"hung leader {hung}: the round completed {took:.1f}s after the stall")
             assert took < 2 * run.read_timeout
-            infos = finished(run, run.next(handlers), STEP)
+            infos = finished(run.next(handlers), STEP)
             assert assert_group(infos, checker, handlers, run) > round_
     finally:
         run.close()
