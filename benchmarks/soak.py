@@ -8,7 +8,8 @@ with its own backend from ``create_backend``) re-rendezvous round after round; b
 some agents leave (stop beating and close their client, which revokes their liveness), die (stop
 beating and are left to lapse) or return (a new handler in a free slot). Every round must form one
 group of exactly the agents present, ranks 0..n-1, and ``InvariantChecker`` watches the state
-throughout.
+throughout. Every answer an agent gets is logged, and the log is checked at the end against the
+groups the checker saw stored (``integration_tests.answers.check``): any violation fails the soak.
 
 Afterwards: no thread of ours still runs, etcd has no watch open, no lease left (the run's shared
 lease lapses after the short ``ttl`` used here) and no key outside the run's own. Prints a summary
@@ -18,6 +19,7 @@ and exits non-zero on any failure or leak.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import random
@@ -33,6 +35,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from etcd_rdzv.embedded import EtcdServer, find_etcd_binary
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.keys import RunKeys
+from integration_tests.answers import AnswerLog, check, record_rendezvous
 from integration_tests.invariants import InvariantChecker, etcd_client
 from rdzv_common.handler import create_handler
 
@@ -99,14 +102,14 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
-def rendezvous(pool: ThreadPoolExecutor, group: list[Agent], limit: float) -> tuple[int, int, int]:
+def rendezvous(pool: ThreadPoolExecutor, group: list[Agent], limit: float, log: AnswerLog) -> tuple[int, int, int]:
     """Bring every agent of ``group`` into one round; return (round, writes, retries).
 
     A member that arrives after the round completed waits for the next one: as torchrun does when
     ``num_nodes_waiting`` turns positive, the members of the round then rendezvous again.
     """
     deadline = time.monotonic() + limit
-    pending = {agent: pool.submit(agent.handler.next_rendezvous) for agent in group}
+    pending = {agent: pool.submit(record_rendezvous, agent.handler, log) for agent in group}
     writes = retries = 0
     while True:
         done, _ = wait(pending.values(), timeout=max(0.1, deadline - time.monotonic()))
@@ -129,7 +132,7 @@ def rendezvous(pool: ThreadPoolExecutor, group: list[Agent], limit: float) -> tu
             raise RuntimeError(f"{len(group) - len(finished)} agents of {len(group)} never got into the round")
         retries += 1
         for agent in finished:
-            pending[agent] = pool.submit(agent.handler.next_rendezvous)
+            pending[agent] = pool.submit(record_rendezvous, agent.handler, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         churn = {"left": 0, "died": 0, "returned": 0, "retries": 0}
         writes = 0
         last_round = -1
+        log = AnswerLog()
         try:
             active = [Agent(endpoint, args.min_nodes, args.max_nodes) for _ in range(args.min_nodes + 1)]
             for number in range(1, args.rounds + 1):
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 churn["returned"] += arrivals
 
                 began = time.monotonic()
-                round_, round_writes, retries = rendezvous(pool, active, limit=60.0)
+                round_, round_writes, retries = rendezvous(pool, active, limit=60.0, log=log)
                 times.append(time.monotonic() - began)
                 writes += round_writes
                 churn["retries"] += retries
@@ -213,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                 agent.bury()
             pool.shutdown(wait=True, cancel_futures=True)
             checker.stop()
+            # The agents' stores hold the process's shared run (and its client, session and view)
+            # until they are collected: let go of every agent before looking for leaks.
+            active, corpses, agent = [], [], None
+            gc.collect()
         elapsed = time.monotonic() - started
         failures.extend(checker.violations)
+        answer_violations = check(log, checker.groups)
+        failures.extend(f"answer: {v}" for v in answer_violations)
         end_revision = admin.get_response(b"/").header.revision
 
         # Leaks: threads, watches, leases, keys.
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  writes            {writes} compare-and-set writes ({writes / max(1, rounds_done):.1f}/round), "
           f"{end_revision - start_revision} etcd revisions")
     print(f"  rounds checked    {len(checker.groups)} completed groups by the invariant checker")
+    print(f"  answers checked   {len(log.answers)} next_rendezvous answers, {len(answer_violations)} violations")
     print(f"  leaks             threads {len(threads_left)}, watches {len(watches_left)}, "
           f"leases {len(leases_left)}, foreign keys {len(foreign)} (keys left {len(keys)})")
     if failures:

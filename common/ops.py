@@ -75,10 +75,17 @@ def exit_op(ctx: Context, deadline: float) -> Action:
 def _placement(state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> Action | None:
     """Where a node that is in no list belongs now, or ``None`` if it needs no move. A complete
     group below ``max_world`` has room for more whole units: a node waits for the next round; a
-    full one makes it redundant."""
-    if not state.complete:
+    full one makes it redundant.
+
+    An open round that already has ``max_world`` participants is full too: only a fold, which folds
+    several joins into one write before ``settle`` completes the round, can see one, and the node
+    then goes where it would have gone had the round been completed at the join that filled it (a
+    fold once put every pending join into the round, which then completed above ``max_nodes``).
+    """
+    has_room = len(state.participants) < settings.max_world
+    if not state.complete and has_room:
         return Action.ADD_TO_PARTICIPANTS
-    if len(state.participants) < settings.max_world:
+    if has_room:
         return None if node in state.wait_list else Action.ADD_TO_WAIT_LIST
     if node in state.redundancy_list or node in state.wait_list:
         return None

@@ -168,11 +168,78 @@ def retrying(
     )
 
 
-def fail_over(client: etcd3.MultiEndpointEtcd3Client, exc: grpc.RpcError) -> NoReturn:
+# The endpoint the calls of this thread's current attempt use (``pinned_endpoint``).
+_attempt = threading.local()
+
+
+@contextmanager
+def pinned_endpoint(client: etcd3.MultiEndpointEtcd3Client) -> Iterator[str]:
+    """Within the block, a call of this thread that fails benches the endpoint the client was on
+    when the block began (``FailoverClient``), whatever other threads switched to meanwhile.
+    Yields that endpoint's label."""
+    client.channel  # noqa: B018 - moves off a benched endpoint before the attempt starts
+    label = client._current_endpoint_label
+    before = getattr(_attempt, "label", None)
+    _attempt.label = label
+    try:
+        yield label
+    finally:
+        _attempt.label = before
+
+
+class FailoverClient(etcd3.MultiEndpointEtcd3Client):
+    """etcd3's multi-endpoint client, except that a failed call benches the endpoint *it* used.
+
+    etcd3 benches whichever endpoint is current when a call fails. With calls in flight on several
+    threads (a process's handlers, heartbeats, its view), the calls stuck on a stalled endpoint time
+    out one after another *after* the first of them moved the client to a healthy endpoint, and
+    each benches the healthy one; the client is back on the stalled endpoint once its rest is over,
+    and requests spend their whole ``read_timeout`` going back and forth (found by
+    ``integration_tests/test_nemesis_scenarios.py``'s stalled-connection scenario).
+    """
+
+    def _manage_grpc_errors(self, exc: grpc.RpcError) -> NoReturn:
+        label = getattr(_attempt, "label", None)
+        if label is None or label == self._current_endpoint_label or label not in self.endpoints:
+            super()._manage_grpc_errors(exc)
+        # The client has left this call's endpoint already: bench that one, keep the current.
+        if exc.code() in _FAILED_ENDPOINT_CODES:
+            self.endpoints[label].fail()
+        exception = _ETCD3_EXCEPTIONS.get(exc.code())
+        if exception is None:
+            raise exc
+        raise exception() from exc
+
+
+# etcd3's own tables (``etcd3.client``): the statuses that bench an endpoint, and its exceptions.
+_FAILED_ENDPOINT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+)
+_ETCD3_EXCEPTIONS = {
+    grpc.StatusCode.INTERNAL: etcd3.exceptions.InternalServerError,
+    grpc.StatusCode.UNAVAILABLE: etcd3.exceptions.ConnectionFailedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: etcd3.exceptions.ConnectionTimeoutError,
+    grpc.StatusCode.FAILED_PRECONDITION: etcd3.exceptions.PreconditionFailedError,
+}
+
+
+def fail_over(client: etcd3.MultiEndpointEtcd3Client, exc: grpc.RpcError, endpoint: str | None = None) -> NoReturn:
     """Handle ``exc`` from a call made outside etcd3's own methods the way those methods do: an
     endpoint that is down is marked failed (so the retry uses another), and etcd3's exception for
-    the status is raised. Call it from the ``except`` block that caught ``exc``."""
-    client._manage_grpc_errors(exc)
+    the status is raised. Call it from the ``except`` block that caught ``exc``.
+
+    Args:
+        endpoint: the label of the endpoint the call used, when known (a watch's).
+    """
+    if endpoint is None:
+        client._manage_grpc_errors(exc)
+    else:
+        before = getattr(_attempt, "label", None)
+        _attempt.label = endpoint
+        try:
+            client._manage_grpc_errors(exc)
+        finally:
+            _attempt.label = before
     raise exc
 
 
@@ -279,7 +346,7 @@ class EtcdClient:
             )
             for host, port in config.endpoints
         ]
-        self.raw = etcd3.MultiEndpointEtcd3Client(endpoints, timeout=attempt_timeout(config), failover=True)
+        self.raw = FailoverClient(endpoints, timeout=attempt_timeout(config), failover=True)
         self.raw.metadata = (REQUIRE_LEADER,)
         # Set when etcd dropped the auth token; the next attempt authenticates again first.
         self._token_expired = False
@@ -316,7 +383,7 @@ class EtcdClient:
         """
 
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> T:
-            with self._gate.passage():
+            with self._gate.passage(), pinned_endpoint(client):
                 if self._token_expired and self.config.username is not None:
                     self._authenticate()
                     self._token_expired = False

@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import tenacity
@@ -61,6 +61,7 @@ class EtcdServer:
         client_port: int | None = None,
         peer_port: int | None = None,
         initial_cluster: str | None = None,
+        advertise_peer: str | None = None,
     ) -> None:
         """
         Args:
@@ -68,6 +69,8 @@ class EtcdServer:
             client_port, peer_port: loopback ports; free ones are picked if not given.
             initial_cluster: ``--initial-cluster`` for a member of a multi-member cluster, as
                 ``name=http://127.0.0.1:PEER,...``; by default the member forms a cluster alone.
+            advertise_peer: ``host:port`` the member tells its peers to reach it at (a proxy in
+                front of its peer port, say); its own peer port by default.
         """
         self.binary = binary
         self.extra_args = list(extra_args)
@@ -76,6 +79,7 @@ class EtcdServer:
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.initial_cluster = initial_cluster
+        self.advertise_peer = advertise_peer or f"127.0.0.1:{self.peer_port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="etcd-test-"))
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
@@ -98,6 +102,7 @@ class EtcdServer:
     def _command(self) -> list[str]:
         client_url = f"{self.scheme}://127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{self.peer_port}"
+        advertised_peer_url = f"http://{self.advertise_peer}"
         return [
             self.binary,
             f"--name={self.name}",
@@ -105,8 +110,8 @@ class EtcdServer:
             f"--listen-client-urls={client_url}",
             f"--advertise-client-urls={client_url}",
             f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster={self.initial_cluster or f'{self.name}={peer_url}'}",
+            f"--initial-advertise-peer-urls={advertised_peer_url}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={advertised_peer_url}'}",
             "--initial-cluster-state=new",
             "--listen-metrics-urls=",
             *self.extra_args,
@@ -201,15 +206,32 @@ class EtcdCluster:
     directory: for failover tests. Members can be killed and restarted with their data.
 
     ``close`` stops every member and deletes their directories.
+
+    Args:
+        peer_address: called with each member's name and peer port before any member starts;
+            returns the ``host:port`` at which the others are to reach that member (e.g. a fault
+            proxy in front of its peer port). Members reach each other directly by default.
     """
 
-    def __init__(self, binary: str, size: int = 3, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        binary: str,
+        size: int = 3,
+        extra_args: Sequence[str] = (),
+        peer_address: Callable[[str, int], str] | None = None,
+    ) -> None:
         ports = [(free_port(), free_port()) for _ in range(size)]
         names = [f"member{i}" for i in range(size)]
-        initial = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, ports))
+        advertised = [
+            peer_address(n, peer) if peer_address is not None else f"127.0.0.1:{peer}"
+            for n, (_, peer) in zip(names, ports)
+        ]
+        initial = ",".join(f"{n}=http://{a}" for n, a in zip(names, advertised))
         self.members = [
-            EtcdServer(binary, extra_args, name=n, client_port=c, peer_port=p, initial_cluster=initial)
-            for n, (c, p) in zip(names, ports)
+            EtcdServer(
+                binary, extra_args, name=n, client_port=c, peer_port=p, initial_cluster=initial, advertise_peer=a
+            )
+            for n, (c, p), a in zip(names, ports, advertised)
         ]
 
     @property

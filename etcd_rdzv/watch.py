@@ -79,7 +79,10 @@ class Watch:
                     return
                 yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 
-        self._call = rpc.WatchStub(client.channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
+        channel = client.channel
+        # A failure of the stream benches the endpoint it runs on, not the one current by then.
+        self._endpoint = getattr(client, "_current_endpoint_label", None)
+        self._call = rpc.WatchStub(channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -95,7 +98,7 @@ class Watch:
                 raise WatchStalled("the watch stream went silent; it was cancelled") from exc
             if self._done.is_set() or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return  # cancelled here, or its timeout is over
-            fail_over(self._client, exc)
+            fail_over(self._client, exc, self._endpoint)
         finally:
             self.cancel()
 

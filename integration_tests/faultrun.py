@@ -30,9 +30,24 @@ class Run:
     """Handlers of one run on one etcd (or cluster), created in this process; ``close`` shuts
     every handler down and checks that the run left no lease-less key behind."""
 
-    def __init__(self, endpoint: str, min_nodes: int, max_nodes: int, read_timeout: float = 10) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        min_nodes: int,
+        max_nodes: int,
+        read_timeout: float = 10,
+        direct: str | None = None,
+        workers: int = 8,
+    ) -> None:
+        """
+        Args:
+            endpoint: the handlers' ``--rdzv-endpoint`` (through fault proxies, say).
+            direct: where the invariant checker reads etcd, past any proxy; ``endpoint`` by default.
+            workers: how many ``next_rendezvous`` calls may run at once.
+        """
         unique = uuid.uuid4().hex[:10]
         self.endpoint = endpoint
+        self.direct = direct or endpoint
         self.run_id = f"fault-{unique}"
         self.key_prefix = f"/rdzv-fault/{unique}"
         self.key = RunKeys(self.key_prefix, self.run_id).state
@@ -40,20 +55,25 @@ class Run:
         self.read_timeout = read_timeout
         self.handlers = []
         self.answers = AnswerLog()
-        self.pool = ThreadPoolExecutor(8)
+        self.pool = ThreadPoolExecutor(workers)
 
-    def handler(self):
-        params = RendezvousParameters(
-            backend="etcd_rdzv", endpoint=self.endpoint, run_id=self.run_id, min_nodes=self.min_nodes,
+    def params(self, endpoint: str | None = None, **conf) -> RendezvousParameters:
+        """The run's parameters on ``endpoint`` (the run's by default); ``conf`` overrides ``FAST``."""
+        return RendezvousParameters(
+            backend="etcd_rdzv", endpoint=endpoint or self.endpoint, run_id=self.run_id, min_nodes=self.min_nodes,
             max_nodes=self.max_nodes, local_addr="127.0.0.1", key_prefix=self.key_prefix,
-            read_timeout=self.read_timeout, **FAST,
+            read_timeout=self.read_timeout, **{**FAST, **conf},
         )
-        handler = create_handler(params)
+
+    def handler(self, endpoint: str | None = None, **conf):
+        """A new handler of the run, on ``endpoint`` (the run's by default). Handlers of one process
+        with the same endpoint share one etcd client (``etcd_rdzv.registry``)."""
+        handler = create_handler(self.params(endpoint, **conf))
         self.handlers.append(handler)
         return handler
 
     def checker(self) -> InvariantChecker:
-        return InvariantChecker(self.endpoint, self.key, self.min_nodes, self.max_nodes)
+        return InvariantChecker(self.direct, self.key, self.min_nodes, self.max_nodes)
 
     def next(self, handlers):
         """Start ``next_rendezvous`` on each handler in a thread; futures come back."""

@@ -18,6 +18,10 @@ connection, current and future (the proxy's methods), or to one (``Proxy.connect
   a HEADERS frame opening a client stream and its response is every server byte until that
   stream ends; on other protocols a request is a client chunk and its response the next server
   chunk.
+* ``isolate(marker)``: blackhole every connection, current and future, whose client sent
+  ``marker`` within its first bytes (``Connection.opening``), e.g. the ``X-Server-From`` header
+  by which an etcd member names itself on its peer connections, so that one client's traffic
+  through a shared proxy can be cut while the others' flows.
 * ``heal()``: every fault off; ``close()``: stop listening and close every connection.
 
 ``faults`` counts what was injected, by kind, for reports.
@@ -36,6 +40,8 @@ from collections.abc import Iterable
 __all__ = ["Connection", "Proxy"]
 
 _CHUNK = 65536
+# How much of a connection's first client bytes ``isolate`` looks at (HTTP/1 request headers).
+_OPENING = 4096
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS, _RST_STREAM = 0x0, 0x1, 0x3
 _END_STREAM = 0x1
@@ -97,6 +103,7 @@ class Connection:
         self.poisoned = False  # bytes were dropped: the stream is no longer intact
         self.closed = False
         self.peer = client.getpeername()
+        self.opening = b""  # the client's first bytes, up to _OPENING
         self._http2: bool | None = None
         self._requests = _FrameScanner(skip=len(_PREFACE))
         self._responses = _FrameScanner()
@@ -209,6 +216,9 @@ class Connection:
                 pending.put(_EOF)
                 return
             with self._proxy._cond:
+                if outbound and len(self.opening) < _OPENING:
+                    self.opening += data[: _OPENING - len(self.opening)]
+                    self._proxy._isolate_if_marked(self)
                 latency, _, blackholed = self._effective()
                 drop = blackholed or self.upstream is None or self._inspect(data, outbound)
                 if drop:
@@ -315,6 +325,7 @@ class Proxy:
         self.faults: collections.Counter[str] = collections.Counter()
         self._cond = threading.Condition()
         self._all = _Faults()
+        self._isolated: set[bytes] = set()
         self._connections: list[Connection] = []
         self._finished: list[Connection] = []
         self._closed = False
@@ -381,11 +392,21 @@ class Proxy:
         with self._cond:
             self._all.drop_after = n
 
+    def isolate(self, marker: bytes) -> None:
+        """Blackhole every connection, open now or opened later, whose client's first bytes
+        contain ``marker``, until ``heal``."""
+        with self._cond:
+            self._isolated.add(marker)
+            self._count("isolate")
+            for connection in self._connections:
+                self._isolate_if_marked(connection)
+
     def heal(self) -> None:
         """Every fault off, the proxy's and each connection's; connections that lost bytes are
         reset."""
         with self._cond:
             self._all = _Faults()
+            self._isolated = set()
             self._cond.notify_all()
         for connection in self.connections():
             connection.heal()
@@ -412,6 +433,11 @@ class Proxy:
         self.close()
 
     # -- plumbing ------------------------------------------------------------------------------
+
+    def _isolate_if_marked(self, connection: Connection) -> None:
+        """Called with the lock held."""
+        if any(marker in connection.opening for marker in self._isolated):
+            connection.own.blackholed = True
 
     def _count(self, kind: str, really: bool = True) -> None:
         if really:

@@ -486,6 +486,25 @@ def test_fold_to_max_then_dead_node_dropped_keeps_the_round_open():
 # --------------------------------------------------------------------------- fold
 
 
+def test_fold_of_more_joins_than_max_nodes_completes_the_round_at_max():
+    """Bug: folding a batch of joins into an open round added every one of them, and ``settle``
+    completed the round with more than ``max_nodes`` participants (found by the random fault
+    schedule of ``integration_tests/test_nemesis_scenarios.py``: groups of 5 and 6 with
+    ``max_nodes=4``). Joins past ``max_nodes`` wait in the redundancy list, as they would had the
+    round completed at the join that filled it."""
+    s = _settings(min_nodes=2, max_nodes=3)
+    state = RendezvousState(participants={N[0]: 0})
+    placed = [fold(state, Announcement("join", n), s) for n in N[1:6]]
+    assert placed == [True] * 5
+    assert set(state.participants) == set(N[:3])
+    assert state.redundancy_list == set(N[3:6])
+    settle(state, s, WALL)
+    assert state.complete and state.world_size == 3
+    assert sorted(state.participants.values()) == [0, 1, 2]
+    assert not would_fold(state, Announcement("join", N[4]), s)
+
+
+
 def test_fold_join_places_as_the_node_itself_would():
     s = _settings(min_nodes=2, max_nodes=3)
     state = RendezvousState()

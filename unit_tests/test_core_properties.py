@@ -44,6 +44,10 @@ from rdzv_common.ops import close_op, exit_op, join_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc
 
+# The integration tests' checker of what nodes were told: pure, importable here (pytest puts the
+# rootdir on sys.path).
+from integration_tests.answers import Answer, AnswerLog, check
+
 RUN = "prop-run"
 MAX_N = 6
 INTERVAL = 1.0  # keep_alive_interval; liveness TTL is 3 x this
@@ -177,6 +181,7 @@ class ChurnMachine(RuleBasedStateMachine):
         self.closed_seen = False
         self.last_round = 0
         self.last_written = None  # the stored state every successful write replaced
+        self.answers = AnswerLog()  # every placement, as next_rendezvous would have answered it
 
     # ----------------------------------------------------------------- checks
 
@@ -249,6 +254,8 @@ class ChurnMachine(RuleBasedStateMachine):
             if other != node.desc:
                 assert r != rank, f"round {rnd}: {other} and {node.desc} both got rank {r}"
         seen[node.desc] = (rank, world)
+        # No bootstrap store in this model: one name for every round.
+        self.answers.add(Answer(node.desc.key, rnd, rank, world, "memory", CLOCK.monotonic()))
         node.phase = "placed"
 
     # ----------------------------------------------------------------- setup
@@ -414,6 +421,20 @@ class ChurnMachine(RuleBasedStateMachine):
     def teardown(self):
         if self.settings is None:
             return
+        try:
+            self._teardown()
+        finally:
+            self._check_answers()
+
+    def _check_answers(self) -> None:
+        """What every node was told, judged as the fault tests judge it (``answers.check``).
+        Closes are not logged: the model's clock jumps, so the checker's grace period after a
+        close (real seconds) means nothing here."""
+        groups = {r: {n.key: rank for n, rank in group.items()} for r, group in self.completed.items()}
+        problems = check(self.answers, groups)
+        assert problems == [], "\n".join(problems) + "\n" + self.answers.describe()
+
+    def _teardown(self) -> None:
         # Liveness: every live node that keeps stepping ends placed, with a clear error, or
         # legitimately waiting as a redundant node.
         self._quiesce(0.5)

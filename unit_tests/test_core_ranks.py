@@ -205,7 +205,10 @@ def test_a_round_completes_with_whole_units_and_extras_wait(min_nodes, max_nodes
     settle(state, s, WALL + 2)
     assert state.complete and state.world_size == world
     assert sorted(state.participants.values()) == list(range(world))
-    assert state.wait_list == set(nodes) - set(state.participants)
+    # Joins beyond the largest group are redundant, as if the round had completed when it filled;
+    # participants left over by the unit rounding wait for the next round.
+    assert state.redundancy_list == set(nodes[s.max_world :])
+    assert state.wait_list == set(nodes[: s.max_world]) - set(state.participants)
     # Extras are the last in rank order.
     assert set(state.participants) == set(nodes[:world])
 

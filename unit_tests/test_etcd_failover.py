@@ -1,0 +1,80 @@
+"""``FailoverClient``: a failed call benches the endpoint it used, not whichever is current."""
+
+from __future__ import annotations
+
+import etcd3
+import etcd3.exceptions
+import grpc
+import pytest
+
+from etcd_rdzv.client import FailoverClient, fail_over, pinned_endpoint
+
+
+class Failure(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._code.name
+
+
+@pytest.fixture
+def client():
+    # Nothing listens on these ports; no call is made, channels connect lazily.
+    endpoints = [etcd3.Endpoint("127.0.0.1", port, secure=False, time_retry=1.0) for port in (1, 2)]
+    raw = FailoverClient(endpoints, timeout=1, failover=True)
+    raw._current_endpoint_label = "127.0.0.1:1"
+    yield raw
+    raw.close()
+
+
+def fail(client, code=grpc.StatusCode.DEADLINE_EXCEEDED):
+    try:
+        raise Failure(code)
+    except Failure as exc:
+        client._manage_grpc_errors(exc)
+
+
+def test_a_late_failure_on_the_endpoint_left_benches_that_one_only(client):
+    with pinned_endpoint(client) as label:
+        assert label == "127.0.0.1:1"
+        # Meanwhile another thread's call failed there and the client moved on.
+        client.endpoints["127.0.0.1:1"].fail()
+        client.channel  # noqa: B018 - moves to the healthy endpoint
+        assert client._current_endpoint_label == "127.0.0.1:2"
+        with pytest.raises(etcd3.exceptions.ConnectionTimeoutError):
+            fail(client)
+    assert not client.endpoints["127.0.0.1:2"].is_failed()
+    assert client._current_endpoint_label == "127.0.0.1:2"
+
+
+def test_a_failure_on_the_current_endpoint_benches_it_as_etcd3_does(client):
+    with pinned_endpoint(client):
+        with pytest.raises(etcd3.exceptions.ConnectionFailedError):
+            fail(client, grpc.StatusCode.UNAVAILABLE)
+    assert client.endpoints["127.0.0.1:1"].is_failed()
+
+
+def test_a_watch_failure_benches_the_watch_endpoint(client):
+    client.channel  # noqa: B018
+    client._current_endpoint_label = "127.0.0.1:2"
+    with pytest.raises(etcd3.exceptions.ConnectionFailedError):
+        try:
+            raise Failure(grpc.StatusCode.UNAVAILABLE)
+        except Failure as exc:
+            fail_over(client, exc, "127.0.0.1:1")
+    assert client.endpoints["127.0.0.1:1"].is_failed()
+    assert not client.endpoints["127.0.0.1:2"].is_failed()
+
+
+def test_statuses_that_do_not_bench_pass_through(client):
+    with pinned_endpoint(client):
+        client._current_endpoint_label = "127.0.0.1:2"
+        with pytest.raises(etcd3.exceptions.PreconditionFailedError):
+            fail(client, grpc.StatusCode.FAILED_PRECONDITION)
+        with pytest.raises(Failure):
+            fail(client, grpc.StatusCode.PERMISSION_DENIED)
+    assert not any(e.is_failed() for e in client.endpoints.values())
