@@ -52,9 +52,10 @@ class Mailbox(ABC):
     batch_limit: int | None = None
 
     @abstractmethod
-    def post(self, record: bytes) -> Any:
-        """Append ``record`` and return its handle. It must be visible to every ``read`` that
-        starts after this returns."""
+    def post(self, record: bytes) -> Record:
+        """Append ``record`` and return it with its handle (and its position, where the server
+        says). The poster's own ``read``s that start after this returns see it; other nodes see it
+        once it reaches them."""
 
     @abstractmethod
     def read(self, cursor: int) -> list[Record]:

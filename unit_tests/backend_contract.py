@@ -16,6 +16,17 @@ import time
 from rdzv_common.backend import Record
 
 
+def _read_until(mailbox, cursor: int, datas: list[bytes], timeout: float = 5.0) -> list[Record]:
+    """The mailbox's records after ``cursor`` once their data is ``datas``: a node sees its own
+    posts at once, another node's as soon as they reach it (through a watch, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = mailbox.read(cursor)
+        if [r.data for r in records] == datas or time.monotonic() > deadline:
+            return records
+        time.sleep(0.02)
+
+
 class BackendContract:
     liveness_ttl: float = 0.5
     fences_withdrawn: bool = False
@@ -91,12 +102,12 @@ class BackendContract:
         assert a.mailbox.read(0) == []
         posted = [a.mailbox.post(b"one"), b.mailbox.post(b"two")]
         assert [p.data for p in posted] == [b"one", b"two"]
-        records = b.mailbox.read(0)
+        records = _read_until(b.mailbox, 0, [b"one", b"two"])
         assert all(isinstance(r, Record) for r in records)
         assert [r.data for r in records] == [b"one", b"two"]
         # Each record's position is the cursor just past it: reading from it skips the record.
         assert 0 < records[0].position < records[1].position
-        assert [r.data for r in a.mailbox.read(records[0].position)] == [b"two"]
+        assert [r.data for r in _read_until(a.mailbox, records[0].position, [b"two"])] == [b"two"]
         for post, read in zip(posted, records):
             # A poster that learns where its record landed learns what every reader sees.
             assert post.position in (None, read.position)
@@ -140,7 +151,7 @@ class BackendContract:
         _, token, _ = a.set_state(b"v1")
         posted = b.mailbox.post(b"join")
         b.mailbox.post(b"other")
-        seen = a.mailbox.read(0)
+        seen = _read_until(a.mailbox, 0, [b"join", b"other"])
         assert [r.data for r in seen] == [b"join", b"other"]
         b.mailbox.withdraw(posted.handle)
         result = a.set_state(b"v2", token, [r.handle for r in seen])
@@ -155,7 +166,7 @@ class BackendContract:
         assert a.get_state() == (b"v1", token)
         # A reader after the withdrawal no longer sees it, and its write (fenced on what it saw)
         # lands.
-        again = a.mailbox.read(0)
+        again = _read_until(a.mailbox, 0, [b"other"])
         assert [r.data for r in again] == [b"other"]
         assert again[0].position == seen[1].position
         state, _, has_set = a.set_state(b"v3", token, [r.handle for r in again])
