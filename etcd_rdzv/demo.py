@@ -152,7 +152,7 @@ class ElasticDemo:
             self.timeline.say(name, text)
         elif "Error" in text:
             # gloo's message names its source file and goes on for a line and a half: its gist.
-            self.timeline.say(name, re.sub(r"\[/\S+\] ", "", text)[:100])
+            self.timeline.say(name, re.sub(r"\[/\S+\] ", "", text).split(". ", 1)[0])
 
     def _wait(self, what: str, ready: Callable[[], bool]) -> None:
         with self._changed:
