@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -174,3 +175,31 @@ def test_events_and_timings_reach_torchs_channels_on_etcd(etcd_run):
     totals = metric_log.values("next_rendezvous.duration.ms")
     assert sorted(totals) == sorted(round(h.last_timings.total * 1000) for h in handlers)
     assert sum(metric_log.values("next_rendezvous.writes")) == sum(h.last_timings.writes for h in handlers) >= 1
+
+
+def test_deepspeeds_expressions_on_etcd(etcd_run):
+    """What DeepSpeed's ``DSElasticAgent._invoke_run`` reads, on handlers whose liveness is etcd's."""
+    handlers = [create_handler(_params(etcd_run, etcd_run.run_id, 2, 2)) for _ in range(2)]
+    try:
+        infos = _rendezvous(handlers)
+        rdzv_handler = handlers[0]
+        participants = rdzv_handler._state_holder.state.participants
+        assert participants == {h.node: info.rank for h, info in zip(handlers, infos)}
+        expire_time = datetime.utcnow() - (
+            rdzv_handler._settings.keep_alive_interval * rdzv_handler._settings.keep_alive_max_attempt
+        )
+        heartbeats = rdzv_handler._state_holder.state.last_heartbeats
+        assert set(heartbeats) == {h.node for h in handlers}
+        assert [node for node, last_heartbeat in heartbeats.items() if last_heartbeat < expire_time] == []
+
+        # The other node's liveness ends (its process is gone): once liveness is asked afresh it has
+        # no heartbeat.
+        gone = handlers[1]
+        gone._stop_heartbeats()
+        gone._backend.liveness.forget(gone.node.key)
+        time.sleep(rdzv_handler.settings.keep_alive_interval * 1.5)
+        assert set(rdzv_handler._state_holder.state.last_heartbeats) == {rdzv_handler.node}
+        assert len(rdzv_handler._state_holder.state.participants) == 2  # the group stays until a new round
+    finally:
+        for handler in handlers:
+            handler.shutdown()
