@@ -22,7 +22,7 @@ from torch.distributed.elastic.rendezvous import (
 
 from .backend import RendezvousBackend
 from .bootstrap import TrainerStoreHost, shared_store_enabled
-from .compat import TorchStateHolderView, torch_settings
+from .compat import TorchSettings, TorchStateHolderView, torch_settings
 from .events import HANDLER, record_event, report_failure, report_timings
 from .executor import OpExecutor
 from .health import Admission
@@ -141,7 +141,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         return TorchStateHolderView(self._holder, self._executor, self._lock)
 
     @property
-    def _settings(self):
+    def _settings(self) -> TorchSettings:
         return self._torch_settings
 
     def next_rendezvous(self) -> RendezvousInfo:
