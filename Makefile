@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration demo bench soak clean test-etcd34 test-docker
+.PHONY: install test unit integration demo demo-quick bench soak clean test-etcd34 test-docker
 
 install: $(STAMP)
 
@@ -51,6 +51,9 @@ test-docker: $(DOCKER_STAMP)
 
 demo: install
 	$(PY) -m etcd_rdzv.demo
+
+demo-quick: install
+	$(PY) -m etcd_rdzv.demo --quick
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'

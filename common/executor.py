@@ -6,11 +6,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from torch.distributed.elastic.events import NodeState
 from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
 
 from .backend import RendezvousBackend
-from .events import record_event
+from .events import record_step
 from .holder import StateHolder
 from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply
 from .settings import RendezvousSettings
@@ -48,6 +47,15 @@ class OpExecutor:
         self._last_beat = float("-inf")
         # Monotonic time the current run first saw this node among the participants.
         self.placed_at: float | None = None
+
+    @property
+    def node(self) -> NodeDesc:
+        return self._node
+
+    @property
+    def last_beat(self) -> float | None:
+        """When (on ``clock``) this node last sent a heartbeat; ``None`` before its first."""
+        return None if self._last_beat == float("-inf") else self._last_beat
 
     def beat(self, timeout: float | None = None) -> None:
         """Send a heartbeat now, within ``timeout`` seconds if given."""
@@ -133,8 +141,8 @@ class OpExecutor:
                 self._holder.announce(action)
                 synced = self._holder.await_fold()
             else:
-                if action is Action.MARK_RENDEZVOUS_COMPLETE or action is Action.MARK_RENDEZVOUS_CLOSED:
-                    record_event(self._settings, self._node, self._describe(action), NodeState.SUCCEEDED)
+                # Completing and closing are recorded by the write that does them (``StateHolder``).
+                record_step(self._settings, self._node, action.name, state.round)
                 apply(action, state, self._node)
                 if action is Action.REMOVE_FROM_REDUNDANCY_LIST and update_deadline is not None:
                     deadline = update_deadline(self._settings.join_timeout)

@@ -22,7 +22,8 @@ from torch.distributed.elastic.rendezvous import (
 
 from .backend import RendezvousBackend
 from .bootstrap import TrainerStoreHost, shared_store_enabled
-from .events import record_event
+from .compat import TorchSettings, TorchStateHolderView, torch_settings
+from .events import HANDLER, record_event, report_failure, report_timings
 from .executor import OpExecutor
 from .health import Admission
 from .holder import StateHolder
@@ -76,7 +77,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         topology: str | None = None,
     ) -> None:
         self._node = node
-        self._settings = settings
+        self._config = settings
         self._backend_name = backend_name
         self._store = store
         self._backend = backend
@@ -91,6 +92,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._beats_failing = False
         self._trainer_store = TrainerStoreHost(node.addr)
         self.last_timings: RendezvousTimings | None = None
+        self._torch_settings = torch_settings(settings)
         # A handler dropped without shutdown(), or a process that exits without it (torchrun skips
         # it on SIGTERM so that the run stays open), leaves at once instead of after its liveness
         # TTL, and releases its backend, whose threads and connections stop with its last user.
@@ -114,7 +116,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     @property
     def settings(self) -> RendezvousSettings:
-        return self._settings
+        return self._config
 
     @property
     def node(self) -> NodeDesc:
@@ -127,16 +129,30 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def use_agent_store(self) -> bool:
         return shared_store_enabled()
 
-    def _record(self, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None) -> None:
-        record_event(self._settings, self._node, message, node_state, rank)
+    def _record(
+        self, method: str, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None
+    ) -> None:
+        record_event(self._config, self._node, f"{HANDLER}.{method}", message, node_state, rank)
+
+    # DeepSpeed's elastic agent (``deepspeed/elasticity/elastic_agent.py``) reads torch's private
+    # ``_state_holder.state.participants``/``.last_heartbeats`` and ``_settings.keep_alive_*``;
+    # these two read-only views keep it working (see ``compat.py``).
+
+    @property
+    def _state_holder(self) -> TorchStateHolderView:
+        return TorchStateHolderView(self._holder, self._executor, self._lock)
+
+    @property
+    def _settings(self) -> TorchSettings:
+        return self._torch_settings
 
     def next_rendezvous(self) -> RendezvousInfo:
         """Leave the previous round and join the next; see torch's ``RendezvousHandler``."""
         msg = (
             f"The node '{self._node}' attempts to join the next round of the rendezvous "
-            f"'{self._settings.run_id}'."
+            f"'{self._config.run_id}'."
         )
-        self._record(msg)
+        self._record("next_rendezvous", msg)
         logger.info(msg)
         started = time.monotonic()
         writes, lost = self._holder.writes, self._holder.failed_writes
@@ -147,7 +163,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 # Read before the first heartbeat: a corrupt state fails with nothing written.
                 self._holder.sync()
                 self._executor.beat()
-                deadline = started + self._settings.join_timeout
+                deadline = started + self._config.join_timeout
                 self._executor.run(exit_op, deadline)
                 self._admission.admit(self._holder.state.round, deadline)
                 self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
@@ -155,10 +171,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._start_heartbeats()
             state = self._holder.state
             rank, world_size = state.participants[self._node], state.world_size
-            round_store = dist.PrefixStore(f"torch.rendezvous.{self._settings.run_id}.{state.round}", self._store)
+            round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
             store_info = self._trainer_store.publish(rank, round_store)
         except Exception as e:
-            self._record(f"{type(e).__name__}: {e}", NodeState.FAILED)
+            self._record("next_rendezvous", f"{type(e).__name__}: {e}", NodeState.FAILED)
+            report_failure()
             if isinstance(e, RendezvousTimeoutError):
                 # A join another node folded in after this one gave up must not stand: with its
                 # liveness gone, the next write drops it.
@@ -174,23 +191,30 @@ class DynamicRendezvousHandler(RendezvousHandler):
             writes=self._holder.writes - writes,
             lost_writes=self._holder.failed_writes - lost,
         )
-        msg = (
+        joined = (
             f"The node '{self._node}' has joined round {state.round} of the rendezvous "
-            f"'{self._settings.run_id}' as rank {rank} in a world of size {world_size} "
-            f"(total {self.last_timings.total:.3f}s, join wait {self.last_timings.join_wait:.3f}s, "
-            f"last call {self.last_timings.last_call_wait:.3f}s, {self.last_timings.writes} writes, "
-            f"{self.last_timings.lost_writes} lost)."
+            f"'{self._config.run_id}' as rank {rank} in a world of size {world_size}"
         )
-        self._record(msg, rank=rank)
-        logger.info(msg)
+        # The event carries torch's message word for word; the timings go to the metrics and the log.
+        self._record("next_rendezvous", joined + ".", rank=rank)
+        report_timings(self.last_timings)
+        logger.info(
+            "%s (total %.3fs, join wait %.3fs, last call %.3fs, %d writes, %d lost).",
+            joined,
+            self.last_timings.total,
+            self.last_timings.join_wait,
+            self.last_timings.last_call_wait,
+            self.last_timings.writes,
+            self.last_timings.lost_writes,
+        )
         return RendezvousInfo(round_store, rank, world_size, store_info)
 
-    def _guarded(self, fn):
+    def _guarded(self, method: str, fn):
         try:
             with self._lock:
                 return fn()
         except Exception as e:
-            self._record(f"{type(e).__name__}: {e}", NodeState.FAILED)
+            self._record(method, f"{type(e).__name__}: {e}", NodeState.FAILED)
             raise
 
     def is_closed(self) -> bool:
@@ -198,20 +222,20 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
             return self._holder.state.closed
 
-        return self._guarded(read)
+        return self._guarded("is_closed", read)
 
     def set_closed(self) -> None:
-        self._guarded(self._close)
+        self._guarded("set_closed", self._close)
 
     def num_nodes_waiting(self) -> int:
         def read() -> int:
             self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
-            return nodes_waiting(self._holder.state, self._settings)
+            return nodes_waiting(self._holder.state, self._config)
 
-        return self._guarded(read)
+        return self._guarded("num_nodes_waiting", read)
 
     def get_run_id(self) -> str:
-        return self._settings.run_id
+        return self._config.run_id
 
     def shutdown(self) -> bool:
         """Close the run, end this node's liveness and release the backend; see torch's contract."""
@@ -221,7 +245,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._close()
             return True
         except RendezvousError as ex:
-            self._report_failure("shutdown", ex)
+            self._report_failure("shutdown", "shutdown", ex)
             return False
         finally:
             self._trainer_store.stop()
@@ -233,9 +257,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._backend.close()
 
     def _close(self) -> None:
-        self._executor.run(close_op, time.monotonic() + self._settings.close_timeout)
-        msg = f"The node '{self._node}' has closed the rendezvous '{self._settings.run_id}'."
-        self._record(msg, NodeState.SUCCEEDED)
+        self._executor.run(close_op, time.monotonic() + self._config.close_timeout)
+        msg = f"The node '{self._node}' has closed the rendezvous '{self._config.run_id}'."
+        self._record("_close", msg, NodeState.SUCCEEDED)
         logger.info(msg)
 
     def _keep_alive(self) -> None:
@@ -244,31 +268,37 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # outage does not flood the log (torch's event stream still gets every failure).
         with self._lock:
             try:
-                self._executor.beat(self._settings.heartbeat_timeout)
+                self._executor.beat(self._config.heartbeat_timeout)
             except RendezvousError as ex:
-                self._report_failure("send a keep-alive heartbeat to", ex, log=not self._beats_failing)
+                self._report_failure("_keep_alive", "send a keep-alive heartbeat to", ex, log=not self._beats_failing)
                 self._beats_failing = True
                 return
             if self._beats_failing:
                 logger.info("The node '%s' sends keep-alive heartbeats again.", self._node)
             self._beats_failing = False
-            logger.debug("The node '%s' sent a keep-alive heartbeat.", self._node)
+            msg = (
+                f"The node '{self._node}' has sent a keep-alive heartbeat to the rendezvous "
+                f"'{self._config.run_id}'."
+            )
+            self._record("_keep_alive", msg)
+            logger.debug(msg)
 
-    def _report_failure(self, what: str, ex: RendezvousError, log: bool = True) -> None:
+    def _report_failure(self, method: str, what: str, ex: RendezvousError, log: bool = True) -> None:
         msg = (
             f"The node '{self._node}' has failed to {what} the rendezvous "
-            f"'{self._settings.run_id}' due to an error of type {type(ex).__name__}: {ex}"
+            f"'{self._config.run_id}' due to an error of type {type(ex).__name__}"
         )
-        self._record(msg, NodeState.FAILED)
+        # torch's message ends at the type; the event's trace and the log line carry the error.
+        self._record(method, msg + ".", NodeState.FAILED)
         if log:
-            logger.warning(msg)
+            logger.warning("%s: %s", msg, ex)
 
     def _start_heartbeats(self) -> None:
         stop = threading.Event()
         self._heartbeat_stop = stop
         thread = threading.Thread(
             target=_heartbeat_loop,
-            args=(weakref.ref(self), stop, self._settings.keep_alive_interval),
+            args=(weakref.ref(self), stop, self._config.keep_alive_interval),
             name=f"RendezvousKeepAliveTimer_{self._node.local_id}",
             daemon=True,
         )

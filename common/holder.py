@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .backend import Record, RendezvousBackend, Token
 from .codec import decode_announcement, decode_state, encode_join, encode_leave, encode_state
+from .events import record_step, record_write
 from .ops import Action, fold, settle, would_fold
 from .settings import RendezvousSettings
 from .state import NodeDesc, RendezvousState
@@ -78,6 +79,10 @@ class StateHolder:
         # Whether ``_state`` may differ from anything stored (a write prepared it, then failed).
         self._stale = False
         self._last_sync = float("-inf")
+        # (round, complete, closed) of the state last read or written: what a write that wins changed.
+        self._stored = (0, False, False)
+        # Dead nodes removed from the local state after the last read, which the next write stores.
+        self._dropped_unwritten: list[NodeDesc] = []
         self._pending: _Pending | None = None
         # node key -> monotonic time it was last seen alive; only positive answers are cached, so a
         # node is never declared dead from a stale answer.
@@ -112,6 +117,7 @@ class StateHolder:
             RendezvousConnectionError: the backend is unreachable.
         """
         has_set: bool | None = None
+        dropped: list[NodeDesc] = []
         if self._dirty and not self._stale:
             self._dirty = False
             # Until a response replaces it, the local state holds a fold and a completion that
@@ -143,6 +149,9 @@ class StateHolder:
             where = f"{self._backend.location} (run '{self._settings.run_id}')"
             self._state, self._token = decode_state(response[0], where), response[1]
         self._stale = False
+        before, self._stored = self._stored, (self._state.round, self._state.complete, self._state.closed)
+        if has_set and self._node is not None:
+            record_write(self._settings, self._node, before, self._stored, self._dropped_unwritten + dropped)
         # Only a read that decoded counts as fresh: a corrupt state must fail every caller.
         self._last_sync = time.monotonic()
         if self._is_folded(self._pending) or (has_set and self._pending and self._pending.record.position is None):
@@ -150,8 +159,7 @@ class StateHolder:
             # when the mailbox sets no batch limit); it placed us unless we were dropped as dead.
             # Either way a later join or leave must announce afresh.
             self._pending = None
-        if response is not None and not has_set:
-            self._drop_dead(self._state)
+        self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not has_set else []
         return has_set
 
     def _is_folded(self, pending: _Pending | None) -> bool:
@@ -168,25 +176,32 @@ class StateHolder:
             state.cursor = records[-1].position
         return records
 
+    def seen_alive(self, nodes: Collection[NodeDesc]) -> dict[str, float]:
+        """The monotonic time each of ``nodes`` was last known alive, by node key; a node the
+        backend reports dead is absent. The backend is asked about all of them unless each was
+        confirmed within ``keep_alive_interval``."""
+        now = time.monotonic()
+        fresh_for = self._settings.keep_alive_interval
+        if any(now - self._seen_alive.get(n.key, float("-inf")) > fresh_for for n in nodes):
+            # Ask about every node at once: one request answers for all, and the answers stay fresh.
+            alive = self._backend.liveness.alive([n.key for n in nodes], self._settings.liveness_ttl)
+            for node in nodes:
+                if node.key in alive:
+                    self._seen_alive[node.key] = now
+                else:
+                    self._seen_alive.pop(node.key, None)
+        return {n.key: self._seen_alive[n.key] for n in nodes if n.key in self._seen_alive}
+
     def _drop_dead(self, state: RendezvousState) -> list[NodeDesc]:
         """Drop the nodes whose liveness lapsed from ``state``; return them."""
         nodes = state.nodes() - {self._node} if self._node else state.nodes()
         if not nodes:
             return []
-        now = time.monotonic()
-        fresh_for = self._settings.keep_alive_interval
-        if all(now - self._seen_alive.get(n.key, float("-inf")) <= fresh_for for n in nodes):
-            return []
-        # Ask about every node at once: one request answers for all, and the answers stay fresh.
-        by_key = {n.key: n for n in nodes}
-        alive = self._backend.liveness.alive(list(by_key), self._settings.liveness_ttl)
-        for key in alive:
-            self._seen_alive[key] = now
+        seen = self.seen_alive(nodes)
         dropped = []
-        for key, node in by_key.items():
-            if key not in alive:
+        for node in nodes:
+            if node.key not in seen:
                 dropped.append(node)
-                self._seen_alive.pop(key, None)
                 logger.debug(
                     "Detected dead node '%s' in run '%s', removing it from the rendezvous",
                     node,
@@ -213,6 +228,7 @@ class StateHolder:
         else:
             data = encode_join(self._node, self._topology)
         self._pending = _Pending(state.round, action, self._backend.mailbox.post(data))
+        record_step(self._settings, self._node, action.name, state.round)
 
     def await_fold(self) -> bool:
         """Fold the pending announcements if ours is the oldest; else let the older posters do it.

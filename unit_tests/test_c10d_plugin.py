@@ -8,6 +8,7 @@ import threading
 from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
 
 from c10d_rdzv.plugin import create_rdzv_handler, handler_creator
+from unit_tests.torch_channels import torch_event_log, torch_metric_log
 
 
 def test_plugin_builds_a_handler_reporting_the_requested_name(tmp_path):
@@ -56,3 +57,21 @@ def test_two_nodes_meet_over_a_tcp_store():
         thread.join(40)
     assert not errors, errors
     assert sorted(ranks.values()) == [(0, 2), (1, 2)]
+
+
+def test_events_and_timings_reach_torchs_channels_without_etcd(tmp_path):
+    params = RendezvousParameters(
+        "c10d_rdzv", str(tmp_path / "rdzv"), "c10d-metrics", 1, 1, store_type="file", last_call_timeout="0.1"
+    )
+    with torch_event_log() as events, torch_metric_log() as metric_log:
+        handler = create_rdzv_handler(params)
+        try:
+            info = handler.next_rendezvous()
+        finally:
+            handler.shutdown()
+    assert (info.rank, info.world_size) == (0, 1)
+    assert metric_log.values("next_rendezvous.success") == [1]
+    assert metric_log.values("next_rendezvous.duration.ms") == [round(handler.last_timings.total * 1000)]
+    joined = [e for e in events.named("dynamic_rendezvous.py:DynamicRendezvousHandler.next_rendezvous") if e["rank"] == 0]
+    assert len(joined) == 1 and joined[0]["run_id"] == "c10d-metrics"
+    assert events.named("dynamic_rendezvous.py:_DistributedRendezvousOpExecutor._mark_rendezvous_complete")

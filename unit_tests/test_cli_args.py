@@ -132,3 +132,17 @@ def test_every_run_owns_one_directory_no_other_run_reaches(run_id):
         if other != run_id:
             root = RunKeys("/p", other).root
             assert not root.startswith(keys.root) and not keys.root.startswith(root)
+
+
+def test_the_exporter_takes_a_listen_address_and_the_connection_options():
+    args = build_parser().parse_args(["exporter", "--listen", "[::1]:0", "--endpoints", "e:1"])
+    assert args.listen == ("::1", 0)
+    assert config(["exporter"], {"ETCD_RDZV_ENDPOINTS": "env-host:7"}).endpoints == (("env-host", 7),)
+    assert build_parser().parse_args(["exporter"]).listen == ("127.0.0.1", 9464)
+
+
+@pytest.mark.parametrize("listen", ["9464", ":9464", "host:http", "host:70000"])
+def test_the_exporter_refuses_a_bad_listen_address_in_one_line(listen, capsys):
+    assert main(["exporter", "--listen", listen], environ={}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HOST:PORT" in err[0]

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import torch.distributed as dist
-from torch.distributed.elastic.events import NodeState
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousGracefulExitError,
@@ -17,12 +16,12 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousTimeoutError,
 )
 
-import rdzv_common.events as rdzv_events
 import rdzv_common.handler as handler_mod
 from rdzv_common.codec import decode_state
 from rdzv_common.handler import DynamicRendezvousHandler
 from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.state import RendezvousState
+from unit_tests.torch_channels import torch_event_log, torch_metric_log
 
 ADDR = "127.0.0.1"
 FAST = dict(
@@ -461,34 +460,115 @@ def test_round_store_is_a_prefix_store_per_round(cluster):
 # --------------------------------------------------------------------------- events, shutdown
 
 
-def test_events_are_recorded(cluster, monkeypatch):
-    events = []
-    lock = threading.Lock()
+def _torch_name(method: str) -> str:
+    return f"dynamic_rendezvous.py:{method}"
 
-    def capture(**kw):
-        with lock:
-            events.append(kw)
 
-    monkeypatch.setattr(rdzv_events, "construct_and_record_rdzv_event", capture)
-    a, b = cluster.make(2, 2, 3)  # completes at the last call: MARK_RENDEZVOUS_COMPLETE
+def test_events_reach_torchs_event_handler_under_torchs_names(cluster):
+    with torch_event_log() as log:
+        a, b = cluster.make(2, 2, 3)  # completes at the last call
+        infos = _infos(cluster.rendezvous([a, b]))
+        _check_group(infos, 2)
+        for h, info in zip((a, b), infos):
+            mine = [e for e in log.events if (e["pid"], e["local_id"]) == (h.node.pid, h.node.local_id)]
+            assert all(e["run_id"] == cluster.run_id and e["hostname"] == ADDR for e in mine)
+            calls = [e for e in mine if e["name"] == _torch_name("DynamicRendezvousHandler.next_rendezvous")]
+            assert calls[0]["message"] == (
+                f"The node '{h.node}' attempts to join the next round of the rendezvous '{cluster.run_id}'."
+            )
+            assert calls[-1]["message"] == (
+                f"The node '{h.node}' has joined round 0 of the rendezvous '{cluster.run_id}' as rank "
+                f"{info.rank} in a world of size 2."
+            )
+            assert calls[-1]["rank"] == info.rank and calls[-1]["node_state"] == "RUNNING"
+            added = [e for e in mine if e["name"] == _torch_name("_DistributedRendezvousOpExecutor._add_to_participants")]
+            assert [e["message"] for e in added] == [
+                f"The node '{h.node}' added itself to the participants of round 0 of the rendezvous "
+                f"'{cluster.run_id}'. Pending sync."
+            ]
+        completed = log.named(_torch_name("_DistributedRendezvousOpExecutor._mark_rendezvous_complete"))
+        assert len(completed) == 1 and completed[0]["node_state"] == "SUCCEEDED"
+        assert f"marked round 0 of the rendezvous '{cluster.run_id}' as complete" in completed[0]["message"]
+
+        # A node dies and a spare takes its place: a write drops it, under torch's state holder's name.
+        a._stop_heartbeats()
+        cluster.clock.offset += 10
+        (c,) = cluster.make(1, 2, 3)
+        _check_group(_infos(cluster.rendezvous([b, c])), 2)
+        dropped = log.named(_torch_name("_BackendRendezvousStateHolder.sync"))
+        assert dropped and f"the node(s) '{a.node}' have been removed" in dropped[-1]["message"]
+        left = log.named(_torch_name("_DistributedRendezvousOpExecutor._remove_from_participants"))
+        assert [e["pid"] for e in left] == [b.node.pid] and left[0]["local_id"] == b.node.local_id
+
+        b.set_closed()
+        closed = log.named(_torch_name("_DistributedRendezvousOpExecutor._mark_rendezvous_closed"))
+        assert len(closed) == 1 and closed[0]["node_state"] == "SUCCEEDED"
+        assert log.named(_torch_name("DynamicRendezvousHandler._close"))[-1]["message"] == (
+            f"The node '{b.node}' has closed the rendezvous '{cluster.run_id}'."
+        )
+        with pytest.raises(RendezvousClosedError):
+            b.next_rendezvous()
+        failed = [e for e in log.events if e["node_state"] == "FAILED"]
+        assert failed[-1]["name"] == _torch_name("DynamicRendezvousHandler.next_rendezvous")
+        assert failed[-1]["message"].startswith("RendezvousClosedError")
+        assert "RendezvousClosedError" in failed[-1]["error_trace"]
+
+
+def test_heartbeats_are_events_as_in_torch(cluster):
+    with torch_event_log() as log:
+        (a,) = cluster.make(1, 1, 1)
+        _infos(cluster.rendezvous([a]))
+        wait_until(lambda: log.named(_torch_name("DynamicRendezvousHandler._keep_alive")), what="a heartbeat event")
+    assert log.named(_torch_name("DynamicRendezvousHandler._keep_alive"))[0]["message"] == (
+        f"The node '{a.node}' has sent a keep-alive heartbeat to the rendezvous '{cluster.run_id}'."
+    )
+
+
+def test_timings_reach_torchs_metric_handler(cluster):
+    with torch_metric_log() as metric_log:
+        a, b = cluster.make(2, 2, 3)  # completes at the last call (0.2 s)
+        _check_group(_infos(cluster.rendezvous([a, b])), 2)
+        a.set_closed()
+        (late,) = cluster.make(1, 2, 3)
+        with pytest.raises(RendezvousClosedError):
+            late.next_rendezvous()
+    assert metric_log.values("next_rendezvous.success") == [1, 1]
+    assert metric_log.values("next_rendezvous.failure") == [1]
+    totals = metric_log.values("next_rendezvous.duration.ms")
+    assert sorted(totals) == sorted(round(h.last_timings.total * 1000) for h in (a, b))
+    assert all(t >= 150 for t in totals)  # the last call held the round open
+    for name in ("join_wait.ms", "last_call_wait.ms", "writes", "lost_writes"):
+        assert len(metric_log.values(f"next_rendezvous.{name}")) == 2
+    assert sum(metric_log.values("next_rendezvous.writes")) == a.last_timings.writes + b.last_timings.writes >= 1
+
+
+def test_deepspeed_reads_torchs_private_state_and_settings(cluster):
+    """The expressions of DeepSpeed's ``DSElasticAgent._invoke_run``, on our handler."""
+    a, b = cluster.make(2, 2, 2, keep_alive_max_attempt=5)
     infos = _infos(cluster.rendezvous([a, b]))
-    _check_group(infos, 2)
-    for h, info in zip((a, b), infos):
-        mine = [e for e in events if e["local_id"] == h.node.local_id and e["pid"] == h.node.pid]
-        assert all(e["run_id"] == cluster.run_id and e["hostname"] == ADDR for e in mine)
-        assert any("attempts to join" in e["message"] and e["node_state"] == NodeState.RUNNING for e in mine)
-        joined = [e for e in mine if "has joined" in e["message"]]
-        assert len(joined) == 1 and joined[0]["rank"] == info.rank
-    assert any(e["node_state"] == NodeState.SUCCEEDED and "MARK_RENDEZVOUS_COMPLETE" in e["message"] for e in events)
+    rdzv_handler = a
 
-    events.clear()
-    (lonely,) = cluster.make(1, 2, 2, join_timeout=0.3)
-    lonely.set_closed()
-    with pytest.raises(RendezvousClosedError):
-        lonely.next_rendezvous()
-    failed = [e for e in events if e["node_state"] == NodeState.FAILED]
-    assert failed and "RendezvousClosedError" in failed[-1]["message"]
-    assert any(e["node_state"] == NodeState.SUCCEEDED and "closed" in e["message"] for e in events)
+    participants = rdzv_handler._state_holder.state.participants
+    assert participants == {h.node: info.rank for h, info in zip((a, b), infos)}
+    assert all(isinstance(rank, int) for rank in participants.values())
+    expire_time = datetime.utcnow() - (
+        rdzv_handler._settings.keep_alive_interval * rdzv_handler._settings.keep_alive_max_attempt
+    )
+    assert rdzv_handler._settings.keep_alive_interval == timedelta(seconds=FAST["keep_alive_interval"])
+    heartbeats = rdzv_handler._state_holder.state.last_heartbeats
+    assert set(heartbeats) == {a.node, b.node}
+    _dead_nodes = [node for node, last_heartbeat in heartbeats.items() if last_heartbeat < expire_time]
+    assert _dead_nodes == []
+
+    # b dies: once its liveness lapses it has no heartbeat, and the next round is smaller.
+    b._stop_heartbeats()
+    cluster.clock.offset += 10
+    time.sleep(FAST["keep_alive_interval"] * 1.5)  # older than an interval: liveness is asked afresh
+    assert set(rdzv_handler._state_holder.state.last_heartbeats) == {a.node}
+    (lonely,) = cluster.make(1, 1, 1)
+    assert len(participants) == 2 and lonely._state_holder.state.participants == {}
+    with pytest.raises(AttributeError):
+        rdzv_handler._state_holder.state.round = 7  # a snapshot, read-only
 
 
 def test_shutdown_closes_and_ends_liveness(cluster):

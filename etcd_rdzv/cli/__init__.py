@@ -10,6 +10,7 @@ Subcommands::
     etcd-rdzv reset RUN_ID --yes            delete every key of the run (the fix for a corrupt state)
     etcd-rdzv quarantine RUN_ID [--add HOST --for 10m | --remove HOST]
                                             keep a host out of the run, let it back in, or list
+    etcd-rdzv exporter [--listen HOST:PORT]  serve Prometheus metrics of every run at /metrics
 
 The connection options are the backend's ``--rdzv-conf`` keys, validated by the same code
 (``config_from_params``); each may also come from an ``ETCD_RDZV_*`` environment variable, and a

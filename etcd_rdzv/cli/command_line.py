@@ -13,6 +13,7 @@ from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousStat
 
 from ..client import EtcdClient
 from .admin import cmd_close, cmd_quarantine, cmd_reset, parse_duration
+from .exporter import DEFAULT_LISTEN, cmd_exporter, parse_listen
 from .options import DEFAULT_READ_TIMEOUT, PROG, CliError, UsageError, env_var, load_config
 from .runs import cmd_list
 from .status import cmd_status
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("reset", cmd_reset, "Delete every key of a run (its state, joins, liveness and store).").add_argument(
         "--yes", action="store_true", help="really delete; without it, only show what would go"
     )
+    add("exporter", cmd_exporter, "Serve Prometheus metrics of every run under the key prefix at /metrics.",
+        run=False).add_argument("--listen", type=parse_listen, default=parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT",
+                                help=f"where to serve /metrics (default {DEFAULT_LISTEN}; port 0 picks a free one)")
     return parser
 
 
