@@ -350,6 +350,8 @@ class EtcdClient:
         self.raw.metadata = (REQUIRE_LEADER,)
         # Set when etcd dropped the auth token; the next attempt authenticates again first.
         self._token_expired = False
+        # The last failure of a request, if it was a refused TLS handshake.
+        self._tls_refusal: BaseException | None = None
         if config.username is not None:
             try:
                 self.request(lambda _: self._authenticate())
@@ -383,11 +385,24 @@ class EtcdClient:
         """
 
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> T:
-            with self._gate.passage(), pinned_endpoint(client):
-                if self._token_expired and self.config.username is not None:
-                    self._authenticate()
-                    self._token_expired = False
-                return op(client)
+            try:
+                with self._gate.passage(), pinned_endpoint(client):
+                    if self._token_expired and self.config.username is not None:
+                        self._authenticate()
+                        self._token_expired = False
+                    return op(client)
+            except etcd3.exceptions.NoServerAvailableError:
+                # Every endpoint rests after a failure. If the last one (of any request of this
+                # client: the run's view may have met it first) was a refused TLS handshake,
+                # waiting for the endpoints cannot help: say so now.
+                refused = self._tls_refusal
+                if refused is not None:
+                    raise connection_error(self.config, refused) from refused
+                raise
+            except Exception as exc:
+                if rpc_error(exc) is not None:
+                    self._tls_refusal = exc if _is_tls_failure(exc) else None
+                raise
 
         try:
             return retrying(self.config, budget, self._before_retry)(attempt, self.raw)
