@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two test processes, a file to each at a time: most tests wait on timeouts, not on the CPU.
 test: install
-	$(PY) -m pytest -q unit_tests integration_tests
+	$(PY) -m pytest -q -n 2 --dist loadfile unit_tests integration_tests
 
 unit: install
 	$(PY) -m pytest -q unit_tests
