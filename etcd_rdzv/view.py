@@ -315,4 +315,6 @@ class RunView:
             self._closed = True
         self._running.set()
         self._stop_stream()
-        self._thread.join(timeout=5)
+        # The view's own thread can get here, from a finalizer that garbage collection ran on it.
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)

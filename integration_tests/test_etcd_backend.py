@@ -213,6 +213,8 @@ def test_reads_come_from_the_process_run_view(make_backend):
     writer.liveness.beat("node-w", 5)
     _, token, _ = writer.set_state(b"v1")
     writer.mailbox.post(b"join")
+    # Another node's writes reach the reader through the run's watch.
+    wait_until(lambda: len(reader.mailbox.read(0)) == 1 and reader.get_state() == (b"v1", token), 5)
     requests = _count_requests(reader)
     assert reader.get_state() == (b"v1", token)
     assert [r.data for r in reader.mailbox.read(0)] == [b"join"]
