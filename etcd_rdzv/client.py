@@ -258,11 +258,10 @@ def _credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
 
 
 def attempt_timeout(config: EtcdConfig) -> float:
-    """How long one attempt of a request may take: a quarter of ``read_timeout``, so that a member
-    that hangs (paused, partitioned, a half-open connection) leaves time to fail over to the others
-    within the request's budget; but at least 3 s, which a healthy member on a busy machine can
-    take to answer."""
-    return min(config.read_timeout, max(3.0, config.read_timeout / 4))
+    """How long one attempt of a request may take: a quarter of ``read_timeout`` (at least 2 s), so
+    that a member that hangs (paused, partitioned, a half-open connection) leaves time to fail over
+    to the others, or a connection that was reset time to come back, within the request's budget."""
+    return min(config.read_timeout, max(2.0, config.read_timeout / 4))
 
 
 class ForkGate:
