@@ -13,6 +13,16 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
+# ``--rdzv-conf`` for agents of a test: quick to notice a dead node and to end a last call, and
+# patient with a busy machine.
+FAST_CONF = {
+    "join_timeout": "90",
+    "last_call_timeout": "2",
+    "keep_alive_interval": "1",
+    "keep_alive_max_attempt": "2",
+    "read_timeout": "20",
+}
+
 
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid``, children first, read from /proc."""

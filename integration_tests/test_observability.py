@@ -88,7 +88,8 @@ class Exporter:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=10)
+            # Closing the watch, the HTTP server and the gRPC channel: seconds on a busy machine.
+            return self.proc.wait(timeout=30)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()

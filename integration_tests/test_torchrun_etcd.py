@@ -6,19 +6,11 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.factory import create_backend
-from integration_tests.agents import AgentGroup
+from integration_tests.agents import FAST_CONF, AgentGroup
 from integration_tests.answers import check_worker_results
 from rdzv_common.codec import decode_state
 
 # Short liveness so a killed node is declared dead within about two seconds.
-FAST_CONF = {
-    "join_timeout": "90",
-    "last_call_timeout": "2",
-    "keep_alive_interval": "1",
-    "keep_alive_max_attempt": "2",
-    "read_timeout": "20",
-}
-
 
 @pytest.fixture
 def etcd_job(tmp_path, etcd_endpoints):

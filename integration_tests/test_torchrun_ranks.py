@@ -13,17 +13,9 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.factory import create_backend
-from integration_tests.agents import AgentGroup
+from integration_tests.agents import FAST_CONF, AgentGroup
 
 pytestmark = pytest.mark.timeout(240)
-
-FAST_CONF = {
-    "join_timeout": "90",
-    "last_call_timeout": "2",
-    "keep_alive_interval": "1",
-    "keep_alive_max_attempt": "2",
-    "read_timeout": "20",
-}
 
 
 def free_port() -> int:
