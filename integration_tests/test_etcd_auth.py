@@ -38,8 +38,10 @@ def auth_etcd(etcd_server, etcd_binary):
 
 
 def _params(endpoint: str, **config: object) -> RendezvousParameters:
+    # Every authentication costs the server a bcrypt hash, and tokens here expire each second:
+    # on a busy machine a request plus its re-authentication can outlast a 3 s budget.
     return RendezvousParameters(
-        backend="etcd_rdzv", endpoint=endpoint, run_id="auth-run", min_nodes=1, max_nodes=1, read_timeout=3, **config
+        backend="etcd_rdzv", endpoint=endpoint, run_id="auth-run", min_nodes=1, max_nodes=1, read_timeout=10, **config
     )
 
 

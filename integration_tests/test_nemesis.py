@@ -230,8 +230,11 @@ def through(etcd_proxy) -> Iterator[etcd3.MultiEndpointEtcd3Client]:
     client.close()
 
 
-def eventually(call, timeout: float = 5.0):
-    """``call()`` once the client takes its endpoint back (it benches a failed one for 0.3 s)."""
+def eventually(call, timeout: float = 15.0):
+    """``call()`` once the client takes its endpoint back (it benches a failed one for 0.3 s).
+
+    One attempt may itself run to the client's 5 s deadline on a busy machine (gRPC reconnects
+    after the reset with a backoff), so the budget holds a few attempts."""
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type((etcd3.exceptions.Etcd3Exception, ValueError)),
         wait=tenacity.wait_fixed(0.1),
