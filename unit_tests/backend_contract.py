@@ -87,14 +87,14 @@ class BackendContract:
 
     def test_wait_for_change_honours_timeout(self, make_backend):
         # It must wait the whole timeout (an early return would make every waiter poll), and not
-        # much longer (a node would miss its own deadlines).
+        # much longer (a node would miss its own deadlines); "much" allows for a busy machine.
         a = make_backend("run-wait-timeout")
         _, token, _ = a.set_state(b"v1")
         timeout = 0.5
         started = time.monotonic()
         a.wait_for_change(token, timeout=timeout)
         took = time.monotonic() - started
-        assert timeout - 0.05 <= took < timeout + 1.0, took
+        assert timeout - 0.05 <= took < timeout + 3.0, took
         assert a.get_state()[1] == token
 
     def test_mailbox_reads_in_order_from_cursor(self, make_backend):
