@@ -256,31 +256,7 @@ class EtcdCluster:
         Raises:
             RuntimeError: no running member reported a leader within ``timeout``.
         """
-        import etcd3  # not at module level: the embedded server itself needs no client
-
-        found: list[EtcdServer] = []
-
-        def ask() -> bool:
-            for member in self.members:
-                if not member.running:
-                    continue
-                client = etcd3.client(host="127.0.0.1", port=member.client_port, timeout=2)
-                try:
-                    status = client.status()
-                    urls = list(status.leader.client_urls) if status.leader is not None else []
-                except Exception:
-                    continue
-                finally:
-                    client.close()
-                for candidate in self.members:
-                    if candidate.running and f"http://{candidate.endpoint}" in urls:
-                        found.append(candidate)
-                        return True
-            return False
-
-        if not wait_for(ask, timeout, interval=0.1):
-            raise RuntimeError(f"no leader among the running members of {self.endpoint} within {timeout:g}s")
-        return found[-1]
+        return find_leader(self.members, timeout)
 
     def close(self) -> None:
         """Stop every member and delete its directory."""
@@ -293,6 +269,41 @@ class EtcdCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def find_leader(members: Sequence, timeout: float):
+    """The member among ``members`` (each with ``endpoint``, ``host:port``, and ``running``) that
+    the running ones report as their leader; an embedded cluster and a container cluster alike.
+
+    Raises:
+        RuntimeError: no running member reported a leader within ``timeout``.
+    """
+    import etcd3  # not at module level: the embedded server itself needs no client
+
+    found = []
+
+    def ask() -> bool:
+        for member in members:
+            if not member.running:
+                continue
+            host, _, port = member.endpoint.rpartition(":")
+            client = etcd3.client(host=host, port=int(port), timeout=2)
+            try:
+                leader = client.status().leader
+                urls = list(leader.client_urls) if leader is not None else []
+            except Exception:  # noqa: BLE001 - no quorum yet, or this member is unhealthy
+                continue
+            finally:
+                client.close()
+            for candidate in members:
+                if candidate.running and f"http://{candidate.endpoint}" in urls:
+                    found.append(candidate)
+                    return True
+        return False
+
+    if not wait_for(ask, timeout, interval=0.1):
+        raise RuntimeError(f"no leader among the running members {[m.endpoint for m in members]} within {timeout:g}s")
+    return found[-1]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:

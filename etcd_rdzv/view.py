@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from threading import Condition
 from typing import Any
 
-import etcd3
 import tenacity
 from etcd3.etcdrpc import kv_pb2
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+from etcd_rdzv.factory import create_backend
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -160,3 +166,24 @@ class AgentGroup:
                 agent.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def delete_etcd_run(endpoint: str, run_id: str) -> None:
+    """Remove every key that agents of ``run_id`` left on the etcd at ``endpoint``."""
+    backend, _ = create_backend(RendezvousParameters("etcd-v2", endpoint, run_id, 1, 1), name="etcd-v2")
+    try:
+        backend.delete_run()
+    finally:
+        backend.close()
+
+
+@contextlib.contextmanager
+def etcd_agent_group(workdir: Path, endpoint: str, run_id: str, **options) -> Iterator[AgentGroup]:
+    """An ``etcd-v2`` (our etcd v3 backend) ``AgentGroup``; on exit its agents are killed and the
+    run's keys deleted."""
+    group = AgentGroup(workdir=workdir, backend="etcd-v2", endpoint=endpoint, run_id=run_id, **options)
+    try:
+        yield group
+    finally:
+        group.close()
+        delete_etcd_run(endpoint, run_id)

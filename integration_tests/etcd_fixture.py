@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etcd_rdzv import embedded
-from etcd_rdzv.embedded import EtcdServer, find_etcdctl, free_port, wait_for
+from etcd_rdzv.embedded import EtcdServer, find_etcdctl, find_leader, free_port, wait_for
 
 __all__ = [
     "ContainerMember", "EtcdContainerCluster", "EtcdServer", "EtcdSource", "docker_usable", "etcd_command",
@@ -299,36 +299,3 @@ class EtcdContainerCluster:
         self.close()
 
 
-def find_leader(members, timeout: float):
-    """The member among ``members`` (each with ``endpoint`` and ``running``) that the running
-    ones report as leader.
-
-    Raises:
-        RuntimeError: none reported a leader within ``timeout``.
-    """
-    import etcd3
-
-    found = []
-
-    def ask() -> bool:
-        for member in members:
-            if not member.running:
-                continue
-            host, _, port = member.endpoint.rpartition(":")
-            client = etcd3.client(host=host, port=int(port), timeout=2)
-            try:
-                leader = client.status().leader
-                urls = list(leader.client_urls) if leader is not None else []
-            except Exception:  # noqa: BLE001 - no quorum yet, or this member is unhealthy
-                continue
-            finally:
-                client.close()
-            for candidate in members:
-                if f"http://{candidate.endpoint}" in urls:
-                    found.append(candidate)
-                    return True
-        return False
-
-    if not wait_for(ask, timeout, interval=0.1):
-        raise RuntimeError(f"no leader among {[m.endpoint for m in members]} within {timeout:g}s")
-    return found[-1]

@@ -21,7 +21,7 @@ from etcd_rdzv.factory import create_backend
 from etcd_rdzv.plugin import create_handler
 from integration_tests.invariants import InvariantChecker, etcd_client, snapshot
 from rdzv_common import codec
-from rdzv_common.state import NodeDesc, RendezvousState
+from rdzv_common.state import RendezvousState
 
 pytestmark = pytest.mark.timeout(60)
 

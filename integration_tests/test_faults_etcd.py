@@ -4,7 +4,6 @@ own backend; ``InvariantChecker`` watches the state throughout."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from etcd_rdzv.embedded import EtcdCluster
 from integration_tests.faultrun import FAST, STEP, Run, assert_group, ordered_endpoint, wait_for_participants
-from integration_tests.invariants import etcd_client, snapshot, wait_until
+from integration_tests.invariants import etcd_client, wait_until
 from rdzv_common.codec import decode_state
 
 pytestmark = pytest.mark.timeout(90)

@@ -20,7 +20,7 @@ import uuid
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from integration_tests.agents import AgentGroup
+from integration_tests.agents import etcd_agent_group
 from rdzv_common import create_handler
 from etcd_rdzv.factory import create_backend
 
@@ -148,23 +148,16 @@ def test_child_forked_from_a_process_with_a_live_handler_forms_a_rendezvous(etcd
 
 @pytest.fixture
 def fork_job(tmp_path, etcd_endpoints):
-    group = AgentGroup(
-        workdir=tmp_path,
-        backend="etcd-v2",
-        endpoint=etcd_endpoints[0],
-        run_id=f"fork-{uuid.uuid4().hex[:8]}",
+    with etcd_agent_group(
+        tmp_path,
+        etcd_endpoints[0],
+        f"fork-{uuid.uuid4().hex[:8]}",
         nnodes="2",
         conf={"join_timeout": "90", "last_call_timeout": "2", "read_timeout": "20"},
         nproc_per_node=2,
         start_method="fork",
-    )
-    yield group
-    group.close()
-    backend, _ = create_backend(
-        RendezvousParameters("etcd-v2", etcd_endpoints[0], group.run_id, 1, 1), name="etcd-v2"
-    )
-    backend.delete_run()
-    backend.close()
+    ) as group:
+        yield group
 
 
 def test_torchrun_fork_start_method_two_workers_per_agent(fork_job):

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import etcd3.etcdrpc as rpc
 import grpc
 import pytest
-from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.elastic.utils.store import barrier
 
 from etcd_rdzv.client import REQUIRE_LEADER

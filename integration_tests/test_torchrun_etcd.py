@@ -6,29 +6,16 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.factory import create_backend
-from integration_tests.agents import FAST_CONF, AgentGroup
+from integration_tests.agents import FAST_CONF, AgentGroup, etcd_agent_group
 from integration_tests.answers import check_worker_results
 from rdzv_common.codec import decode_state
 
-# Short liveness so a killed node is declared dead within about two seconds.
-
 @pytest.fixture
 def etcd_job(tmp_path, etcd_endpoints):
-    group = AgentGroup(
-        workdir=tmp_path,
-        backend="etcd-v2",
-        endpoint=etcd_endpoints[0],
-        run_id=f"etcd-{uuid.uuid4().hex[:8]}",
-        nnodes="2",
-        conf=dict(FAST_CONF),
-    )
-    yield group
-    group.close()
-    backend, _ = create_backend(
-        RendezvousParameters("etcd-v2", etcd_endpoints[0], group.run_id, 1, 1), name="etcd-v2"
-    )
-    backend.delete_run()
-    backend.close()
+    with etcd_agent_group(
+        tmp_path, etcd_endpoints[0], f"etcd-{uuid.uuid4().hex[:8]}", nnodes="2", conf=dict(FAST_CONF)
+    ) as group:
+        yield group
 
 
 def read_state(job: AgentGroup):

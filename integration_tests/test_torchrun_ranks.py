@@ -10,10 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from etcd_rdzv.factory import create_backend
-from integration_tests.agents import FAST_CONF, AgentGroup
+from integration_tests.agents import FAST_CONF, AgentGroup, delete_etcd_run
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,9 +38,7 @@ def job(request, tmp_path):
     yield group
     group.close()
     if backend == "etcd-v2":
-        etcd, _ = create_backend(RendezvousParameters(backend, endpoint, group.run_id, 1, 1), name=backend)
-        etcd.delete_run()
-        etcd.close()
+        delete_etcd_run(endpoint, group.run_id)
 
 
 def host_conf(job: AgentGroup, index: int) -> dict[str, str]:

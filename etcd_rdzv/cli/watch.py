@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
