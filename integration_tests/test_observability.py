@@ -36,8 +36,10 @@ def _params(space, run_id: str, min_nodes: int, max_nodes: int, **conf: object) 
         read_timeout=10,
         join_timeout=30,
         last_call_timeout=0.5,
-        keep_alive_interval=0.5,
-        keep_alive_max_attempt=2,
+        # A node is dropped after 3 s without a heartbeat: not sooner, where a busy machine delays
+        # heartbeats; the test's dead node ends its liveness at once, so it waits for none of it.
+        keep_alive_interval=1,
+        keep_alive_max_attempt=3,
         **conf,
     )
 
