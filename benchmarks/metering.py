@@ -2,7 +2,12 @@
 
 Nothing in the backends is edited: the first time a backend class is seen, its ``set_state`` and
 ``get_state`` (and, where present, ``mailbox.post`` and ``liveness.beat``) are wrapped in this
-process to count calls and bytes. Counts are process-wide and read with ``take``.
+process to count calls and bytes. Requests to the server are counted at the client, where every one
+of a backend's requests passes (each attempt of a retried request counts): ours on etcd
+(``EtcdClient.request``), ours on c10d (``StoreCalls``) and torch's ``etcd-v2`` (python-etcd's
+``Client.api_execute``). torch's ``c10d`` calls the C++ ``TCPStore`` directly, so its requests are
+not counted. Streams (watches, lease keep-alives) are not requests. Counts are process-wide and read
+with ``take``.
 """
 
 from __future__ import annotations
@@ -78,6 +83,55 @@ def _beat_wrapper(fn):
     return beat
 
 
+def _request_wrapper(fn):
+    """For a method whose first argument is a callable run once per attempt (``EtcdClient.request``)."""
+
+    @functools.wraps(fn)
+    def request(self, op, *args, **kwargs):
+        def counted(*op_args, **op_kwargs):
+            _add(requests=1)
+            return op(*op_args, **op_kwargs)
+
+        return fn(self, counted, *args, **kwargs)
+
+    return request
+
+
+def _call_wrapper(fn):
+    """For a method that is one request per call (``StoreCalls.__call__``, ``api_execute``)."""
+
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        _add(requests=1)
+        return fn(self, *args, **kwargs)
+
+    return call
+
+
+def _client_classes() -> list[tuple[type, str, object]]:
+    """The client choke points of the backends that are importable here."""
+    points = []
+    try:
+        from etcd_rdzv.client import EtcdClient
+
+        points.append((EtcdClient, "request", _request_wrapper))
+    except ImportError:
+        pass
+    try:
+        from c10d_rdzv.calls import StoreCalls
+
+        points.append((StoreCalls, "__call__", _call_wrapper))
+    except ImportError:
+        pass
+    try:
+        import etcd  # python-etcd, torch's etcd-v2 client
+
+        points.append((etcd.Client, "api_execute", _call_wrapper))
+    except ImportError:
+        pass
+    return points
+
+
 def _patch(cls: type, method: str, wrapper) -> bool:
     key = (cls, method)
     if key in _patched:
@@ -100,4 +154,6 @@ def instrument(backend) -> list[str]:
         part = getattr(backend, attr, None)
         if part is not None and _patch(type(part), method, wrapper):
             metered.append(f"{attr}.{method}")
+    for cls, method, wrapper in _client_classes():
+        _patch(cls, method, wrapper)
     return metered

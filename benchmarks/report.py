@@ -174,8 +174,8 @@ def markdown(doc: dict) -> str:
                       f"({s['last_call']:g} s). Exit hook ran for: {', '.join(hooked) or 'none'}.", ""]
         lines += ["", "Writes to the backend during the timed phase, per rendezvous (all nodes together):", "",
                   "| N | backend | set_state calls (won) | state KB written | mailbox posts | mailbox KB | "
-                  "liveness beats | get_state calls | core CAS writes |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "liveness beats | get_state calls | core CAS writes | requests per node |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for n in ns:
             for b in backends:
                 e = agg.get((b, scenario, n))
@@ -185,7 +185,8 @@ def markdown(doc: dict) -> str:
                 lines.append(
                     f"| {n} | {LABELS[b]} | {c.get('set_state_calls', 0)} ({c.get('set_state_won', 0)}) | "
                     f"{_kb(c.get('set_state_bytes', 0))} | {c.get('mailbox_posts', '—')} | {_kb(c.get('mailbox_bytes'))} | "
-                    f"{c.get('liveness_beats', '—')} | {c.get('get_state_calls', 0)} | {e.get('core_writes') or '—'} |"
+                    f"{c.get('liveness_beats', '—')} | {c.get('get_state_calls', 0)} | {e.get('core_writes') or '—'} | "
+                    f"{_per_node(c.get('requests'), n)} |"
                 )
         lines.append("")
     notes = list(doc.get("notes", []))
@@ -195,6 +196,10 @@ def markdown(doc: dict) -> str:
     if notes:
         lines += ["## Notes", ""] + [f"- {x}" for x in notes] + [""]
     return "\n".join(lines)
+
+
+def _per_node(count: int | None, n: int) -> str:
+    return "—" if count is None else f"{count / n:.1f}"
 
 
 def write_markdown(path: Path, doc: dict) -> None:

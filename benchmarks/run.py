@@ -94,6 +94,8 @@ def progress(i: int, total: int, r: dict) -> None:
                 f"({c.get('set_state_bytes', 0) / 1024:.1f} KB)")
         if "mailbox_posts" in c:
             tail += f", {c['mailbox_posts']} posts ({c.get('mailbox_bytes', 0) / 1024:.1f} KB)"
+        if "requests" in c:
+            tail += f"; {c['requests'] / r['n']:.1f} requests/node"
         if r["scenario"] == "exit":
             tail += "; leaver's exit hook ran" if r["phases"][-1].get("leaver_exit_hook") else "; no exit hook"
     elif r["status"] == "timeout":

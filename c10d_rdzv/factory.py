@@ -13,6 +13,8 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
 
+from rdzv_common.hosting import hosted
+
 from .backend import C10dRendezvousBackend
 from .config import C10dConfig, config_from_params
 
@@ -65,13 +67,14 @@ def _tcp_store(config: C10dConfig, run_id: str) -> TCPStore:
 def _open_tcp_store(config: C10dConfig, is_host: bool) -> TCPStore:
     try:
         # use_libuv stays at TCPStore's default, as with torch's c10d backend.
-        return TCPStore(
+        store = TCPStore(
             config.host,
             config.port,
             is_master=is_host,
             multi_tenant=True,
             timeout=timedelta(seconds=config.read_timeout),
         )
+        return hosted.add(store) if is_host else store
     except (RuntimeError, TimeoutError, ValueError) as exc:
         role = "host" if is_host else "connect to"
         raise RendezvousConnectionError(

@@ -13,6 +13,8 @@ import os
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import RendezvousStoreInfo
 
+from .hosting import hosted
+
 
 def shared_store_enabled() -> bool:
     """Whether trainers use the agent-hosted store; torch's opt-out variable turns it off."""
@@ -42,8 +44,8 @@ class TrainerStoreHost:
             return RendezvousStoreInfo.build(rank, round_store, local_addr=self._addr)
         keys = [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
         if rank == 0:
-            self._server = dist.TCPStore(
-                host_name=self._addr, port=0, is_master=True, multi_tenant=True, wait_for_workers=False
+            self._server = hosted.add(
+                dist.TCPStore(self._addr, 0, is_master=True, multi_tenant=True, wait_for_workers=False)
             )
             # One write and one blocking read per rank, where torch's build() makes two of each.
             round_store.multi_set(keys, [self._addr, str(self._server.port)])

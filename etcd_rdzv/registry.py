@@ -4,7 +4,8 @@ A process holds one ``Cluster`` (a client, so one gRPC channel per endpoint, and
 per cluster configuration, and one ``EtcdRun`` per (cluster, run id), however many handlers it
 runs: ``acquire`` hands out the shared run (making it, and its cluster, on first use) and
 ``release`` closes each object when its last user lets go. This module-level ``registry`` is the
-package's only process-wide mutable state.
+etcd backend's only process-wide mutable state (the core's is ``rdzv_common.hosting``, the
+TCPStore servers a process hosts).
 
 Fork safety. gRPC cannot be carried across ``fork()`` while a thread is inside it ("Other threads
 are currently calling into gRPC, skipping fork() handlers"; the child can then abort). So before a

@@ -253,3 +253,50 @@ def test_etcd_outage_is_logged_once_per_change_not_per_attempt(etcd_server, capl
         assert 1 <= len(ours) <= 2, f"{len(ours)} warnings in 8 s:\n{lines}"
     finally:
         handler.shutdown()
+
+
+# A process that hosts TCPStore servers (the trainers' store of rank 0, the c10d rendezvous store)
+# forks a child; the child starts threads of its own, then drops every reference to what it
+# inherited and collects garbage, as it does when only a parent's thread kept a never-shut-down
+# handler alive. Prints "clean" if the child exited normally.
+HOSTED_SERVER_CHILD = textwrap.dedent(
+    """
+    import gc, os, sys, threading, time
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from c10d_rdzv.factory import create_backend
+    from rdzv_common.bootstrap import TrainerStoreHost
+
+    host = TrainerStoreHost("127.0.0.1")
+    host.publish(0, dist.HashStore())
+    params = RendezvousParameters("c10d_rdzv", f"127.0.0.1:{sys.argv[1]}", "hosted", 1, 1, is_host=True)
+    backend, store = create_backend(params)
+    pid = os.fork()
+    if pid == 0:
+        # Threads the child starts reuse what glibc kept of the parent's threads, the server's
+        # among them: destroying the server then joins one of these (a hang) or fails (an abort).
+        for _ in range(8):
+            threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+        del host, backend, store
+        gc.collect()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("clean" if os.waitstatus_to_exitcode(status) == 0 else f"child status {status}")
+    """
+)
+
+
+def test_child_never_destroys_the_tcpstore_servers_it_inherited():
+    # Destroying a hosting TCPStore joins its server thread, which a forked child does not have:
+    # the child would hang for ever (as torch's agent tests did, forking agents from a process
+    # whose earlier handler was never shut down).
+    from integration_tests.etcd_fixture import free_port
+
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", HOSTED_SERVER_CHILD, str(free_port())],
+            capture_output=True, text=True, timeout=60,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the forked child hung destroying an inherited TCPStore server: {exc}")
+    assert result.stdout.strip() == "clean", result.stderr[-3000:]
