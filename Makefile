@@ -70,7 +70,9 @@ $(MATRIX_DIR)/%/.installed: pyproject.toml
 	$(@D)/bin/python -m pip install -q --upgrade pip
 	$(@D)/bin/python -m pip download -q -c $(@D)/constraints.txt -d $(MATRIX_WHEELS) --find-links $(MATRIX_WHEELS) torch==$*
 	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt --no-index --find-links $(MATRIX_WHEELS) torch==$*
-	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt -e '.[test]'
+	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt -e '.[test]' || { \
+	  echo "make test-torch: the package cannot be installed beside torch==$* (see pip's reason above); pyproject.toml names the torch versions it supports." >&2; \
+	  exit 1; }
 	touch $@
 
 test-torch:
