@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration demo demo-quick bench soak clean test-etcd34 test-docker
+.PHONY: install test unit integration demo demo-quick bench soak clean test-etcd34 test-docker test-torch
 
 install: $(STAMP)
 
@@ -49,6 +49,36 @@ test-docker: $(DOCKER_STAMP)
 	  echo "Start one (as root): 'systemctl start docker', or 'dockerd >/tmp/dockerd.log 2>&1 &'; see README, 'Tests on etcd 3.4 and in Docker'." >&2; \
 	  exit 1; }
 	TESTCONTAINERS_RYUK_DISABLED=true ETCD_SOURCE=docker $(PY) -m pytest -q integration_tests
+
+# The torchrun tests on another torch: `make test-torch TORCH=2.6.0` builds .torch-matrix/2.6.0/
+# with that torch from the package index (a CUDA build: several GB with its libraries) and runs
+# every test that goes through torchrun and its handler registry. Wheels are kept in
+# .torch-matrix/wheels: PyPI's files come without caching headers, so pip's own cache keeps none.
+# Not part of `make test` or CI; README, "Supported torch versions".
+MATRIX_DIR := .torch-matrix
+MATRIX_WHEELS := $(MATRIX_DIR)/wheels
+MATRIX_TESTS := integration_tests/test_torchrun_etcd.py integration_tests/test_torchrun_c10d.py \
+	"integration_tests/test_fork.py::test_torchrun_fork_start_method_two_workers_per_agent" \
+	unit_tests/test_torch_compat.py unit_tests/test_etcd_config.py unit_tests/test_c10d_plugin.py \
+	unit_tests/test_c10d_backend.py unit_tests/test_core_handler.py
+
+# torch first, with its exact pin, from the wheel cache (what is there already is not fetched
+# again); then the package, under a constraint that holds torch at that version.
+$(MATRIX_DIR)/%/.installed: pyproject.toml
+	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	echo "torch==$*" > $(@D)/constraints.txt
+	$(@D)/bin/python -m pip install -q --upgrade pip
+	$(@D)/bin/python -m pip download -q -c $(@D)/constraints.txt -d $(MATRIX_WHEELS) --find-links $(MATRIX_WHEELS) torch==$*
+	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt --no-index --find-links $(MATRIX_WHEELS) torch==$*
+	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt -e '.[test]' || { \
+	  echo "make test-torch: the package cannot be installed beside torch==$* (see pip's reason above); pyproject.toml names the torch versions it supports." >&2; \
+	  exit 1; }
+	touch $@
+
+test-torch:
+	@test -n "$(TORCH)" || { echo "make test-torch: name a torch version, e.g. 'make test-torch TORCH=2.6.0'." >&2; exit 2; }
+	$(MAKE) $(MATRIX_DIR)/$(TORCH)/.installed
+	$(MATRIX_DIR)/$(TORCH)/bin/python -m pytest -q -p no:cacheprovider $(MATRIX_TESTS)
 
 demo: install
 	$(PY) -m etcd_rdzv.demo

@@ -9,6 +9,8 @@ from typing import Any
 from torch.distributed import DistNetworkError, FileStore, Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
+from rdzv_common.torch_compat import clone_tcp_store
+
 # Never a value this package stores: states start with a hex nonce, logs with a digit, heartbeats
 # with a number.
 _ABSENT = b"\x00absent"
@@ -87,16 +89,15 @@ class StoreCalls:
         value = self("compare_set", key, _ABSENT, _ABSENT)
         return None if value == _ABSENT else value
 
-    def clone(self) -> Store:
-        """A new connection to the same store, for blocking calls that must not hold up others.
+    def clone(self) -> TCPStore:
+        """A new connection to the same ``TCPStore``, for blocking calls that must not hold up others.
 
         Raises:
             RendezvousConnectionError: within seconds once the TCPStore's server is gone.
         """
-        if isinstance(self.store, TCPStore):
-            self._probe()
+        self._probe()
         try:
-            return self.store.clone()
+            return clone_tcp_store(self.store)
         except (RuntimeError, TimeoutError) as exc:
             raise self.failure("clone", "the store connection", exc) from exc
 

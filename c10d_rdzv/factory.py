@@ -11,7 +11,8 @@ from torch.distributed import FileStore, Store, TCPStore
 from torch.distributed.elastic.events import NodeState, construct_and_record_rdzv_event
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
-from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+from rdzv_common.torch_compat import matches_machine_hostname
 
 from rdzv_common.hosting import hosted
 
@@ -45,7 +46,7 @@ def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend,
 
 def _tcp_store(config: C10dConfig, run_id: str) -> TCPStore:
     inferred = config.is_host is None
-    is_host = _matches_machine_hostname(config.host) if inferred else bool(config.is_host)
+    is_host = matches_machine_hostname(config.host) if inferred else bool(config.is_host)
     if is_host:
         try:
             store = _open_tcp_store(config, is_host=True)

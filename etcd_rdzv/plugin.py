@@ -47,10 +47,10 @@ def etcd_v2_override() -> RendezvousHandlerCreator:
     a second creator for a name; so this drops torch's entry first, unless the override is turned
     off, in which case torch's own creator is returned and its registration stands.
     """
-    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+    from rdzv_common.torch_compat import registered_creator, unregister_creator
 
     if os.environ.get(OVERRIDE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return rendezvous_handler_registry._registry["etcd-v2"]
-    rendezvous_handler_registry._registry.pop("etcd-v2", None)
+        return registered_creator("etcd-v2")
+    unregister_creator("etcd-v2")
     logger.debug("etcd-v2 rendezvous now uses the etcd v3 API (set %s=0 to keep torch's).", OVERRIDE_ENV)
     return create_handler

@@ -55,6 +55,22 @@ def test_scale_up_restarts_workers_with_world_size_three(etcd_job):
     assert len({r["master"] for r in results}) == 1
 
 
+def test_a_failed_worker_restarts_every_worker_in_a_new_round(etcd_job):
+    etcd_job.max_restarts = 1
+    etcd_job.env = {"FAIL_FIRST_RUN_RANK": "1"}
+    etcd_job.start()
+    etcd_job.start()
+    assert etcd_job.wait(timeout=150) == [0, 0], etcd_job.logs()
+    results = etcd_job.results()
+    assert check_worker_results(results) == [], results
+    # Both agents restarted their workers through a new rendezvous round, whose trainer store
+    # the restarted workers met on.
+    assert sorted((r["rank"], r["restart"]) for r in results) == [(0, 1), (1, 1)]
+    assert {r["sum"] for r in results} == {3.0}
+    assert len({r["master"] for r in results}) == 1
+    assert read_state(etcd_job).round >= 1
+
+
 def test_node_loss_survivors_re_rendezvous_and_dead_node_leaves_state(etcd_job):
     etcd_job.nnodes = "2:3"
     etcd_job.max_restarts = 3

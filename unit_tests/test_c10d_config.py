@@ -51,7 +51,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("touched the network before validating the options")
 
-    for name in ("TCPStore", "FileStore", "_matches_machine_hostname"):
+    for name in ("TCPStore", "FileStore", "matches_machine_hostname"):
         monkeypatch.setattr(factory, name, refuse)
 
 
@@ -115,14 +115,14 @@ def test_backend_reports_the_name_it_was_requested_under(fake_tcp, backend_name)
 
 def test_host_is_inferred_from_the_endpoint(fake_tcp, monkeypatch):
     asked = []
-    monkeypatch.setattr(factory, "_matches_machine_hostname", lambda host: asked.append(host) or False)
+    monkeypatch.setattr(factory, "matches_machine_hostname", lambda host: asked.append(host) or False)
     create_backend(params("trainer-0.cluster:555"))
     assert asked == ["trainer-0.cluster"]
     assert [call["is_master"] for call in fake_tcp.calls] == [False]
 
 
 def test_explicit_is_host_skips_inference(fake_tcp, monkeypatch):
-    monkeypatch.setattr(factory, "_matches_machine_hostname", pytest.fail)
+    monkeypatch.setattr(factory, "matches_machine_hostname", pytest.fail)
     create_backend(params("localhost", is_host="false"))
     create_backend(params("trainer-0.cluster", is_host="1"))
     assert [call["is_master"] for call in fake_tcp.calls] == [False, True]

@@ -174,20 +174,20 @@ def test_rejection_happens_before_any_network_traffic(monkeypatch):
 def test_plugin_overrides_torch_etcd_v2():
     if os.environ.get(OVERRIDE_ENV) == "0":
         pytest.skip(f"{OVERRIDE_ENV}=0 is set")
-    import torch.distributed.elastic.rendezvous as rendezvous
+    import torch.distributed.elastic.rendezvous  # noqa: F401 (loads the plugins)
 
     from etcd_rdzv import plugin
+    from rdzv_common.torch_compat import registered_creator
 
-    registry = rendezvous.rendezvous_handler_registry._registry
-    assert registry["etcd-v2"] is plugin.create_handler
-    assert registry["etcd_rdzv"] is plugin.create_handler
+    assert registered_creator("etcd-v2") is plugin.create_handler
+    assert registered_creator("etcd_rdzv") is plugin.create_handler
 
 
 def test_plugin_override_can_be_turned_off():
     code = (
-        "import torch.distributed.elastic.rendezvous as r\n"
-        "c = r.rendezvous_handler_registry._registry\n"
-        "print(c['etcd-v2'].__module__, c['etcd_rdzv'].__module__)\n"
+        "import torch.distributed.elastic.rendezvous\n"
+        "from rdzv_common.torch_compat import registered_creator as c\n"
+        "print(c('etcd-v2').__module__, c('etcd_rdzv').__module__)\n"
     )
     env = {**os.environ, OVERRIDE_ENV: "0"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True)

@@ -2,7 +2,8 @@
 
 Environment: RESULT_DIR (where to write), EXPECT_WORLD (the world size that finishes the job).
 A worker in a smaller or larger world keeps reducing until torchrun restarts it (scale-up) or a
-peer dies (node loss), and fails after WORKER_PATIENCE seconds so nothing hangs.
+peer dies (node loss), and fails after WORKER_PATIENCE seconds so nothing hangs. The worker of rank
+FAIL_FIRST_RUN_RANK exits with an error in its first run (restart 0), as a crashing trainer does.
 """
 
 import json
@@ -18,6 +19,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     expect = int(os.environ.get("EXPECT_WORLD", world))
     restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    if restart == 0 and os.environ.get("FAIL_FIRST_RUN_RANK") == str(rank):
+        raise SystemExit(f"rank {rank} fails its first run (FAIL_FIRST_RUN_RANK)")
     give_up = time.monotonic() + float(os.environ.get("WORKER_PATIENCE", "90"))
     marker = os.path.join(os.environ["RESULT_DIR"], f"started-rank{rank}-restart{restart}-pid{os.getpid()}.json")
     with open(marker, "w") as f:
