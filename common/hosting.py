@@ -36,7 +36,7 @@ class HostedServers:
         return server
 
     def _after_fork_in_child(self) -> None:
-        # Only the forking thread exists here, so the lock is taken by nobody: make a new one.
+        # A parent thread may have held the lock at the fork, and no thread here will release it.
         self._lock = threading.Lock()
         self._inherited.extend(self._live)
         self._live = weakref.WeakSet()
