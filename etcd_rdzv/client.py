@@ -129,32 +129,31 @@ def retrying(
     config: EtcdConfig,
     budget: float | None = None,
     before_retry: Callable[[BaseException], None] | None = None,
+    last_rpc_failure: Callable[[], BaseException | None] = lambda: None,
 ) -> tenacity.Retrying:
     """The retry policy: transient failures retried with jittered exponential backoff.
 
     Args:
         budget: seconds to keep retrying; ``read_timeout`` by default.
         before_retry: called with the failure before each retry.
+        last_rpc_failure: the last failure a server (or the network) gave the client, on any thread.
 
     Once the budget is spent the last failure is raised as a ``RendezvousConnectionError``.
     Failures that are not transient propagate unchanged from the first attempt.
     """
     budget = config.read_timeout if budget is None else budget
-    # With every endpoint resting, etcd3 only says "no endpoint available": report the last error
-    # a server (or the network) actually gave instead.
-    last_rpc_failure: BaseException | None = None
 
     def give_up(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception()
-        if rpc_error(exc) is None and last_rpc_failure is not None:
-            exc = last_rpc_failure
+        # With every endpoint resting, etcd3 only says "no endpoint available", even when every
+        # attempt of this request found the endpoints benched by another thread's failures: report
+        # the last error a server (or the network) actually gave instead.
+        if rpc_error(exc) is None:
+            exc = last_rpc_failure() or exc
         raise connection_error(config, exc) from exc
 
     def log_and_prepare(state: tenacity.RetryCallState) -> None:
-        nonlocal last_rpc_failure
         exc = state.outcome.exception()
-        if rpc_error(exc) is not None:
-            last_rpc_failure = exc
         logger.debug("etcd request failed (%s); retry %d", _details(exc), state.attempt_number)
         if before_retry is not None:
             before_retry(exc)
@@ -350,8 +349,9 @@ class EtcdClient:
         self.raw.metadata = (REQUIRE_LEADER,)
         # Set when etcd dropped the auth token; the next attempt authenticates again first.
         self._token_expired = False
-        # The last failure of a request, if it was a refused TLS handshake.
-        self._tls_refusal: BaseException | None = None
+        # The last failure a server (or the network) gave a request of this client, until one
+        # succeeds: what a request that only found the endpoints resting reports.
+        self._rpc_failure: BaseException | None = None
         if config.username is not None:
             try:
                 self.request(lambda _: self._authenticate())
@@ -390,22 +390,24 @@ class EtcdClient:
                     if self._token_expired and self.config.username is not None:
                         self._authenticate()
                         self._token_expired = False
-                    return op(client)
+                    result = op(client)
+                self._rpc_failure = None
+                return result
             except etcd3.exceptions.NoServerAvailableError:
                 # Every endpoint rests after a failure. If the last one (of any request of this
                 # client: the run's view may have met it first) was a refused TLS handshake,
                 # waiting for the endpoints cannot help: say so now.
-                refused = self._tls_refusal
-                if refused is not None:
+                refused = self._rpc_failure
+                if refused is not None and _is_tls_failure(refused):
                     raise connection_error(self.config, refused) from refused
                 raise
             except Exception as exc:
                 if rpc_error(exc) is not None:
-                    self._tls_refusal = exc if _is_tls_failure(exc) else None
+                    self._rpc_failure = exc
                 raise
 
         try:
-            return retrying(self.config, budget, self._before_retry)(attempt, self.raw)
+            return retrying(self.config, budget, self._before_retry, lambda: self._rpc_failure)(attempt, self.raw)
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
 

@@ -33,6 +33,11 @@ from integration_tests.etcd_fixture import (
 # Ryuk, testcontainers' reaper, is an image of its own that cannot be pulled without a registry;
 # every container here is removed by its fixture instead.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+# Every etcd the tests start (this process's and the torchrun agents') skips fsync: what the tests
+# check is the protocol, not the disk, and on a shared CI disk one WAL fsync can stall etcd for
+# seconds, past a test's read_timeout (a dead etcd process loses nothing: its writes are in the
+# page cache). etcd 3.4 and 3.5 both read the flag from this variable.
+os.environ.setdefault("ETCD_UNSAFE_NO_FSYNC", "true")
 
 NO_ENGINE = (
     "ETCD_SOURCE=docker but no Docker engine answers (or testcontainers is missing: "

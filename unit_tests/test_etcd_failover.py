@@ -6,8 +6,10 @@ import etcd3
 import etcd3.exceptions
 import grpc
 import pytest
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from etcd_rdzv.client import FailoverClient, fail_over, pinned_endpoint
+from etcd_rdzv.client import EtcdClient, FailoverClient, fail_over, pinned_endpoint
+from etcd_rdzv.config import EtcdConfig
 
 
 class Failure(grpc.RpcError):
@@ -78,3 +80,18 @@ def test_statuses_that_do_not_bench_pass_through(client):
         with pytest.raises(Failure):
             fail(client, grpc.StatusCode.PERMISSION_DENIED)
     assert not any(e.is_failed() for e in client.endpoints.values())
+
+
+def test_a_request_that_finds_every_endpoint_resting_names_the_failure_that_benched_them():
+    """A request of one thread fails and benches the only endpoint; a request of another thread
+    then finds it resting for its whole budget. Its error names the first failure, not etcd3's
+    "no endpoint available", which says nothing of what went wrong."""
+    etcd = EtcdClient(EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=1.0))
+    try:
+        with pytest.raises(RendezvousConnectionError, match="DEADLINE_EXCEEDED"):
+            etcd.request(fail, budget=0)
+        with pytest.raises(RendezvousConnectionError, match="DEADLINE_EXCEEDED") as failed:
+            etcd.request(lambda client: client.get("/unit/key"), budget=0.3)
+        assert isinstance(failed.value.__cause__, etcd3.exceptions.ConnectionTimeoutError)
+    finally:
+        etcd.close()
