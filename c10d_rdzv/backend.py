@@ -31,7 +31,7 @@ from typing import Any
 from torch.distributed import Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousStateError
 
-from rdzv_common.backend import Liveness, Mailbox, Quarantine, RendezvousBackend, Token
+from rdzv_common.backend import Liveness, Mailbox, Quarantine, Record, RendezvousBackend, Token
 
 from .calls import StoreCalls, describe
 from .keywait import KeyWaiter
@@ -104,7 +104,7 @@ class C10dRendezvousBackend(RendezvousBackend):
         return None if stored is None else (self._decode(stored), stored)
 
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
     ) -> tuple[bytes, Token, bool] | None:
         # ``fence`` is not checked: a store compare-and-sets one key only (see ``C10dMailbox``).
         if token is not None and not isinstance(token, bytes):

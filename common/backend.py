@@ -46,11 +46,6 @@ class Mailbox(ABC):
     exactly once, in log order, by the winner of one write.
     """
 
-    #: The most records one write may fold, or ``None`` for no limit. A backend that fences a
-    #: write on its folded records (``RendezvousBackend.set_state``) bounds it by what one
-    #: conditional write can check.
-    batch_limit: int | None = None
-
     @abstractmethod
     def post(self, record: bytes) -> Record:
         """Append ``record`` and return it with its handle (and its position, where the server
@@ -158,12 +153,13 @@ class RendezvousBackend(ABC):
 
     @abstractmethod
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
     ) -> tuple[bytes, Token, bool] | None:
         """Compare-and-set ``state`` against ``token``; return ``(state, token, has_set)``.
 
-        ``fence`` names the handles of the mailbox records folded into ``state``; a backend that
-        can withdraw records writes only if none of them was withdrawn (else ``has_set`` is false).
+        ``fence`` holds the mailbox records (as ``read`` returned them) folded into ``state``; a
+        backend that can withdraw records writes only if none of them was withdrawn (else
+        ``has_set`` is false).
         Returns ``None`` only when the state vanished between the write and the read-back.
         """
 

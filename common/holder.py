@@ -45,8 +45,7 @@ class _Pending:
 class StateHolder:
     """Holds this node's view of the run's state and writes its changes back.
 
-    Every write first folds the announcements waiting in the backend's mailbox (at most the
-    mailbox's ``batch_limit``) and drops nodes whose liveness lapsed, then settles the round, so
+    Every write first folds the announcements waiting in the backend's mailbox and drops nodes whose liveness lapsed, then settles the round, so
     one successful compare-and-set admits every pending join. The holder's own ``node`` is never
     dropped: it knows it is alive, and dropping itself from a round it was admitted to would split
     that round's group. A failed write leaves the holder with the state that won; the caller
@@ -126,8 +125,7 @@ class StateHolder:
             folded = self._fold_mailbox(self._state)
             dropped = self._drop_dead(self._state)
             settle(self._state, self._settings, self._wall_clock())
-            fence = [record.handle for record in folded]
-            response = self._backend.set_state(encode_state(self._state), self._token, fence)
+            response = self._backend.set_state(encode_state(self._state), self._token, folded)
             has_set = bool(response and response[2])
             self.writes += 1
             self.failed_writes += 0 if has_set else 1
@@ -155,8 +153,8 @@ class StateHolder:
         # Only a read that decoded counts as fresh: a corrupt state must fail every caller.
         self._last_sync = time.monotonic()
         if self._is_folded(self._pending) or (has_set and self._pending and self._pending.record.position is None):
-            # A write folded our announcement (one of ours folds every record after the cursor
-            # when the mailbox sets no batch limit); it placed us unless we were dropped as dead.
+            # A write folded our announcement (one of ours folds every record after the cursor);
+            # it placed us unless we were dropped as dead.
             # Either way a later join or leave must announce afresh.
             self._pending = None
         self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not has_set else []
@@ -167,9 +165,8 @@ class StateHolder:
         return position is not None and self._state.cursor >= position
 
     def _fold_mailbox(self, state: RendezvousState) -> list[Record]:
-        """Fold the pending announcements (up to the batch limit) into ``state``; return them."""
-        mailbox = self._backend.mailbox
-        records = mailbox.read(state.cursor)[: mailbox.batch_limit]
+        """Fold the pending announcements into ``state``; return them."""
+        records = self._backend.mailbox.read(state.cursor)
         for record in records:
             fold(state, decode_announcement(record.data, self._where), self._settings)
         if records:
@@ -245,11 +242,8 @@ class StateHolder:
         before = self._token
         state = self._state
         records = self._backend.mailbox.read(state.cursor)
-        # Only announcements that would change the state count: a repeated join of a placed node
-        # must not hold up the line.
-        announcements = [decode_announcement(record.data, self._where) for record in records]
-        posters = [a.node for a in announcements if would_fold(state, a, self._settings)]
-        if self._node not in posters:
+        mine = self._pending_index(records)
+        if mine is None:
             # Our announcement is no longer pending, yet the op still asks for it: it was folded by
             # a write we have not read, or folded and undone (we were dropped as dead), or it lapsed.
             self.sync()
@@ -257,15 +251,36 @@ class StateHolder:
                 return True
             self._pending = None
             return False
-        place = posters.index(self._node)
+        # Only announcements that would change the state count: a repeated join of a placed node
+        # must not hold up the line. The wait stops growing past FOLD_FALLBACK_RANKS, so only that
+        # many of the records ahead are looked at, whatever the length of the line.
+        place = 0
+        for record in records[:mine]:
+            if place == FOLD_FALLBACK_RANKS:
+                break
+            if would_fold(state, decode_announcement(record.data, self._where), self._settings):
+                place += 1
         if place > 0:
-            wait = FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * min(place, FOLD_FALLBACK_RANKS)
+            wait = FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place
             self._backend.wait_for_change(before, wait * random.uniform(0.9, 1.1))
             self.sync()
             if self._token != before:
                 return True
         self.mark_dirty()
         return False
+
+    def _pending_index(self, records: list[Record]) -> int | None:
+        """Where in ``records`` this node's pending announcement is, if it would still change the
+        state; matched by content, so a record read back is found even where ``post`` could not
+        say its position."""
+        if self._pending is None:
+            return None
+        data = self._pending.record.data
+        for index, record in enumerate(records):
+            if record.data == data:
+                announcement = decode_announcement(record.data, self._where)
+                return index if would_fold(self._state, announcement, self._settings) else None
+        return None
 
     def withdraw(self) -> None:
         """Take back this node's announcement if no write it saw has folded it: the node's

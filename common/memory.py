@@ -141,11 +141,11 @@ class MemoryBackend(RendezvousBackend):
             return self._store.states.get(self._run_id)
 
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
     ) -> tuple[bytes, Token, bool] | None:
         with self._store.changed:
             current = self._store.states.get(self._run_id)
-            fenced = any((self._run_id, handle) in self._store.withdrawn for handle in fence)
+            fenced = any((self._run_id, record.handle) in self._store.withdrawn for record in fence)
             if not fenced and ((current is None and token is None) or (current is not None and current[1] == token)):
                 version = 1 if current is None else current[1] + 1
                 self._store.states[self._run_id] = (bytes(state), version)

@@ -9,7 +9,7 @@ from typing import Any
 
 import etcd3
 
-from rdzv_common.backend import Liveness, Mailbox, Quarantine, RendezvousBackend, Token
+from rdzv_common.backend import Liveness, Mailbox, Quarantine, Record, RendezvousBackend, Token
 
 from .keys import prefix_range
 from .lease import revoke
@@ -79,16 +79,16 @@ class EtcdRendezvousBackend(RendezvousBackend):
         return self._run.viewed(lambda view, floor: view.state(floor), from_etcd, self._floor)
 
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Any] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
     ) -> tuple[bytes, Token, bool] | None:
-        """Compare-and-set on the state key's mod revision; the write also requires each record
-        in ``fence`` (an announcement key) to still exist, so a withdrawn one is never folded."""
+        """Compare-and-set on the state key's mod revision; a write that folds the records in
+        ``fence`` lands only if none of them was withdrawn since it read them (``EtcdMailbox``)."""
         key = self._run.keys.state
 
         def compare_and_set(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> Seen:
             tx = client.transactions
             compare = [tx.create(key) == 0 if token is None else tx.mod(key) == token]
-            compare += [tx.version(record) > 0 for record in fence]
+            compare += self._mailbox.fence_compare(client, fence)
             succeeded, responses = client.transaction(
                 compare=compare,
                 success=[tx.put(key, bytes(state), lease=lease_id)],
@@ -128,11 +128,12 @@ class EtcdRendezvousBackend(RendezvousBackend):
         """
         start, end = prefix_range(self._run.keys.root)
 
-        def delete(client: etcd3.MultiEndpointEtcd3Client) -> None:
+        def delete(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[None]:
             tx = client.transactions
-            client.transaction(compare=[], success=[tx.delete(start, end)], failure=[])
+            _, responses = client.transaction(compare=[], success=[tx.delete(start, end)], failure=[])
+            return Seen(None, responses[0].response_delete_range.header.revision)
 
-        self._run.etcd.request(delete)
+        self._run.write(delete, self._floor)
         revoke(self._run.etcd, self._run.lease.id)
 
     def close(self) -> None:

@@ -352,6 +352,7 @@ class EtcdClient:
         # The last failure a server (or the network) gave a request of this client, until one
         # succeeds: what a request that only found the endpoints resting reports.
         self._rpc_failure: BaseException | None = None
+        self._closed = False
         if config.username is not None:
             try:
                 self.request(lambda _: self._authenticate())
@@ -385,6 +386,7 @@ class EtcdClient:
         """
 
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> T:
+            self._check_open()
             try:
                 with self._gate.passage(), pinned_endpoint(client):
                     if self._token_expired and self.config.username is not None:
@@ -402,6 +404,7 @@ class EtcdClient:
                     raise connection_error(self.config, refused) from refused
                 raise
             except Exception as exc:
+                self._check_open()  # closed meanwhile: gRPC says only "Channel closed!"
                 if rpc_error(exc) is not None:
                     self._rpc_failure = exc
                 raise
@@ -411,6 +414,15 @@ class EtcdClient:
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RendezvousConnectionError(
+                f"The etcd client of {self.config.protocol}://{self.config.describe_endpoints()} is "
+                "closed: its last rendezvous handler was shut down."
+            )
+
     def close(self) -> None:
-        """Close the gRPC channels. Idempotent."""
+        """Close the gRPC channels; requests made from now on fail with a
+        ``RendezvousConnectionError`` (a session's keep-alive may still be on its way). Idempotent."""
+        self._closed = True
         self.raw.close()

@@ -5,6 +5,8 @@ named by its run id percent-escaped (so ``/`` and ``%`` never appear in it)::
 
     <key_prefix>/<run>/state            the state; its mod_revision is the compare-and-set token
     <key_prefix>/<run>/joins/<uuid>     pending join/leave announcements, on the poster's session lease
+    <key_prefix>/<run>/withdrawn        rewritten by each withdrawal of an announcement: its
+                                        mod_revision fences the writes that fold announcements
     <key_prefix>/<run>/alive/<node>     one key per live node, on that node's own lease
     <key_prefix>/<run>/store/<key>      the agents' ``torch.distributed.Store``
     <key_prefix>/<run>/ops/<uuid>       receipts of store operations that must apply once (``add``)
@@ -24,6 +26,7 @@ from urllib.parse import quote, unquote
 import etcd3.utils
 
 STATE = "state"
+WITHDRAWN = "withdrawn"
 # Directories of a run, each below the run's own directory.
 JOINS, ALIVE, STORE, OPS = "joins/", "alive/", "store/", "ops/"
 QUARANTINE, LAPSES = "quarantine/", "lapses/"
@@ -55,6 +58,10 @@ class RunKeys:
     @property
     def joins(self) -> str:
         return self.root + JOINS
+
+    @property
+    def withdrawn(self) -> str:
+        return self.root + WITHDRAWN
 
     @property
     def alive(self) -> str:

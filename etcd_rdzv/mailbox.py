@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import etcd3
@@ -19,20 +21,28 @@ from .run import EtcdRun, Floor, Seen
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """The handle of a record of the etcd mailbox: its key, and a revision at which it existed."""
+
+    key: bytes
+    seen_at: int
+
+
 class EtcdMailbox(Mailbox):
-    """Announcements are keys ``<run>/joins/<uuid>``; a record's position is its create revision
-    and its handle its key.
+    """Announcements are keys ``<run>/joins/<uuid>``; a record's position is its create revision.
 
     A cursor is an etcd revision: ``read(cursor)`` returns the records created after it. Keys are
     written once, so their ``mod_revision`` equals their ``create_revision`` and the server can
     filter on it. Each announcement lives on the poster's session lease, so a poster that dies
-    before it is folded takes it with it. A write that folds records is fenced on their keys (one
-    compare each, within etcd's limit of operations per transaction), so ``withdraw`` (deleting the
-    key) keeps a record from ever being folded.
-    """
+    before it is folded takes it with it.
 
-    # One compare of a fencing write is the state's token; etcd allows MAX_TXN_OPS per transaction.
-    batch_limit = MAX_TXN_OPS - 1
+    Fencing takes one compare, however many records a write folds: ``withdraw`` deletes the
+    record and rewrites ``<run>/withdrawn`` in one transaction, and a write that folds records
+    requires that key to be no newer than the revision at which its records were read
+    (``fence_compare``). A withdrawal after the read fails the write, whichever record it took
+    back; the writer reads again and folds what is left.
+    """
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run = run
@@ -53,32 +63,47 @@ class EtcdMailbox(Mailbox):
                 raise
             return Seen(revision, revision)
 
-        return Record(bytes(record), self._run.write(put, self._floor), key)
+        revision = self._run.write(put, self._floor)
+        return Record(bytes(record), revision, Announcement(key, revision))
 
     def read(self, cursor: int) -> list[Record]:
         """The records after ``cursor``, from the process's run view when it can vouch for them."""
         start, end = prefix_range(self._run.keys.joins)
 
-        def from_etcd() -> list[tuple[bytes, bytes, int]]:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[list[tuple[bytes, bytes, int]]]:
+        def from_etcd() -> tuple[list[tuple[bytes, bytes, int]], int]:
+            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[list[tuple[bytes, bytes, int]], int]]:
                 response = client.get_range_response(
                     start, end, sort_order="ascend", sort_target="create", min_mod_revision=cursor + 1
                 )
                 found = [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
                 # Seeing these records, the process must not decide on a view that lacks them.
-                return Seen(found, max((rev for *_, rev in found), default=0))
+                return Seen((found, response.header.revision), max((rev for *_, rev in found), default=0))
 
             return self._run.read(get, self._floor)
 
-        found = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
-        return [Record(value, revision, key) for key, value, revision in found]
+        found, seen_at = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
+        return [Record(value, revision, Announcement(key, seen_at)) for key, value, revision in found]
 
-    def withdraw(self, handle: Any) -> None:
-        """Delete the record; a fencing write that folded it fails from now on."""
+    def fence_compare(self, client: etcd3.MultiEndpointEtcd3Client, folded: Sequence[Record]) -> list[Any]:
+        """The compares that keep a write folding ``folded`` from landing after a withdrawal of
+        any of them: no withdrawal since they were all seen to exist."""
+        if not folded:
+            return []
+        seen_at = min(record.handle.seen_at for record in folded)
+        return [client.transactions.mod(self._run.keys.withdrawn) < seen_at + 1]
 
-        def delete(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[None]:
-            response = client.delete(handle, return_response=True)
-            return Seen(None, response.header.revision if response.deleted else 0)
+    def withdraw(self, handle: Announcement) -> None:
+        """Delete the record, if it is still there, and mark the withdrawal (``fence_compare``)."""
+        marker = self._run.keys.withdrawn
+
+        def delete(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> Seen[None]:
+            tx = client.transactions
+            withdrawn, responses = client.transaction(
+                compare=[tx.version(handle.key) > 0],
+                success=[tx.delete(handle.key), tx.put(marker, b"", lease=lease_id)],
+                failure=[],
+            )
+            return Seen(None, responses[1].response_put.header.revision if withdrawn else 0)
 
         self._run.write(delete, self._floor)
 

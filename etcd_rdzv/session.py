@@ -64,6 +64,8 @@ class Session:
             try:
                 alive = self._etcd.request(lambda c: refresh(c, lease_id), budget=0)
             except RendezvousConnectionError as exc:
+                if self._stop.is_set():
+                    return  # closed (with its client) while renewing
                 # The next tick tries again; the TTL leaves room for two more.
                 self._report(True, f"Could not renew etcd session lease {lease_id:x}: {exc}")
                 continue

@@ -108,11 +108,13 @@ class RunView:
         with self._caught_up(floor):
             return self._state
 
-    def joins(self, after: int, floor: int) -> list[tuple[bytes, bytes, int]]:
-        """``(key, value, create_revision)`` of the announcements created after ``after``, oldest first."""
+    def joins(self, after: int, floor: int) -> tuple[list[tuple[bytes, bytes, int]], int]:
+        """``(key, value, create_revision)`` of the announcements created after ``after``, oldest
+        first, and the revision the view answers at (each of them existed then)."""
         with self._caught_up(floor):
             found = [(k, v, rev) for k, (v, rev) in self._joins_kv.items() if rev > after]
-        return sorted(found, key=lambda item: item[2])
+            applied = self._applied
+        return sorted(found, key=lambda item: item[2]), applied
 
     def alive(self, node_keys: Collection[str], floor: int) -> set[str]:
         """Which of ``node_keys`` have a liveness key."""

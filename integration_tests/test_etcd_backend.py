@@ -186,6 +186,26 @@ def test_delete_run_removes_every_key_of_the_run(etcd_run, etcd_admin):
         backend.close()
 
 
+def test_a_read_after_delete_run_is_not_answered_by_a_view_that_missed_the_delete(etcd_run, monkeypatch):
+    """``delete_run`` raises the node's floor like every other write, so the view (here frozen
+    before the delete, as a view on a busy machine trails it) cannot answer the next read with
+    the deleted state (found by the etcd 3.4 leg of CI under load)."""
+    backend, _ = create_backend(etcd_run.params())
+    try:
+        backend.set_state(b"v1")
+        view = backend.run.view
+        deadline = time.monotonic() + 10
+        while view.state(0) is None or view.state(0)[0] != b"v1":
+            assert time.monotonic() < deadline, "the view never showed the state"
+            time.sleep(0.05)
+        monkeypatch.setattr(view, "_apply", lambda reply: None)  # it hears of nothing from now on
+        assert backend.get_state()[0] == b"v1"
+        backend.delete_run()
+        assert backend.get_state() is None
+    finally:
+        backend.close()
+
+
 def test_rides_out_an_etcd_restart(etcd_server):
     server = etcd_server()
     params = RendezvousParameters("etcd_rdzv", server.endpoint, "restart-run", 1, 1, read_timeout=15)

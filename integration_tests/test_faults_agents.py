@@ -160,8 +160,6 @@ class _SlowMailboxBackend:
         outer = self
 
         class Mailbox:
-            batch_limit = backend.mailbox.batch_limit
-
             def post(self, record):
                 return backend.mailbox.post(record)
 

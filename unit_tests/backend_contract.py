@@ -127,10 +127,6 @@ class BackendContract:
         a.mailbox.trim(first.position)
         assert [r.data for r in a.mailbox.read(first.position)] == [b"two"]
 
-    def test_mailbox_batch_limit_is_none_or_positive(self, make_backend):
-        limit = make_backend("run-batch").mailbox.batch_limit
-        assert limit is None or (isinstance(limit, int) and limit > 0)
-
     def test_empty_fence_does_not_stop_a_write(self, make_backend):
         a = make_backend("run-fence-empty")
         _, token, has_set = a.set_state(b"v1", None, ())
@@ -142,8 +138,7 @@ class BackendContract:
         a, b = make_backend("run-fence-live"), make_backend("run-fence-live")
         _, token, _ = a.set_state(b"v1")
         b.mailbox.post(b"join")
-        fence = [r.handle for r in a.mailbox.read(0)]
-        state, _, has_set = a.set_state(b"v2", token, fence)
+        state, _, has_set = a.set_state(b"v2", token, a.mailbox.read(0))
         assert (state, has_set) == (b"v2", True)
 
     def test_withdrawn_record_fences_writes_that_folded_it(self, make_backend):
@@ -154,7 +149,7 @@ class BackendContract:
         seen = _read_until(a.mailbox, 0, [b"join", b"other"])
         assert [r.data for r in seen] == [b"join", b"other"]
         b.mailbox.withdraw(posted.handle)
-        result = a.set_state(b"v2", token, [r.handle for r in seen])
+        result = a.set_state(b"v2", token, seen)
         if not self.fences_withdrawn:
             # The backend cannot fence: it must say so by writing (and keeping the record).
             assert result[0] == b"v2" and result[2] is True
@@ -169,7 +164,7 @@ class BackendContract:
         again = _read_until(a.mailbox, 0, [b"other"])
         assert [r.data for r in again] == [b"other"]
         assert again[0].position == seen[1].position
-        state, _, has_set = a.set_state(b"v3", token, [r.handle for r in again])
+        state, _, has_set = a.set_state(b"v3", token, again)
         assert (state, has_set) == (b"v3", True)
 
     def test_withdraw_of_a_folded_record_leaves_later_writes_alone(self, make_backend):
@@ -177,14 +172,14 @@ class BackendContract:
         _, token, _ = a.set_state(b"v1")
         posted = a.mailbox.post(b"join")
         (record,) = a.mailbox.read(0)
-        _, token, has_set = a.set_state(b"v2", token, [record.handle])
+        _, token, has_set = a.set_state(b"v2", token, [record])
         assert has_set
         a.mailbox.withdraw(posted.handle)
         # Writes that fold nothing, or only later records, are not fenced by it.
         a.mailbox.post(b"later")
         later = a.mailbox.read(record.position)
         assert [r.data for r in later] == [b"later"]
-        state, _, has_set = a.set_state(b"v3", token, [r.handle for r in later])
+        state, _, has_set = a.set_state(b"v3", token, later)
         assert (state, has_set) == (b"v3", True)
 
     def test_liveness_beat_forget_and_expiry(self, make_backend):

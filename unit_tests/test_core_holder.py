@@ -10,7 +10,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 
 from rdzv_common.codec import decode_announcement, decode_state, encode_join, encode_leave, encode_state
 from rdzv_common.holder import StateHolder
-from rdzv_common.memory import MemoryBackend, MemoryMailbox, MemoryStore
+from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.ops import Action, Context, apply, join_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc, RendezvousState
@@ -38,7 +38,7 @@ WALL = 1_000_000.0  # the holders' UNIX time
 
 
 class CountingBackend(MemoryBackend):
-    """Counts reads and writes, records each write's fence, and can run ``before_set`` (once)
+    """Counts reads and writes, records each write's fence (its records' handles), and can run ``before_set`` (once)
     between a write's fold and its compare-and-set."""
 
     def __init__(self, *a, **kw):
@@ -54,7 +54,7 @@ class CountingBackend(MemoryBackend):
 
     def set_state(self, state, token=None, fence=()):
         self.sets += 1
-        self.fences.append(list(fence))
+        self.fences.append([record.handle for record in fence])
         hook, self.before_set = self.before_set, None
         if hook is not None:
             hook()
@@ -572,54 +572,6 @@ def test_write_that_read_a_withdrawn_join_does_not_land(store):
     assert set(state.participants) == {C, D}
     assert state.cursor == 3  # past B's withdrawn record: it is never folded later
     assert b1.fences[-1] == [1, 3]
-
-
-class LimitedMailbox(MemoryMailbox):
-    batch_limit = 2
-
-
-def _limited_backend(store) -> CountingBackend:
-    b = _backend(store)
-    b._mailbox = LimitedMailbox(store, RUN)
-    return b
-
-
-def test_a_write_folds_at_most_the_batch_limit(store):
-    s = _settings(min_nodes=1, max_nodes=8)
-    b = _limited_backend(store)
-    nodes = [NodeDesc("10.0.1.1", i, 0) for i in range(5)]
-    _beat(b, s, *nodes)
-    for n in nodes:
-        b.mailbox.post(encode_join(n))
-    h = _holder(b, s)
-    h.sync()
-    joined = []
-    for expected_cursor in (2, 4, 5):
-        h.mark_dirty()
-        assert h.sync() is True
-        assert len(b.fences[-1]) <= 2
-        joined.append(set(_stored(store).participants))
-        assert _stored(store).cursor == expected_cursor
-    assert [len(j) for j in joined] == [2, 4, 5]
-
-
-def test_own_write_that_did_not_reach_the_announcement_keeps_it_pending(store):
-    """With a batch limit, a node's own winning write may fold only older records; its own
-    announcement is still pending, so ending the op must withdraw it."""
-    s = _settings(min_nodes=1, max_nodes=8)
-    b = _limited_backend(store)
-    others = [NodeDesc("10.0.1.1", i, 0) for i in range(2)]
-    _beat(b, s, A, *others)
-    for n in others:
-        b.mailbox.post(encode_join(n))
-    h = _holder(b, s, A)
-    h.sync()
-    h.announce(Action.ADD_TO_PARTICIPANTS)
-    h.mark_dirty()
-    assert h.sync() is True
-    assert A not in _stored(store).participants  # the batch ended before A's join
-    h.withdraw()  # the op ends (say it timed out)
-    assert [r.data for r in b.mailbox.read(_stored(store).cursor)] == []
 
 
 # --------------------------------------------------------------------------- a write that raised

@@ -95,3 +95,12 @@ def test_a_request_that_finds_every_endpoint_resting_names_the_failure_that_benc
         assert isinstance(failed.value.__cause__, etcd3.exceptions.ConnectionTimeoutError)
     finally:
         etcd.close()
+
+
+def test_a_request_on_a_closed_client_says_it_is_closed():
+    """A session's keep-alive can be on its way when its cluster closes: gRPC would say only
+    "Cannot invoke RPC: Channel closed!" (a ValueError, which killed the thread)."""
+    etcd = EtcdClient(EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=1.0))
+    etcd.close()
+    with pytest.raises(RendezvousConnectionError, match="http://127.0.0.1:9 is closed"):
+        etcd.request(lambda client: client.get("/unit/key"))
