@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -24,9 +25,10 @@ class NodeDesc:
     pid: int
     local_id: int
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """A string naming this node in keys and logs, in torch's format ``addr_pid_localid``."""
+        """A string naming this node in keys and logs, in torch's format ``addr_pid_localid``
+        (kept once made: the liveness checks of a large run ask for it N times per node)."""
         return f"{self.addr}_{self.pid}_{self.local_id}"
 
     def __str__(self) -> str:
