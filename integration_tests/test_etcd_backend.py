@@ -9,6 +9,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
 
 from etcd_rdzv.backend import EtcdRendezvousBackend
+from etcd_rdzv.client import MAX_TXN_OPS
 from etcd_rdzv.factory import create_backend
 from integration_tests.etcd_fixture import free_port
 from integration_tests.invariants import wait_until
@@ -55,6 +56,23 @@ def _count_requests(backend: EtcdRendezvousBackend) -> list:
 
     etcd.request = counting
     return requests
+
+
+def test_one_write_folds_more_records_than_a_transaction_may_hold_operations(make_backend):
+    """The fence is one compare however many records a write folds (it was one per record, so a
+    write folded at most 127 and a join of 1,024 nodes took 9 writes or more); a withdrawal of
+    any of them still fences the write that read it."""
+    folder, poster = make_backend(), make_backend()
+    _, token, _ = folder.set_state(b"v1")
+    posted = [poster.mailbox.post(b"join %d" % i) for i in range(MAX_TXN_OPS + 72)]
+    wait_until(lambda: len(folder.mailbox.read(0)) == len(posted), 10, 0.1, "the view to show every record")
+    seen = folder.mailbox.read(0)
+    poster.mailbox.withdraw(posted[150].handle)
+    assert folder.set_state(b"v2", token, seen) == (b"v1", token, False)
+    wait_until(lambda: len(folder.mailbox.read(0)) == len(posted) - 1, 10, 0.1, "the view to lose the record")
+    again = folder.mailbox.read(0)
+    state, _, has_set = folder.set_state(b"v3", token, again)
+    assert (state, has_set) == (b"v3", True)
 
 
 def test_waiters_wake_by_watch_not_by_polling(make_backend):
