@@ -26,7 +26,6 @@ import logging
 import os
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
 
 from torch.distributed import Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousStateError

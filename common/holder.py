@@ -45,11 +45,11 @@ class _Pending:
 class StateHolder:
     """Holds this node's view of the run's state and writes its changes back.
 
-    Every write first folds the announcements waiting in the backend's mailbox and drops nodes whose liveness lapsed, then settles the round, so
-    one successful compare-and-set admits every pending join. The holder's own ``node`` is never
-    dropped: it knows it is alive, and dropping itself from a round it was admitted to would split
-    that round's group. A failed write leaves the holder with the state that won; the caller
-    decides again from it.
+    Every write first folds the announcements waiting in the backend's mailbox and drops nodes
+    whose liveness lapsed, then settles the round, so one successful compare-and-set admits every
+    pending join. The holder's own ``node`` is never dropped: it knows it is alive, and dropping
+    itself from a round it was admitted to would split that round's group. A failed write leaves
+    the holder with the state that won; the caller decides again from it.
 
     Args:
         wall_clock: UNIX time, for the state's last-call deadline (shared between machines).
@@ -154,8 +154,8 @@ class StateHolder:
         self._last_sync = time.monotonic()
         if self._is_folded(self._pending) or (has_set and self._pending and self._pending.record.position is None):
             # A write folded our announcement (one of ours folds every record after the cursor);
-            # it placed us unless we were dropped as dead.
-            # Either way a later join or leave must announce afresh.
+            # it placed us unless we were dropped as dead. Either way a later join or leave must
+            # announce afresh.
             self._pending = None
         self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not has_set else []
         return has_set

@@ -44,4 +44,3 @@ class HostedServers:
 
 hosted = HostedServers()
 os.register_at_fork(after_in_child=hosted._after_fork_in_child)
-
