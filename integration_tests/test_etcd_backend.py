@@ -212,10 +212,7 @@ def test_a_read_after_delete_run_is_not_answered_by_a_view_that_missed_the_delet
     try:
         backend.set_state(b"v1")
         view = backend.run.view
-        deadline = time.monotonic() + 10
-        while view.state(0) is None or view.state(0)[0] != b"v1":
-            assert time.monotonic() < deadline, "the view never showed the state"
-            time.sleep(0.05)
+        wait_until(lambda: (view.state(0) or (None,))[0] == b"v1", 10, 0.05, "the view to show the state")
         monkeypatch.setattr(view, "_apply", lambda reply: None)  # it hears of nothing from now on
         assert backend.get_state()[0] == b"v1"
         backend.delete_run()
