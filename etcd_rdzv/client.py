@@ -129,7 +129,8 @@ def retrying(
     config: EtcdConfig,
     budget: float | None = None,
     before_retry: Callable[[BaseException], None] | None = None,
-    last_rpc_failure: Callable[[], BaseException | None] = lambda: None,
+    *,
+    last_rpc_failure: Callable[[], BaseException | None],
 ) -> tenacity.Retrying:
     """The retry policy: transient failures retried with jittered exponential backoff.
 
@@ -409,8 +410,9 @@ class EtcdClient:
                     self._rpc_failure = exc
                 raise
 
+        policy = retrying(self.config, budget, self._before_retry, last_rpc_failure=lambda: self._rpc_failure)
         try:
-            return retrying(self.config, budget, self._before_retry, lambda: self._rpc_failure)(attempt, self.raw)
+            return policy(attempt, self.raw)
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
 
