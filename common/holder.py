@@ -40,6 +40,8 @@ class _Pending:
     round: int
     action: Action
     record: Record
+    posted_at: float  # on the holder's clock
+    jitter: float  # scales this node's fold fallback delay, so that equals in line do not collide
 
 
 class StateHolder:
@@ -53,6 +55,7 @@ class StateHolder:
 
     Args:
         wall_clock: UNIX time, for the state's last-call deadline (shared between machines).
+        clock: monotonic time, for how long a node waits for the ones ahead of it to fold.
         topology: the node's topology label, sent with its joins.
         on_dropped: called with the nodes a write that won dropped as dead (after the write).
     """
@@ -65,6 +68,7 @@ class StateHolder:
         wall_clock: Callable[[], float] = time.time,
         topology: str | None = None,
         on_dropped: Callable[[list[NodeDesc]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backend = backend
         self._node = node
@@ -72,20 +76,24 @@ class StateHolder:
         self._on_dropped = on_dropped
         self._settings = settings
         self._wall_clock = wall_clock
+        self._clock = clock
         self._state = RendezvousState()
         self._token: Token | None = None
         self._dirty = False
         # Whether ``_state`` may differ from anything stored (a write prepared it, then failed).
         self._stale = False
         self._last_sync = float("-inf")
+        # When (on ``clock``) this holder last saw the stored state change: the line of waiting
+        # posters moved then, and each one's turn to fold counts from it (``await_fold``).
+        self._changed_at = float("-inf")
         # (round, complete, closed) of the state last read or written: what a write that wins changed.
         self._stored = (0, False, False)
         # Dead nodes removed from the local state after the last read, which the next write stores.
         self._dropped_unwritten: list[NodeDesc] = []
         self._pending: _Pending | None = None
-        # node key -> monotonic time it was last seen alive; only positive answers are cached, so a
-        # node is never declared dead from a stale answer.
-        self._seen_alive: dict[str, float] = {}
+        # The nodes the backend last confirmed alive, and when (``_alive``).
+        self._confirmed: frozenset[NodeDesc] = frozenset()
+        self._confirmed_at = float("-inf")
         self._where = f"the mailbox of run '{settings.run_id}'"
         self.writes = 0
         self.failed_writes = 0
@@ -141,11 +149,14 @@ class StateHolder:
             response = self._backend.get_state()
 
         self._dirty = False
+        token = self._token
         if response is None:
             self._state, self._token = RendezvousState(), None
         else:
             where = f"{self._backend.location} (run '{self._settings.run_id}')"
             self._state, self._token = decode_state(response[0], where), response[1]
+        if self._token != token:
+            self._changed_at = self._clock()
         self._stale = False
         before, self._stored = self._stored, (self._state.round, self._state.complete, self._state.closed)
         if has_set and self._node is not None:
@@ -174,42 +185,43 @@ class StateHolder:
         return records
 
     def seen_alive(self, nodes: Collection[NodeDesc]) -> dict[str, float]:
-        """The monotonic time each of ``nodes`` was last known alive, by node key; a node the
-        backend reports dead is absent. The backend is asked about all of them unless each was
-        confirmed within ``keep_alive_interval``."""
-        now = time.monotonic()
-        fresh_for = self._settings.keep_alive_interval
-        if any(now - self._seen_alive.get(n.key, float("-inf")) > fresh_for for n in nodes):
-            # Ask about every node at once: one request answers for all, and the answers stay fresh.
-            alive = self._backend.liveness.alive([n.key for n in nodes], self._settings.liveness_ttl)
-            for node in nodes:
-                if node.key in alive:
-                    self._seen_alive[node.key] = now
-                else:
-                    self._seen_alive.pop(node.key, None)
-        return {n.key: self._seen_alive[n.key] for n in nodes if n.key in self._seen_alive}
+        """The time (on ``clock``) each of ``nodes`` was last known alive, by node key; a node the
+        backend reports dead is absent."""
+        alive = self._alive(set(nodes))
+        return {n.key: self._confirmed_at for n in nodes if n in alive}
+
+    def _alive(self, nodes: set[NodeDesc]) -> frozenset[NodeDesc]:
+        """The nodes known alive: those the backend confirmed within ``keep_alive_interval``, if
+        that covers every one of ``nodes``; else the backend is asked about all of them at once.
+        Only a fresh answer ever leaves a node out, and a read that needs none costs a set test,
+        not a pass over the nodes (every node of a large run reads the state after each write)."""
+        now = self._clock()
+        if now - self._confirmed_at > self._settings.keep_alive_interval or not nodes <= self._confirmed:
+            by_key = {n.key: n for n in nodes}
+            alive = self._backend.liveness.alive(list(by_key), self._settings.liveness_ttl)
+            self._confirmed = frozenset(by_key[key] for key in alive if key in by_key)
+            self._confirmed_at = now
+        return self._confirmed
 
     def _drop_dead(self, state: RendezvousState) -> list[NodeDesc]:
         """Drop the nodes whose liveness lapsed from ``state``; return them."""
-        nodes = state.nodes() - {self._node} if self._node else state.nodes()
+        nodes = state.nodes()
+        nodes.discard(self._node)
         if not nodes:
             return []
-        seen = self.seen_alive(nodes)
-        dropped = []
-        for node in nodes:
-            if node.key not in seen:
-                dropped.append(node)
-                logger.debug(
-                    "Detected dead node '%s' in run '%s', removing it from the rendezvous",
-                    node,
-                    self._settings.run_id,
-                )
-                state.remove_node(node)
+        dropped = list(nodes - self._alive(nodes))
+        for node in dropped:
+            logger.debug(
+                "Detected dead node '%s' in run '%s', removing it from the rendezvous",
+                node,
+                self._settings.run_id,
+            )
+            state.remove_node(node)
         return dropped
 
     def refresh_liveness(self) -> None:
         """Ask the backend afresh about every node at the next sync (a new rendezvous starts)."""
-        self._seen_alive.clear()
+        self._confirmed, self._confirmed_at = frozenset(), float("-inf")
 
     # Announcements.
 
@@ -224,7 +236,8 @@ class StateHolder:
             data = encode_leave(self._node, state.round, state.complete)
         else:
             data = encode_join(self._node, self._topology)
-        self._pending = _Pending(state.round, action, self._backend.mailbox.post(data))
+        record = self._backend.mailbox.post(data)
+        self._pending = _Pending(state.round, action, record, self._clock(), random.uniform(0.9, 1.1))
         record_step(self._settings, self._node, action.name, state.round)
 
     def await_fold(self) -> bool:
@@ -261,11 +274,18 @@ class StateHolder:
             if would_fold(state, decode_announcement(record.data, self._where), self._settings):
                 place += 1
         if place > 0:
-            wait = FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place
-            self._backend.wait_for_change(before, wait * random.uniform(0.9, 1.1))
-            self.sync()
-            if self._token != before:
-                return True
+            # The turn counts from the later of the post and the last change of the state, so it
+            # stands across calls: a backend's wait may end early (the etcd one after a second at
+            # most), and a node that began its wait afresh then would never step in, while one that
+            # stepped in at once would set off a write by every node in line.
+            pending = self._pending
+            wait = (FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place) * pending.jitter
+            turn = max(self._changed_at, pending.posted_at) + wait
+            while (remaining := turn - self._clock()) > 0:
+                self._backend.wait_for_change(before, remaining)
+                self.sync()
+                if self._token != before:
+                    return True
         self.mark_dirty()
         return False
 

@@ -36,14 +36,17 @@ class FakeClock:
 
 
 class WaitRecordingBackend(MemoryBackend):
-    """Records the timeout of each ``wait_for_change`` and returns at once (nobody writes)."""
+    """Records the timeout of each ``wait_for_change`` and returns once ``clock`` has run through
+    it (nobody writes)."""
 
     def __init__(self, store: MemoryStore) -> None:
         super().__init__(store, RUN)
         self.waits: list[float] = []
+        self.clock = FakeClock(NOW)
 
     def wait_for_change(self, token, timeout: float) -> None:
         self.waits.append(timeout)
+        self.clock.advance(timeout)
 
 
 class HookBackend(MemoryBackend):
@@ -88,7 +91,7 @@ def _settings(min_nodes=2, max_nodes=4, **kw) -> RendezvousSettings:
 def _executor(store: MemoryStore, node: NodeDesc) -> tuple[OpExecutor, StateHolder, WaitRecordingBackend]:
     settings = _settings()
     backend = WaitRecordingBackend(store)
-    holder = StateHolder(backend, settings, node)
+    holder = StateHolder(backend, settings, node, clock=backend.clock)
     executor = OpExecutor(node, holder, backend, settings)
     holder.sync()
     executor.beat()

@@ -624,3 +624,41 @@ def test_completion_retried_after_an_error_keeps_ranks_dense(store):
     state = _stored(store)
     assert state.complete
     assert sorted(state.participants.values()) == list(range(state.world_size)), state
+
+
+class EarlyWakeBackend(CountingBackend):
+    """A backend whose change notification returns after at most ``cap`` seconds of ``clock``
+    time, as the contract allows (the etcd backend's waits end after a second at most)."""
+
+    def __init__(self, store, cap: float) -> None:
+        super().__init__(store, RUN)
+        self.cap = cap
+        self.waits: list[float] = []
+
+    def wait_for_change(self, token, timeout):
+        self.waits.append(timeout)
+        self._store.clock.advance(min(timeout, self.cap))
+
+
+def test_a_node_behind_in_line_waits_its_whole_turn_through_early_wake_ups(store, clock):
+    """A node third in line must leave the fold to the two ahead of it for its whole fallback
+    delay, however often the backend's wait returns early. A wait that ended after a second let
+    every node in line write at once (a stampede of writes at N = 1024)."""
+    from rdzv_common import holder as holder_module
+
+    s = _settings(min_nodes=4, max_nodes=4)
+    ahead = _backend(store)
+    _beat(ahead, s, A, B, C)
+    for node in (A, B):
+        h = _holder(ahead, s, node)
+        h.sync()
+        h.announce(Action.ADD_TO_PARTICIPANTS)  # posted, never folded: A and B are stalled
+    b = EarlyWakeBackend(store, cap=0.1)
+    h = StateHolder(b, s, C, wall_clock=lambda: WALL, clock=clock)
+    h.sync()
+    h.announce(Action.ADD_TO_PARTICIPANTS)
+    started = clock()
+    assert h.await_fold() is False  # nobody folded: C steps in, but only once its turn came
+    least = (holder_module.FOLD_FALLBACK_FIRST + 2 * holder_module.FOLD_FALLBACK_STEP) * 0.9
+    assert clock() - started >= least
+    assert b.sets == 0 and len(b.waits) > 1

@@ -141,7 +141,7 @@ class Node:
     def __init__(self, machine: "ChurnMachine", index: int) -> None:
         self.desc = NodeDesc("10.0.0.1", 1000 + index, 0)
         self.backend = SteppingBackend(machine, machine.store)
-        self.holder = StateHolder(self.backend, machine.settings, self.desc, wall_clock=CLOCK.time)
+        self.holder = StateHolder(self.backend, machine.settings, self.desc, wall_clock=CLOCK.time, clock=CLOCK.monotonic)
         self.executor = OpExecutor(
             self.desc, self.holder, self.backend, machine.settings, clock=CLOCK.monotonic, wall_clock=CLOCK.time
         )
