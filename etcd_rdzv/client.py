@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import etcd3
 import etcd3.etcdrpc
@@ -23,6 +23,8 @@ import tenacity
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from .config import EtcdConfig
+from .keepalive import KeepAliveFailed, KeepAliveStream
+from .status import RpcStatus
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,8 @@ class Retryable(Exception):
 
 
 def rpc_error(exc: BaseException | None) -> grpc.RpcError | None:
-    """The gRPC error behind ``exc``; etcd3 raises its own exceptions from within the handler."""
-    for candidate in (exc, getattr(exc, "__context__", None)):
+    """The gRPC error behind ``exc``; etcd3 raises its own exceptions from it."""
+    for candidate in (exc, getattr(exc, "__cause__", None), getattr(exc, "__context__", None)):
         if isinstance(candidate, grpc.RpcError) and hasattr(candidate, "code"):
             return candidate
     return None
@@ -198,6 +200,23 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
     ``integration_tests/test_nemesis_scenarios.py``'s stalled-connection scenario).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_alive = KeepAliveStream(self)
+
+    def refresh_lease(self, lease_id: int) -> list[etcd3.etcdrpc.LeaseKeepAliveResponse]:
+        """Renew ``lease_id`` once, on the client's one keep-alive stream (etcd3 opens a stream,
+        and gRPC a thread, per renewal)."""
+        try:
+            ttl = self.keep_alive.renew(lease_id, self.timeout)
+        except KeepAliveFailed as failed:
+            fail_over(self, failed.error, failed.endpoint)
+        return [etcd3.etcdrpc.LeaseKeepAliveResponse(ID=lease_id, TTL=ttl)]
+
+    def close(self) -> None:
+        self.keep_alive.stop()
+        super().close()
+
     def _manage_grpc_errors(self, exc: grpc.RpcError) -> NoReturn:
         label = getattr(_attempt, "label", None)
         if label is None or label == self._current_endpoint_label or label not in self.endpoints:
@@ -226,20 +245,20 @@ _ETCD3_EXCEPTIONS = {
 def fail_over(client: etcd3.MultiEndpointEtcd3Client, exc: grpc.RpcError, endpoint: str | None = None) -> NoReturn:
     """Handle ``exc`` from a call made outside etcd3's own methods the way those methods do: an
     endpoint that is down is marked failed (so the retry uses another), and etcd3's exception for
-    the status is raised. Call it from the ``except`` block that caught ``exc``.
+    the status is raised, caused by ``exc`` (which ``rpc_error`` finds, wherever this is called).
 
     Args:
         endpoint: the label of the endpoint the call used, when known (a watch's).
     """
-    if endpoint is None:
-        client._manage_grpc_errors(exc)
-    else:
-        before = getattr(_attempt, "label", None)
+    before = getattr(_attempt, "label", None)
+    if endpoint is not None:
         _attempt.label = endpoint
-        try:
-            client._manage_grpc_errors(exc)
-        finally:
-            _attempt.label = before
+    try:
+        client._manage_grpc_errors(exc)
+    except etcd3.exceptions.Etcd3Exception as mapped:
+        raise mapped from exc
+    finally:
+        _attempt.label = before
     raise exc
 
 
@@ -352,7 +371,11 @@ class EtcdClient:
         self._token_expired = False
         # The last failure a server (or the network) gave a request of this client, until one
         # succeeds: what a request that only found the endpoints resting reports.
-        self._rpc_failure: BaseException | None = None
+        # Kept as a bare status: the error itself would hold the frames (and objects) of its thread.
+        self._rpc_failure: RpcStatus | None = None
+        # The retry policy of each budget asked for. A policy keeps its per-call state in
+        # thread-locals, so threads share one; building one per request cost more than the request.
+        self._policies: dict[float | None, tenacity.Retrying] = {}
         self._closed = False
         if config.username is not None:
             try:
@@ -406,11 +429,15 @@ class EtcdClient:
                 raise
             except Exception as exc:
                 self._check_open()  # closed meanwhile: gRPC says only "Channel closed!"
-                if rpc_error(exc) is not None:
-                    self._rpc_failure = exc
+                rpc = rpc_error(exc)
+                if rpc is not None:
+                    self._rpc_failure = RpcStatus.of(rpc)
                 raise
 
-        policy = retrying(self.config, budget, self._before_retry, last_rpc_failure=lambda: self._rpc_failure)
+        policy = self._policies.get(budget)
+        if policy is None:
+            policy = retrying(self.config, budget, self._before_retry, last_rpc_failure=lambda: self._rpc_failure)
+            self._policies[budget] = policy
         try:
             return policy(attempt, self.raw)
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:

@@ -9,8 +9,9 @@ TCPStore servers a process hosts).
 
 Fork safety. gRPC cannot be carried across ``fork()`` while a thread is inside it ("Other threads
 are currently calling into gRPC, skipping fork() handlers"; the child can then abort). So before a
-fork the registry takes every run's watch stream down and waits, briefly, for requests in flight
-to end (new ones wait at a gate), and afterwards the parent opens the gate and the streams again.
+fork the registry takes every run's watch stream and every client's lease keep-alive stream down
+and waits, briefly, for requests in flight to end (new ones wait at a gate), and afterwards the
+parent opens the gate and the watch streams again (a keep-alive stream reopens on its next use).
 The child starts with an empty registry: it shares nothing with its parent (it gets channels,
 sessions and views of its own on first use), and it never touches, closes or revokes what it
 inherited, which still belongs to the parent.
@@ -39,6 +40,10 @@ class Cluster:
     def __init__(self, config: EtcdConfig, gate: ForkGate) -> None:
         self.etcd = EtcdClient(config, gate)
         self.session = Session(self.etcd)
+
+    def pause(self, timeout: float) -> None:
+        """Take the client's lease keep-alive stream down (before a ``fork()``); it reopens on use."""
+        self.etcd.raw.keep_alive.pause(timeout)
 
     def close(self) -> None:
         try:
@@ -119,6 +124,8 @@ class Registry:
         self._lock.acquire()
         for run, _ in self._runs.values():
             run.view.pause(FORK_QUIESCE_SECONDS)
+        for cluster, _ in self._clusters.values():
+            cluster.pause(FORK_QUIESCE_SECONDS)
         if not self.gate.close(FORK_QUIESCE_SECONDS):
             logger.warning("etcd requests were still in flight at fork(); the child may not use gRPC safely.")
 

@@ -1,0 +1,163 @@
+"""One lease keep-alive stream per client, shared by every lease the process renews.
+
+etcd renews a lease only over the bidirectional ``LeaseKeepAlive`` stream. etcd3's
+``refresh_lease`` opens a stream per renewal, and gRPC starts a thread to feed each one: a process
+of a few hundred nodes that beat every few seconds spent most of its CPU opening streams (at
+N = 1024 over 4 processes, a hundred at a time), so beats fell behind and leases lapsed. Here a
+renewal is one message on a stream that stays open: a request goes out, and the reply with the
+lease's id comes back to the renewal that sent it (etcd answers a stream's requests in order).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from collections.abc import Iterator
+
+import etcd3
+import grpc
+from etcd3.etcdrpc import LeaseKeepAliveRequest
+
+from .status import RpcStatus
+
+
+class KeepAliveFailed(Exception):
+    """A renewal failed: ``error`` is the stream's gRPC error, ``endpoint`` the label of the
+    endpoint the stream was on (the one to bench)."""
+
+    def __init__(self, error: RpcStatus, endpoint: str | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.endpoint = endpoint
+
+
+class _Renewal:
+    """One renewal waiting for its reply."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.ttl = 0
+        self.error: RpcStatus | None = None
+
+    def finish(self, ttl: int = 0, error: RpcStatus | None = None) -> None:
+        self.ttl, self.error = ttl, error
+        self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
+class _Stream:
+    """An open ``LeaseKeepAlive`` call, the thread that reads its replies, and the renewals waiting."""
+
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[LeaseKeepAliveRequest | None] = queue.SimpleQueue()
+        self._waiting: dict[int, collections.deque[_Renewal]] = collections.defaultdict(collections.deque)
+        self.failure: RpcStatus | None = None  # never raised itself: each renewal gets a copy
+        client.channel  # noqa: B018 - moves off a benched endpoint before the stream opens
+        self.endpoint = client._current_endpoint_label
+        self._call = client.leasestub.LeaseKeepAlive(
+            self._feed(), credentials=client.call_credentials, metadata=client.metadata
+        )
+        self._reader = threading.Thread(target=self._read, name="etcd-rdzv-keepalive", daemon=True)
+        self._reader.start()
+
+    def _feed(self) -> Iterator[LeaseKeepAliveRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send(self, lease_id: int) -> _Renewal:
+        renewal = _Renewal()
+        with self._lock:
+            if self.failure is not None:
+                renewal.finish(error=RpcStatus.of(self.failure))
+                return renewal
+            self._waiting[lease_id].append(renewal)
+        self._requests.put(LeaseKeepAliveRequest(ID=lease_id))
+        return renewal
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                with self._lock:
+                    waiting = self._waiting.get(reply.ID)
+                    renewal = waiting.popleft() if waiting else None
+                if renewal is not None:
+                    renewal.finish(ttl=reply.TTL)
+            failure = RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream ended")
+        except grpc.RpcError as exc:
+            failure = RpcStatus.of(exc)
+        self._fail(failure)
+
+    def _fail(self, failure: RpcStatus) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = failure
+            waiting, self._waiting = self._waiting, collections.defaultdict(collections.deque)
+        for renewals in waiting.values():
+            for renewal in renewals:
+                renewal.finish(error=RpcStatus.of(self.failure))
+
+    def cancel(self, why: RpcStatus, join: float | None = None) -> None:
+        """End the stream; the renewals waiting fail with ``why``."""
+        self._fail(why)
+        self._requests.put(None)
+        self._call.cancel()
+        if join is not None and self._reader is not threading.current_thread():
+            self._reader.join(join)
+
+
+class KeepAliveStream:
+    """The shared stream of one client: opened on first use, and again on the client's current
+    endpoint after it failed or went silent.
+
+    Args:
+        client: the etcd3 client whose channel (and endpoint) the stream uses.
+    """
+
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._stream: _Stream | None = None
+        self._stopped = False
+
+    def renew(self, lease_id: int, timeout: float) -> int:
+        """Renew ``lease_id`` once; return the TTL etcd gave it (0: the lease no longer exists).
+
+        Raises:
+            KeepAliveFailed: the stream failed, or gave no reply within ``timeout`` (it is then
+                dropped: the next renewal opens another).
+        """
+        with self._lock:
+            if self._stopped:
+                raise KeepAliveFailed(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), None)
+            stream = self._stream
+            if stream is None or stream.failure is not None:
+                stream = self._stream = _Stream(self._client)
+        renewal = stream.send(lease_id)
+        if not renewal.wait(timeout):
+            silent = RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, f"no lease keep-alive reply within {timeout:g}s")
+            stream.cancel(silent)
+            raise KeepAliveFailed(RpcStatus.of(silent), stream.endpoint)
+        if renewal.error is not None:
+            raise KeepAliveFailed(renewal.error, stream.endpoint)
+        return renewal.ttl
+
+    def pause(self, timeout: float) -> None:
+        """Close the stream and wait for its thread (before a ``fork()``); renewals in flight fail
+        as retryable, and the next one opens another stream."""
+        self._close(RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream was paused"), timeout)
+
+    def stop(self) -> None:
+        """Close the stream for good (the client is closing)."""
+        with self._lock:
+            self._stopped = True
+        self._close(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), 1.0)
+
+    def _close(self, why: RpcStatus, timeout: float) -> None:
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel(why, join=timeout)
