@@ -113,7 +113,9 @@ class Quarantine(ABC):
 
     @abstractmethod
     def get(self, host: str) -> QuarantineEntry | None:
-        """The host's entry, or ``None`` when it is not quarantined."""
+        """The host's entry, or ``None`` when it is not quarantined. A change made through
+        another backend may take a moment to show (a process's watch-fed view, say); one made
+        through this backend shows at once."""
 
     @abstractmethod
     def remove(self, host: str) -> None:

@@ -20,6 +20,7 @@ watch, a read or a delete of one run's directory touches that run alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -41,41 +42,42 @@ def escape_run_id(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class RunKeys:
-    """The keys of run ``run_id`` below ``key_prefix`` (which has no trailing ``/``)."""
+    """The keys of run ``run_id`` below ``key_prefix`` (which has no trailing ``/``), each made
+    once (the liveness checks of a large run name every node's key at each read)."""
 
     key_prefix: str
     run_id: str
 
-    @property
+    @functools.cached_property
     def root(self) -> str:
         """The run's directory, with its trailing ``/``: every key of the run starts with it."""
         return f"{self.key_prefix}/{escape_run_id(self.run_id)}/"
 
-    @property
+    @functools.cached_property
     def state(self) -> str:
         return self.root + STATE
 
-    @property
+    @functools.cached_property
     def joins(self) -> str:
         return self.root + JOINS
 
-    @property
+    @functools.cached_property
     def withdrawn(self) -> str:
         return self.root + WITHDRAWN
 
-    @property
+    @functools.cached_property
     def alive(self) -> str:
         return self.root + ALIVE
 
-    @property
+    @functools.cached_property
     def store(self) -> str:
         return self.root + STORE
 
-    @property
+    @functools.cached_property
     def ops(self) -> str:
         return self.root + OPS
 
-    @property
+    @functools.cached_property
     def quarantine(self) -> str:
         return self.root + QUARANTINE
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import etcd3
@@ -17,16 +16,9 @@ from .client import MAX_TXN_OPS, Retryable
 from .keys import prefix_range
 from .lease import is_lease_missing
 from .run import EtcdRun, Floor, Seen
+from .view import Announcement
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """The handle of a record of the etcd mailbox: its key, and a revision at which it existed."""
-
-    key: bytes
-    seen_at: int
 
 
 class EtcdMailbox(Mailbox):
@@ -39,9 +31,11 @@ class EtcdMailbox(Mailbox):
 
     Fencing takes one compare, however many records a write folds: ``withdraw`` deletes the
     record and rewrites ``<run>/withdrawn`` in one transaction, and a write that folds records
-    requires that key to be no newer than the revision at which its records were read
-    (``fence_compare``). A withdrawal after the read fails the write, whichever record it took
-    back; the writer reads again and folds what is left.
+    requires that key to be no newer than the oldest ``seen_at`` of its records (``fence_compare``):
+    a revision at which the record existed, and which is no older than any withdrawal its reader
+    saw. A withdrawal after the read fails the write, whichever record it took back; the writer
+    reads again and folds what is left. The run view hands every node of the process the same
+    record objects, so a read costs no work per record.
     """
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
@@ -70,19 +64,19 @@ class EtcdMailbox(Mailbox):
         """The records after ``cursor``, from the process's run view when it can vouch for them."""
         start, end = prefix_range(self._run.keys.joins)
 
-        def from_etcd() -> tuple[list[tuple[bytes, bytes, int]], int]:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[list[tuple[bytes, bytes, int]], int]]:
+        def from_etcd() -> list[Record]:
+            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[list[Record]]:
                 response = client.get_range_response(
                     start, end, sort_order="ascend", sort_target="create", min_mod_revision=cursor + 1
                 )
-                found = [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
+                seen_at = response.header.revision
+                found = [Record(kv.value, kv.create_revision, Announcement(kv.key, seen_at)) for kv in response.kvs]
                 # Seeing these records, the process must not decide on a view that lacks them.
-                return Seen((found, response.header.revision), max((rev for *_, rev in found), default=0))
+                return Seen(found, max((record.position for record in found), default=0))
 
             return self._run.read(get, self._floor)
 
-        found, seen_at = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
-        return [Record(value, revision, Announcement(key, seen_at)) for key, value, revision in found]
+        return self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
 
     def fence_compare(self, client: etcd3.MultiEndpointEtcd3Client, folded: Sequence[Record]) -> list[Any]:
         """The compares that keep a write folding ``folded`` from landing after a withdrawal of

@@ -45,7 +45,7 @@ def decode_entry(kv: Any) -> QuarantineEntry | None:
 
 
 class EtcdQuarantine(Quarantine):
-    """``<run>/quarantine/<host>``, read from etcd on each call (admission asks once per join)."""
+    """``<run>/quarantine/<host>``; ``get`` answers from the run view, the rest ask etcd."""
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run = run
@@ -62,14 +62,19 @@ class EtcdQuarantine(Quarantine):
         self._run.write(grant_and_put, self._floor)
 
     def get(self, host: str) -> QuarantineEntry | None:
+        """From the process's run view when it can vouch for this node's floor (admission asks
+        once per join, so a large process would otherwise ask etcd once per node)."""
         key = self._run.keys.quarantine_key(host)
 
-        def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[Any]:
-            response = client.get_response(key)
-            kv = response.kvs[0] if response.kvs else None
-            return Seen(kv, kv.mod_revision if kv else 0)
+        def from_etcd() -> Any:
+            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[Any]:
+                response = client.get_response(key)
+                kv = response.kvs[0] if response.kvs else None
+                return Seen(kv, kv.mod_revision if kv else 0)
 
-        kv = self._run.read(get, self._floor)
+            return self._run.read(get, self._floor)
+
+        kv = self._run.viewed(lambda view, floor: view.quarantine_entry(key.encode(), floor), from_etcd, self._floor)
         return None if kv is None else decode_entry(kv)
 
     def remove(self, host: str) -> None:

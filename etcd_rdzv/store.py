@@ -162,10 +162,11 @@ class EtcdStore(dist.Store):
         return values
 
     def _await(self, keys: list[str], timeout: timedelta) -> list[bytes]:
-        """Block until every key exists and return their values; wait on the run's view for the
-        missing ones, reading etcd again whenever the view says they may be there."""
+        """Block until every key exists and return their values: wait on the run's view until it
+        shows them, then read them from etcd (a value is never taken from the view). Without a
+        current view, read etcd at once, and again whenever the view may have news."""
         deadline = time.monotonic() + timeout.total_seconds()
-        values = self._read(keys)
+        values: dict[str, bytes] = {}
         while True:
             missing = [key for key in keys if key not in values]
             if not missing:
@@ -176,5 +177,6 @@ class EtcdStore(dist.Store):
                     f"Timed out after {timeout.total_seconds():g}s waiting for the keys {missing} "
                     f"in the etcd store at '{self._prefix}'."
                 )
-            if self._run.view.wait_store_keys([self._key(key) for key in missing], remaining):
+            full = [self._key(key) for key in missing]
+            if self._run.view.wait_store_keys(full, self._floor.revision, remaining):
                 values.update(self._read(missing))

@@ -21,6 +21,7 @@ stale answer or a wait to some long timeout.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import logging
@@ -29,10 +30,13 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from threading import Condition
+from dataclasses import dataclass
 from typing import Any
 
 import tenacity
 from etcd3.etcdrpc import kv_pb2
+
+from rdzv_common.backend import Record
 
 from .client import EtcdClient
 from .keys import RunKeys, prefix_range
@@ -55,12 +59,26 @@ WAIT_CAP_SECONDS = 1.0
 _DELETE = kv_pb2.Event.DELETE
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """The handle of a record of the etcd mailbox: its key, and a revision ``seen_at`` at which it
+    existed and by which every withdrawal that its reader could have seen had happened (see
+    ``EtcdMailbox.fence_compare``)."""
+
+    key: bytes
+    seen_at: int
+
+
 class ViewBehind(Exception):
     """The view cannot answer yet (reconnecting, silent, paused, closed, or behind the floor)."""
 
 
+def _position(record: Record) -> int:
+    return record.position
+
+
 class RunView:
-    """The state, announcements, liveness keys and store key names of one run.
+    """The state, announcements, liveness keys, quarantine entries and store key names of one run.
 
     Store values are not kept, only which store keys exist. ``pause``/``resume`` take the stream
     down and up again around a ``fork()`` (see ``registry.py``).
@@ -71,8 +89,10 @@ class RunView:
         self._keys = keys
         self._state_key = keys.state.encode()
         self._joins = keys.joins.encode()
+        self._withdrawn = keys.withdrawn.encode()
         self._alive = keys.alive.encode()
         self._store = keys.store.encode()
+        self._quarantine = keys.quarantine.encode()
         # One lock, and a condition per kind of waiter: a node waiting for the state must not be
         # woken by each of the hundreds of announcements and liveness keys of a large rendezvous.
         self._lock = threading.Lock()
@@ -84,9 +104,14 @@ class RunView:
         self._tickets = itertools.count()
         self._state: tuple[bytes, int] | None = None
         self._state_revision = 0  # revision of the state's last change (put or delete)
-        self._joins_kv: dict[bytes, tuple[bytes, int]] = {}  # key -> (value, create_revision)
+        # The announcements, by key, in the order of their creation (events come in revision
+        # order), as the records every node of the process is handed: one object per record, not
+        # one per record per read. ``_records`` lists them, rebuilt after a delete.
+        self._joins_kv: dict[bytes, Record] = {}
+        self._records: list[Record] | None = []
         self._alive_keys: set[str] = set()
         self._store_keys: set[bytes] = set()
+        self._quarantined: dict[bytes, Any] = {}  # key -> its KeyValue (a host's entry)
         self._applied = 0  # every event of the run up to this revision is applied
         self._heard_at = float("-inf")
         self._healthy = False
@@ -108,24 +133,29 @@ class RunView:
         with self._caught_up(floor):
             return self._state
 
-    def joins(self, after: int, floor: int) -> tuple[list[tuple[bytes, bytes, int]], int]:
-        """``(key, value, create_revision)`` of the announcements created after ``after``, oldest
-        first, and the revision the view answers at (each of them existed then)."""
+    def joins(self, after: int, floor: int) -> list[Record]:
+        """The announcements created after ``after``, oldest first."""
         with self._caught_up(floor):
-            found = [(k, v, rev) for k, (v, rev) in self._joins_kv.items() if rev > after]
-            applied = self._applied
-        return sorted(found, key=lambda item: item[2]), applied
+            if self._records is None:
+                self._records = list(self._joins_kv.values())
+            records = self._records
+            return records[bisect.bisect_right(records, after, key=_position) :]
 
     def alive(self, node_keys: Collection[str], floor: int) -> set[str]:
         """Which of ``node_keys`` have a liveness key."""
         with self._caught_up(floor):
             return self._alive_keys.intersection(node_keys)
 
+    def quarantine_entry(self, key: bytes, floor: int) -> Any | None:
+        """The KeyValue of a quarantine key, or ``None`` if there is none."""
+        with self._caught_up(floor):
+            return self._quarantined.get(key)
+
     def join_keys_up_to(self, cursor: int) -> list[bytes]:
         """The announcement keys created at or before ``cursor`` that the view knows of, however
         current it is (to delete folded records: a key missed here lapses with its session)."""
         with self._lock:
-            return [k for k, (_, rev) in self._joins_kv.items() if rev <= cursor]
+            return [k for k, record in self._joins_kv.items() if record.position <= cursor]
 
     @contextmanager
     def _caught_up(self, floor: int) -> Iterator[None]:
@@ -161,19 +191,21 @@ class RunView:
                 min(timeout, WAIT_CAP_SECONDS),
             )
 
-    def wait_store_keys(self, keys: Collection[bytes], timeout: float) -> bool:
-        """Wait until every store key (full etcd key) in ``keys`` exists, or ``timeout``.
+    def wait_store_keys(self, keys: Collection[bytes], floor: int, timeout: float) -> bool:
+        """Wait until every store key (full etcd key) in ``keys`` exists at or after ``floor``, or
+        ``timeout``.
 
         Returns:
-            ``False`` only if the view is current and still lacks a key, so the caller may wait on
-            without asking etcd; ``True`` if the keys may exist now (read them).
+            ``False`` only if the view can vouch for ``floor`` and still lacks a key, so the caller
+            may wait on without asking etcd; ``True`` if the keys may exist now (read them).
         """
         with self._store_changed:
             present = self._store_changed.wait_for(
-                lambda: self._closed or (self._healthy and self._store_keys.issuperset(keys)),
+                lambda: self._closed
+                or (self._healthy and self._applied >= floor and self._store_keys.issuperset(keys)),
                 min(timeout, WAIT_CAP_SECONDS),
             )
-            return present or not self._trusted()
+            return present or not self._trusted(floor)
 
     # The watch.
 
@@ -197,10 +229,11 @@ class RunView:
         response = self._etcd.request(lambda c: c.get_range_response(start, end))
         with self._lock:
             self._state = None
-            self._joins_kv, self._alive_keys, self._store_keys = {}, set(), set()
-            for kv in response.kvs:
-                self._put(kv)
+            self._joins_kv, self._records, self._alive_keys, self._store_keys = {}, None, set(), set()
+            self._quarantined = {}
             self._applied = response.header.revision
+            for kv in sorted(response.kvs, key=lambda kv: kv.create_revision):
+                self._put(kv)
             self._heard_at = time.monotonic()
             self._healthy = True
             self._wake_all()
@@ -240,12 +273,26 @@ class RunView:
             self._state_revision = max(self._state_revision, kv.mod_revision)
             return self._state_changed
         if key.startswith(self._joins):
-            self._joins_kv[key] = (kv.value, kv.create_revision)
+            # Records are written once, in revision order: a new one goes last.
+            seen_at = max(kv.create_revision, self._applied)
+            record = Record(kv.value, kv.create_revision, Announcement(key, seen_at))
+            self._joins_kv[key] = record
+            if self._records is not None:
+                self._records.append(record)
+        elif key == self._withdrawn:
+            # Restamp the records: a reader's fence must not count a withdrawal it has seen (the
+            # withdrawn record is gone from its read), or its writes would fail until a new post.
+            self._joins_kv = {
+                k: Record(r.data, r.position, Announcement(k, kv.mod_revision)) for k, r in self._joins_kv.items()
+            }
+            self._records = None
         elif key.startswith(self._alive):
             self._alive_keys.add(self._keys.node_of(key))
         elif key.startswith(self._store):
             self._store_keys.add(key)
             return self._store_changed
+        elif key.startswith(self._quarantine):
+            self._quarantined[key] = kv
         return None
 
     def _delete(self, key: bytes, revision: int) -> Condition | None:
@@ -255,11 +302,14 @@ class RunView:
             self._state_revision = max(self._state_revision, revision)
             return self._state_changed
         if key.startswith(self._joins):
-            self._joins_kv.pop(key, None)
+            if self._joins_kv.pop(key, None) is not None:
+                self._records = None
         elif key.startswith(self._alive):
             self._alive_keys.discard(self._keys.node_of(key))
         elif key.startswith(self._store):
             self._store_keys.discard(key)
+        elif key.startswith(self._quarantine):
+            self._quarantined.pop(key, None)
         return None
 
     def _apply(self, reply: Any) -> None:
@@ -268,11 +318,11 @@ class RunView:
             for event in reply.events:
                 kv = event.kv
                 revision = kv.mod_revision or reply.header.revision
+                self._applied = max(self._applied, revision)
                 if event.type == _DELETE:
                     concerned.add(self._delete(kv.key, revision))
                 else:
                     concerned.add(self._put(kv))
-                self._applied = max(self._applied, revision)
             self._heard_at = time.monotonic()
             for condition in concerned - {None}:
                 condition.notify_all()

@@ -267,3 +267,59 @@ def test_reads_fall_back_to_etcd_while_the_view_cannot_vouch(make_backend, monke
     requests = _count_requests(reader)
     assert reader.get_state() == (b"v1", token)
     assert len(requests) == 1
+
+
+def test_the_nodes_of_a_process_are_handed_the_same_record_objects(make_backend):
+    """Each of the hundreds of nodes of a large process reads the mailbox after every change; a
+    read made a record object per record per read (28% of the process's CPU at N = 256)."""
+    poster, reader = make_backend(), make_backend()
+    for i in range(5):
+        poster.mailbox.post(b"join %d" % i)
+    wait_until(lambda: len(reader.mailbox.read(0)) == 5, 10, 0.1, "the view to show every record")
+    first, second = reader.mailbox.read(0), poster.mailbox.read(0)
+    assert [r.data for r in first] == [b"join %d" % i for i in range(5)]
+    assert all(a is b for a, b in zip(first, second))
+    assert [r.data for r in reader.mailbox.read(first[2].position)] == [b"join 3", b"join 4"]
+
+
+def test_beats_of_many_nodes_share_one_lease_keep_alive_stream(etcd_run, monkeypatch):
+    """etcd renews a lease only over a stream; etcd3 opened one (and gRPC a thread) per renewal,
+    which at N = 1024 over 4 processes was most of their CPU: beats fell behind and leases lapsed."""
+    import etcd3.etcdrpc
+
+    opened = []
+    stub_init = etcd3.etcdrpc.LeaseStub.__init__
+
+    def counting_init(stub, channel):
+        stub_init(stub, channel)
+        keep_alive = stub.LeaseKeepAlive
+
+        def open_stream(*args, **kwargs):
+            opened.append(1)
+            return keep_alive(*args, **kwargs)
+
+        stub.LeaseKeepAlive = open_stream
+
+    monkeypatch.setattr(etcd3.etcdrpc.LeaseStub, "__init__", counting_init)
+    # A configuration of its own: a client (and stubs) of its own, not one another test made.
+    backend, _ = create_backend(etcd_run.params(read_timeout=9.5), name="etcd_rdzv")
+    try:
+        nodes = [f"node-{i}" for i in range(8)]
+        for _ in range(3):
+            for node in nodes:
+                backend.liveness.beat(node, 10)
+        assert backend.liveness.alive(nodes, 10) == set(nodes)
+        assert len(opened) == 1
+    finally:
+        backend.close()
+
+
+def test_renewing_a_lease_that_is_gone_says_so(make_backend):
+    from etcd_rdzv.lease import refresh
+
+    backend = make_backend()
+    raw = backend.run.etcd.raw
+    lease = raw.lease(5)
+    assert backend.run.etcd.request(lambda c: refresh(c, lease.id)) is True
+    raw.revoke_lease(lease.id)
+    assert backend.run.etcd.request(lambda c: refresh(c, lease.id)) is False
