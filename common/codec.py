@@ -28,9 +28,10 @@ not do the one for the other.
 
 from __future__ import annotations
 
-import functools
+import collections
 import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,16 +145,42 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
     return _cached(_decode_state, data, where).copy()
 
 
-def _cached(parse: Any, data: bytes, where: str) -> Any:
-    """``parse(data, where)``, from its cache when ``data`` is bytes; anything else is refused by
-    the parser itself."""
+class _Parses:
+    """The parses of the last ``size`` distinct values, shared by the nodes of a process. A miss is
+    parsed by one thread while the others that want the same value wait for it: when a write
+    lands, hundreds of nodes read the new state at once, and each parsing it for itself was half
+    of a large process's CPU (N = 1024 over 4 processes)."""
+
+    def __init__(self, parse: Any, size: int) -> None:
+        self.parse = parse
+        self._size = size
+        self._lock = threading.Lock()
+        self._parsed: collections.OrderedDict[tuple[bytes, str], Any] = collections.OrderedDict()
+
+    def __call__(self, data: bytes, where: str) -> Any:
+        key = (data, where)
+        parsed = self._parsed.get(key)
+        if parsed is not None:
+            return parsed
+        with self._lock:
+            parsed = self._parsed.get(key)
+            if parsed is None:
+                parsed = self.parse(data, where)
+                self._parsed[key] = parsed
+                if len(self._parsed) > self._size:
+                    self._parsed.popitem(last=False)
+        return parsed
+
+
+def _cached(parses: _Parses, data: bytes, where: str) -> Any:
+    """``parses(data, where)`` when ``data`` is bytes; anything else is refused by the parser
+    itself."""
     if isinstance(data, bytearray):
         data = bytes(data)
-    return parse(data, where) if isinstance(data, bytes) else parse.__wrapped__(data, where)
+    return parses(data, where) if isinstance(data, bytes) else parses.parse(data, where)
 
 
-@functools.lru_cache(maxsize=8)
-def _decode_state(data: bytes, where: str) -> RendezvousState:
+def _parse_state(data: bytes, where: str) -> RendezvousState:
     doc = _load_json(data, where)
     if not isinstance(doc, dict):
         raise _fail(where, f"value is a JSON {type(doc).__name__}, not an object")
@@ -246,8 +273,7 @@ def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement
     return _cached(_decode_announcement, data, where)
 
 
-@functools.lru_cache(maxsize=8192)
-def _decode_announcement(data: bytes, where: str) -> Announcement:
+def _parse_announcement(data: bytes, where: str) -> Announcement:
     doc = _load_json(data, where)
     if isinstance(doc, dict) and "join" in doc:
         node = _node(doc["join"], where)
@@ -259,3 +285,7 @@ def _decode_announcement(data: bytes, where: str) -> Announcement:
         complete = _field(doc, "complete", bool, where)
         return Announcement("leave", _node(doc["leave"], where), round_, complete)
     raise _fail(where, "a mailbox record is neither a 'join' nor a 'leave' announcement")
+
+
+_decode_state = _Parses(_parse_state, size=8)
+_decode_announcement = _Parses(_parse_announcement, size=8192)

@@ -492,3 +492,33 @@ def test_decoded_states_are_the_callers_own():
     first.wait_list.clear()
     second = decode_state(data)
     assert second == _full_state()
+
+
+def test_a_state_that_many_threads_read_at_once_is_parsed_once(monkeypatch):
+    """When a write lands, the hundreds of nodes of a large process read the new state at once; an
+    LRU cache let each of them parse it (half of the process's CPU at N = 1024 over 4 processes)."""
+    import threading
+    import time
+
+    from rdzv_common import codec
+
+    state = RendezvousState(round=3)
+    state.participants = {NodeDesc("10.0.0.%d" % i, 1, 0): 0 for i in range(50)}
+    data = encode_state(state)
+    parse, parses = codec._decode_state.parse, []
+
+    def slow_parse(data, where):
+        parses.append(1)
+        time.sleep(0.2)  # long enough for every thread to ask while the first one parses
+        return parse(data, where)
+
+    monkeypatch.setattr(codec._decode_state, "parse", slow_parse)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(decode_state(data))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(parses) == 1
+    assert len(results) == 8 and all(r == state for r in results)
+    assert len({id(r) for r in results}) == 8  # each caller owns its copy
