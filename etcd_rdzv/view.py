@@ -53,6 +53,7 @@ STALL_AFTER_SECONDS = 3.0
 # busy machine trails a burst of hundreds of writes by a good part of a second; asking etcd then
 # would only add to the burst.
 CATCH_UP_SECONDS = 1.0
+CATCH_UP_LIMIT_SECONDS = 5.0
 # The longest any wait on the view lasts before its caller looks again (at etcd, if need be).
 WAIT_CAP_SECONDS = 1.0
 
@@ -159,18 +160,28 @@ class RunView:
 
     @contextmanager
     def _caught_up(self, floor: int) -> Iterator[None]:
-        """Hold the view's lock once it can answer for ``floor``; else raise ``ViewBehind``."""
-        with self._lock:
-            if self._trusted(floor):
-                yield
-                return
-            reached = threading.Event()
-            heapq.heappush(self._floor_waiters, (floor, next(self._tickets), reached))
-        reached.wait(CATCH_UP_SECONDS)
-        with self._lock:
-            if not self._trusted(floor):
-                raise ViewBehind(f"the run view of {self._keys.root} cannot vouch for revision {floor}")
-            yield
+        """Hold the view's lock once it can answer for ``floor``; else raise ``ViewBehind``.
+
+        A reader waits ``CATCH_UP_SECONDS`` for the view, and again as long as the view applied
+        something meanwhile, up to ``CATCH_UP_LIMIT_SECONDS``: a view that is busy applying a
+        burst is worth waiting for (hundreds of readers going to etcd instead would only slow it
+        further), one that applied nothing for a second is not."""
+        give_up = time.monotonic() + CATCH_UP_LIMIT_SECONDS
+        while True:
+            with self._lock:
+                if self._trusted(floor):
+                    yield
+                    return
+                before = self._applied
+                reached = threading.Event()
+                heapq.heappush(self._floor_waiters, (floor, next(self._tickets), reached))
+            reached.wait(CATCH_UP_SECONDS)
+            with self._lock:
+                if self._trusted(floor):
+                    yield
+                    return
+                if not self._healthy or self._applied == before or time.monotonic() >= give_up:
+                    raise ViewBehind(f"the run view of {self._keys.root} cannot vouch for revision {floor}")
 
     def _trusted(self, floor: int = 0) -> bool:
         return (

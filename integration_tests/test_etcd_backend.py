@@ -323,3 +323,41 @@ def test_renewing_a_lease_that_is_gone_says_so(make_backend):
     assert backend.run.etcd.request(lambda c: refresh(c, lease.id)) is True
     raw.revoke_lease(lease.id)
     assert backend.run.etcd.request(lambda c: refresh(c, lease.id)) is False
+
+
+def test_a_reader_waits_for_a_view_that_is_busy_catching_up(make_backend, monkeypatch):
+    """A view that is applying a burst (it trailed a join of N = 1024 over 4 processes by hundreds
+    of revisions) is waited for while it makes progress: every node falling back to etcd after a
+    second only slowed it further. One that applies nothing is still left after a second."""
+    from etcd3.etcdrpc import kv_pb2, rpc_pb2
+
+    from etcd_rdzv import view as view_module
+
+    monkeypatch.setattr(view_module, "CATCH_UP_SECONDS", 0.3)
+    backend = make_backend()
+    view = backend.run.view
+    wait_until(lambda: view._trusted(), 10, 0.05, "the view to load")
+    base = view._applied
+    busy = (backend.run.keys.root + "busy").encode()
+
+    def apply_burst() -> None:
+        # What the stream delivers while it catches up: a reply every 0.2 s, each one revision on.
+        for revision in range(base + 1, base + 6):
+            time.sleep(0.2)
+            event = kv_pb2.Event(type=kv_pb2.Event.PUT, kv=kv_pb2.KeyValue(key=busy, mod_revision=revision))
+            view._apply(rpc_pb2.WatchResponse(header=rpc_pb2.ResponseHeader(revision=revision), events=[event]))
+
+    feeder = threading.Thread(target=apply_burst)
+    feeder.start()
+    try:
+        backend._floor.raise_to(base + 5)  # this node saw that revision elsewhere
+        requests = _count_requests(backend)
+        assert backend.get_state() is None
+        assert requests == []  # answered by the view once it got there, after a second
+        assert view._applied >= base + 5
+    finally:
+        feeder.join()
+    backend._floor.raise_to(base + 50)  # a revision the view will not reach: it applies nothing
+    started = time.monotonic()
+    backend.get_state()
+    assert len(requests) == 1 and time.monotonic() - started < 2
