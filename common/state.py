@@ -25,6 +25,14 @@ class NodeDesc:
     pid: int
     local_id: int
 
+    def __post_init__(self) -> None:
+        # Hashed once: the liveness checks of a large run put every node of the state in a set at
+        # each read, and the generated ``__hash__`` builds a tuple each time.
+        object.__setattr__(self, "_hash", hash((self.addr, self.pid, self.local_id)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @functools.cached_property
     def key(self) -> str:
         """A string naming this node in keys and logs, in torch's format ``addr_pid_localid``
