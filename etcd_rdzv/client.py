@@ -54,6 +54,11 @@ _TRANSIENT_CODES = frozenset(
 # the two apart, so only here the text decides. (etcd 3.4 refuses a client without a certificate
 # with a TSI error that names no certificate.)
 _TLS_DETAILS = ("ssl", "tls", "handshake", "certificate", "tsi_")
+# etcd's back-pressure ("etcdserver: too many requests": it applies entries more than 5,000 behind
+# what it committed) is RESOURCE_EXHAUSTED on most calls, but reached a client as UNKNOWN with the
+# same text (4,096 nodes over 16 processes on 2 cores): a reason to back off and retry, whatever
+# the code.
+_BACK_PRESSURE = "too many requests"
 
 
 class Retryable(Exception):
@@ -89,7 +94,10 @@ def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` may go away when the request is retried."""
     if isinstance(exc, (Retryable, etcd3.exceptions.NoServerAvailableError)) or is_token_expired(exc):
         return True
-    return _code(exc) in _TRANSIENT_CODES and not _is_tls_failure(exc)
+    if _code(exc) in _TRANSIENT_CODES and not _is_tls_failure(exc):
+        return True
+    rpc = rpc_error(exc)
+    return rpc is not None and _BACK_PRESSURE in (rpc.details() or "")
 
 
 def _is_tls_failure(exc: BaseException) -> bool:

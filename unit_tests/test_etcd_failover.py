@@ -133,3 +133,23 @@ def test_the_failure_a_client_remembers_does_not_keep_the_failed_requests_object
             etcd.request(lambda client: client.get("/unit/key"), budget=0.3)
     finally:
         etcd.close()
+
+
+class Detailed(Failure):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code)
+        self._details = details
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_etcd_back_pressure_is_retried_whatever_its_status_code():
+    """etcd says "too many requests" while it applies entries far behind what it committed; a
+    join of 4,096 nodes over 16 processes got it as UNKNOWN, and the node failed at once."""
+    from etcd_rdzv.client import is_transient
+
+    assert is_transient(Detailed(grpc.StatusCode.UNKNOWN, "etcdserver: too many requests"))
+    assert is_transient(Detailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"))
+    assert not is_transient(Detailed(grpc.StatusCode.UNKNOWN, "etcdserver: some other failure"))
+    assert not is_transient(Detailed(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided"))
