@@ -96,6 +96,7 @@ class _Stream:
             if self.failure is None:
                 self.failure = failure
             waiting, self._waiting = self._waiting, collections.defaultdict(collections.deque)
+        self._requests.put(None)  # ends the feed, whose thread would otherwise wait on for ever
         for renewals in waiting.values():
             for renewal in renewals:
                 renewal.finish(error=RpcStatus.of(self.failure))
@@ -103,7 +104,6 @@ class _Stream:
     def cancel(self, why: RpcStatus, join: float | None = None) -> None:
         """End the stream; the renewals waiting fail with ``why``."""
         self._fail(why)
-        self._requests.put(None)
         self._call.cancel()
         if join is not None and self._reader is not threading.current_thread():
             self._reader.join(join)

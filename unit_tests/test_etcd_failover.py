@@ -153,3 +153,24 @@ def test_etcd_back_pressure_is_retried_whatever_its_status_code():
     assert is_transient(Detailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"))
     assert not is_transient(Detailed(grpc.StatusCode.UNKNOWN, "etcdserver: some other failure"))
     assert not is_transient(Detailed(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided"))
+
+
+def test_a_failed_keep_alive_stream_leaves_no_thread_behind():
+    """gRPC feeds a stream's requests from a thread of its own. A stream that failed (here: nothing
+    listens) must end that thread: each renewal against a dead endpoint left one waiting for ever."""
+    import threading
+    import time
+
+    raw = FailoverClient([etcd3.Endpoint("127.0.0.1", 9, secure=False, time_retry=0.1)], timeout=1, failover=True)
+    before = {t.ident for t in threading.enumerate()}
+    try:
+        for _ in range(2):
+            with pytest.raises(etcd3.exceptions.Etcd3Exception):
+                raw.refresh_lease(0x123)
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while {t.ident for t in threading.enumerate()} - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+    finally:
+        raw.close()
