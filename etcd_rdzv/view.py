@@ -14,9 +14,11 @@ etcd-io/etcd#15220), so it only proves the stream is alive.
 Reads take a *floor*: the newest revision of the run's keys that the process has written or read
 elsewhere (``EtcdRun`` keeps it). The view answers only once it has applied its floor and heard
 from etcd within ``TRUSTED_FOR_SECONDS``, else it raises ``ViewBehind`` and the caller asks etcd
-itself. A stream that stays silent although asked for progress is cancelled and opened anew, and
-every wait here ends after ``WAIT_CAP_SECONDS`` at most, so a silent stream costs a second, never a
-stale answer or a wait to some long timeout.
+itself. A stream that stays silent although asked for progress is cancelled and opened anew, a
+reader leaves a view that applied nothing for ``CATCH_UP_SECONDS`` (it waits on, up to
+``CATCH_UP_LIMIT_SECONDS``, only while the view keeps applying), and every other wait here ends
+after ``WAIT_CAP_SECONDS`` at most: a silent stream costs a second, never a stale answer or a wait
+to some long timeout.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from threading import Condition
 from dataclasses import dataclass
+from threading import Condition
 from typing import Any
 
 import tenacity
@@ -49,9 +51,9 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY_SECONDS = 1.0
 TRUSTED_FOR_SECONDS = 3.0
 STALL_AFTER_SECONDS = 3.0
-# How long a reader waits for the view to reach its floor before it asks etcd instead. A view on a
-# busy machine trails a burst of hundreds of writes by a good part of a second; asking etcd then
-# would only add to the burst.
+# How long a reader waits for the view to reach its floor before it asks etcd instead, and how long
+# at most while the view keeps applying. A view on a busy machine trails a burst of hundreds of
+# writes by a good part of a second; asking etcd then would only add to the burst.
 CATCH_UP_SECONDS = 1.0
 CATCH_UP_LIMIT_SECONDS = 5.0
 # The longest any wait on the view lasts before its caller looks again (at etcd, if need be).
