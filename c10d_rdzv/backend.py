@@ -8,7 +8,9 @@ percent-quoted (so it holds no ``/``):
                        is this whole stored value
 ``generation``         a counter (``Store.add``) bumped once per successful ``set_state``
 ``changed/<g>``        set by the write that bumped ``generation`` to ``g``; waiters block on it
-``log``                the join mailbox: records appended as ``<length>:<record>,``
+``log``                the join mailbox: records appended as ``<length>:<record>,``; once trimmed,
+                       it starts with ``@<base>,``, the absolute offset of its first kept byte
+                       (see ``mailbox.py``)
 ``hb/<node_key>``      the node's last beat, ``time.time()`` as decimal text; ``0`` once forgotten
 ``quarantine/<host>``  the host's quarantine entry, JSON with its expiry time (``until``); see
                        ``quarantine.py``, which also owns ``quarantined`` and ``lapses/<host>``

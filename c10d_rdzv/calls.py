@@ -11,8 +11,8 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from rdzv_common.torch_compat import clone_tcp_store
 
-# Never a value this package stores: states start with a hex nonce, logs with a digit, heartbeats
-# with a number.
+# Never a value this package stores: states start with a hex nonce, logs with a digit or '@',
+# heartbeats with a number.
 _ABSENT = b"\x00absent"
 
 # How long a new connection to a TCPStore that was reached before may take to be accepted. The
@@ -88,6 +88,19 @@ class StoreCalls:
         """
         value = self("compare_set", key, _ABSENT, _ABSENT)
         return None if value == _ABSENT else value
+
+    def replace(self, key: str, expected: bytes, desired: bytes) -> tuple[bool, bytes | None]:
+        """Set ``key`` to ``desired`` if it holds ``expected``, in one atomic request.
+
+        ``expected`` must be non-empty (an empty one means "create if absent") and differ from
+        ``desired``. Returns whether the value was replaced, and the value ``key`` holds now
+        (``None`` if it is absent: ``compare_set`` then echoes ``expected``, which a present key
+        holding it would have swapped for ``desired``).
+        """
+        value = self("compare_set", key, expected, desired)
+        if value == desired:
+            return True, value
+        return False, None if value == expected else value
 
     def clone(self) -> TCPStore:
         """A new connection to the same ``TCPStore``, for blocking calls that must not hold up others.

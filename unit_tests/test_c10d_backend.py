@@ -250,3 +250,144 @@ def test_store_failures_raise_connection_errors_naming_store_and_operation():
         backend.get_state()
     with pytest.raises(RendezvousConnectionError, match="append"):
         backend.mailbox.post(b"x")
+
+
+# The mailbox's trim: a header frame ``@<base>,`` records the absolute offset of the first kept
+# byte, so cursors stay absolute while the folded prefix is cut away.
+
+RECORD = b"r" * 200  # 204 bytes framed: 21 records pass TRIM_MIN_BYTES (4 KiB)
+
+
+def _post(backend, count, tag=b""):
+    return [backend.mailbox.post(RECORD + tag + b"%d" % i) for i in range(count)]
+
+
+def test_trim_drops_the_folded_prefix(client):
+    store = client()
+    key = RunKeys.for_run("run").log
+    backend = C10dRendezvousBackend(store, "run")
+    _post(backend, 40)
+    full = len(store.get(key))
+    records = backend.mailbox.read(0)
+    cursor = records[-1].position
+    assert cursor == full
+    # What a winning write does: fold everything read, store the cursor, trim to it.
+    assert backend.set_state(b"folded", None, records)[2]
+    backend.mailbox.trim(cursor)
+    assert len(store.get(key)) < 32
+    assert backend.mailbox.read(cursor) == []
+    (late,) = _post(backend, 1, b"late")
+    (read,) = backend.mailbox.read(cursor)
+    assert read.data == late.data and read.position == cursor + len(frame(late.data))
+    # A read now fetches only the unfolded tail.
+    assert len(store.get(key)) < 32 + len(frame(late.data))
+
+
+def test_positions_stay_absolute_across_trims(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    other = C10dRendezvousBackend(client(), "run")
+    cursor = 0
+    for batch in range(4):
+        posted = _post(backend, 25, b"-%d-" % batch)
+        backend.mailbox.read(cursor)  # a TCPStore append is unacknowledged: this waits it out
+        records = other.mailbox.read(cursor)
+        assert [r.data for r in records] == [p.data for p in posted]
+        expected = list(itertools.accumulate((len(frame(p.data)) for p in posted), initial=cursor))[1:]
+        assert [r.position for r in records] == expected
+        cursor = records[-1].position
+        other.mailbox.trim(cursor)
+        assert backend.mailbox.read(cursor) == []
+    store = other._calls.store
+    assert store.get(RunKeys.for_run("run").log) == b"@%d," % cursor
+
+
+def test_record_appended_between_read_and_trim_survives(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    poster = C10dRendezvousBackend(client(), "run")
+    _post(backend, 30)
+    records = backend.mailbox.read(0)
+    cursor = records[-1].position
+    poster.mailbox.post(b"late")
+    # On the poster's connection, the append is applied before this read: it lands between
+    # ``backend``'s read and its trim.
+    assert poster.mailbox.read(cursor)[-1].data == b"late"
+    backend.mailbox.trim(cursor)
+    assert [r.data for r in backend.mailbox.read(cursor)] == [b"late"]
+    assert [r.data for r in poster.mailbox.read(cursor)] == [b"late"]
+    # The trim lost its first compare-and-set to the append, and cut on its second.
+    assert backend._calls.store.get(RunKeys.for_run("run").log).startswith(b"@%d," % cursor)
+
+
+def test_trim_that_always_loses_a_race_keeps_every_record(client):
+    """An append lands before each of trim's compare-and-sets: trim gives up, dropping nothing."""
+    store = client()
+    backend = C10dRendezvousBackend(store, "run")
+    key = RunKeys.for_run("run").log
+    _post(backend, 30)
+    records = backend.mailbox.read(0)
+    calls = backend._calls
+    original = type(calls).__call__
+
+    def racing(self, op, key_, *args):
+        if op == "compare_set" and key_ == key and args[0] != b"\x00absent":
+            original(self, "append", key, frame(b"raced"))
+        return original(self, op, key_, *args)
+
+    type(calls).__call__ = racing
+    try:
+        backend.mailbox.trim(records[-1].position)
+    finally:
+        type(calls).__call__ = original
+    assert [r.data for r in backend.mailbox.read(0)] == [r.data for r in records] + [b"raced"] * 2
+    assert not store.get(key).startswith(b"@")
+
+
+def test_header_less_log_reads_as_base_zero_and_trims(client):
+    store = client()
+    key = RunKeys.for_run("run").log
+    old = [RECORD + b"%d" % i for i in range(30)]
+    store.set(key, b"".join(frame(r) for r in old))
+    backend = C10dRendezvousBackend(store, "run")
+    records = backend.mailbox.read(0)
+    assert [r.data for r in records] == old
+    assert [r.position for r in records] == list(itertools.accumulate(len(frame(r)) for r in old))
+    backend.mailbox.trim(records[24].position)
+    assert store.get(key).startswith(b"@%d," % records[24].position)
+    assert backend.mailbox.read(records[24].position) == records[25:]
+
+
+def test_cursor_below_the_base_reads_from_the_base(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    _post(backend, 30)
+    records = backend.mailbox.read(0)
+    backend.mailbox.trim(records[24].position)
+    # A node whose state predates the trimming write reads the kept records, with their positions.
+    assert backend.mailbox.read(0) == records[25:]
+    assert backend.mailbox.read(records[3].position) == records[25:]
+
+
+def test_trim_below_the_threshold_or_the_base_costs_nothing(client):
+    backend = C10dRendezvousBackend(client(), "run")
+    _post(backend, 30)
+    records = backend.mailbox.read(0)
+    backend.mailbox.trim(records[24].position)
+    requests = []
+    original = type(backend._calls).__call__
+    type(backend._calls).__call__ = lambda self, *a: requests.append(a) or original(self, *a)
+    try:
+        backend.mailbox.trim(records[2].position)   # below the base
+        backend.mailbox.trim(records[26].position)  # 2 records past it
+        backend.mailbox.trim(records[24].position)  # at it
+    finally:
+        type(backend._calls).__call__ = original
+    assert requests == []
+    assert backend.mailbox.read(0) == records[25:]
+
+
+@pytest.mark.parametrize("log", [b"@", b"@,4:join,", b"@x,4:join,", b"@-5,", b"@12", b"@" + b"9" * 30 + b","])
+def test_corrupt_mailbox_header_raises_state_error(client, log):
+    store = client()
+    key = RunKeys.for_run("run").log
+    store.set(key, log)
+    with pytest.raises(RendezvousStateError, match=f"{key}.*header"):
+        C10dRendezvousBackend(store, "run").mailbox.read(0)
