@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 # How long a fork waits for the streams to stop and the requests in flight to end.
 FORK_QUIESCE_SECONDS = 5.0
+# How long a finalizer waits for the release it hands to a thread of its own (``release_soon``):
+# one round of closing on a healthy etcd, so that a store collected at exit still revokes.
+RELEASE_WAIT_SECONDS = 0.5
 
 
 class Cluster:
@@ -102,14 +105,19 @@ class Registry:
             self._release_cluster(config)
 
     def release_soon(self, run: EtcdRun) -> None:
-        """``release``, safe to call from a finalizer: garbage collection can run one on a thread
-        that is inside ``acquire`` holding the registry's lock, so when the lock is taken the
-        release is left to a thread of its own."""
-        if self._lock.acquire(blocking=False):
+        """``release``, safe to call from a finalizer. Garbage collection runs finalizers on
+        whatever thread happens to allocate, and that thread may hold a lock that releasing needs:
+        the registry's own (inside ``acquire``), or a client's keep-alive stream's (inside a lease
+        renewal; closing the client waited for it on the same thread, for ever). So the release
+        runs on a thread of its own; the caller waits for it a moment, and not at all while the
+        registry's lock is taken, and goes on either way."""
+        wait = self._lock.acquire(blocking=False)
+        if wait:
             self._lock.release()
-            self.release(run)
-        else:
-            threading.Thread(target=self.release, args=(run,), name="etcd-rdzv-release", daemon=True).start()
+        thread = threading.Thread(target=self.release, args=(run,), name="etcd-rdzv-release", daemon=True)
+        thread.start()
+        if wait:
+            thread.join(RELEASE_WAIT_SECONDS)
 
     def _release_cluster(self, config: EtcdConfig) -> None:
         cluster, users = self._clusters.pop(config)

@@ -65,6 +65,27 @@ def test_a_finalizer_inside_acquire_does_not_deadlock(registry):
     assert registry._runs == {}
 
 
+def test_a_finalizer_on_a_thread_holding_a_lock_the_release_needs_does_not_deadlock(registry):
+    """Garbage collection ran a store's finalizer inside ``KeepAliveStream.renew``, on the thread
+    that held the keep-alive stream's lock, which closing the cluster waits for: that thread hung
+    for ever and, as it held the registry's lock too, so did every later ``acquire`` (seen in CI)."""
+    run = registry.acquire(CONFIG, "finalized-in-renew")
+    keep_alive = run.etcd.raw.keep_alive
+    returned = threading.Event()
+
+    def finalizer_inside_renew() -> None:
+        with keep_alive._lock:
+            registry.release_soon(run)
+            returned.set()
+
+    threading.Thread(target=finalizer_inside_renew, daemon=True).start()
+    assert returned.wait(5), "release_soon waited for a lock held by its own thread"
+    deadline = time.monotonic() + 5
+    while (registry._runs or registry._clusters) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert registry._runs == {} and registry._clusters == {}
+
+
 def test_the_fork_gate_waits_for_requests_in_flight_and_holds_new_ones():
     gate = ForkGate()
     inside, leave = threading.Event(), threading.Event()
