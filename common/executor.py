@@ -11,7 +11,7 @@ from torch.distributed.elastic.rendezvous import RendezvousClosedError, Rendezvo
 from .backend import RendezvousBackend
 from .events import record_step
 from .holder import StateHolder
-from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply
+from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due
 from .settings import RendezvousSettings
 from .state import NodeDesc
 
@@ -149,10 +149,12 @@ class OpExecutor:
                 self._holder.mark_dirty()
 
     def _wait(self, deadline: float) -> None:
-        """Block until the state changes, a heartbeat or the last-call deadline is due, or timeout."""
+        """Block until the state changes, a heartbeat or this node's turn to complete the round
+        is due, or timeout."""
         now = self._clock()
         timeouts = [deadline - now, self._last_beat + self._settings.keep_alive_interval - now]
         state = self._holder.state
-        if state.deadline is not None and self._node in state.participants:
-            timeouts.append(state.deadline - self._wall_clock())
+        due = completion_due(state, self._node)
+        if due is not None and self._node in state.participants:
+            timeouts.append(due - self._wall_clock())
         self._backend.wait_for_change(self._holder.token, max(0.01, min(timeouts)))

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
+from itertools import islice
 
 from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
 
@@ -22,6 +23,14 @@ logger = logging.getLogger(__name__)
 
 # How long past its deadline a join may still take itself back out of the state.
 ROLLBACK_PERIOD = 5.0
+
+# When a round's last call ends, every participant may ask for the write that completes it; all
+# asking at once, all but one of those writes lose (at N = 128, 126 of 127), and each loser reads
+# the state again. So the participant k-th in the state's order asks
+# COMPLETE_STEP * min(k, COMPLETE_RANKS) seconds after the deadline: the first one completes the
+# round alone, and a dead or stalled one ahead delays it by one step.
+COMPLETE_STEP = 0.25
+COMPLETE_RANKS = 16
 
 
 class Action(Enum):
@@ -125,17 +134,28 @@ def join_op(ctx: Context, deadline: float) -> Action:
         return Action.ERROR_TIMEOUT
 
     if is_participant:
-        if (
-            settings.group_size(len(state.participants)) >= settings.min_nodes
-            and state.deadline is not None
-            and state.deadline < ctx.wall
-        ):
+        due = completion_due(state, node)
+        if settings.group_size(len(state.participants)) >= settings.min_nodes and due is not None and due < ctx.wall:
             return Action.MARK_RENDEZVOUS_COMPLETE
     else:
         placement = _placement(state, node, settings)
         if placement is not None:
             return placement
     return Action.KEEP_ALIVE if ctx.keep_alive_due else Action.SYNC
+
+
+def completion_due(state: RendezvousState, node: NodeDesc) -> float | None:
+    """The UNIX time after which ``node``, a participant, asks for the write that completes the
+    round (see ``COMPLETE_STEP``); ``None`` while no last call runs. Every node reads the same
+    order from the same stored state, so no two share a place below ``COMPLETE_RANKS``."""
+    if state.deadline is None:
+        return None
+    place = COMPLETE_RANKS
+    for index, participant in enumerate(islice(state.participants, COMPLETE_RANKS)):
+        if participant == node:
+            place = index
+            break
+    return state.deadline + COMPLETE_STEP * place
 
 
 def close_op(ctx: Context, deadline: float) -> Action:
@@ -181,10 +201,12 @@ def settle(state: RendezvousState, settings: RendezvousSettings, wall: float) ->
     participants beyond the group's size move to the wait list. Applying it last, after folding
     announcements and dropping dead nodes, means a round never completes below ``min_nodes``, nor
     below ``max_world`` before its last call, whatever the write removed. A round that was
-    complete already keeps its group.
+    complete already keeps its group. An open round first takes in the waiting nodes it has room
+    for (``_take_in_waiting``).
     """
     if state.complete or state.closed:
         return
+    _take_in_waiting(state, settings)
     size = settings.group_size(len(state.participants))
     if size < settings.min_nodes:
         state.deadline = None
@@ -194,6 +216,20 @@ def settle(state: RendezvousState, settings: RendezvousSettings, wall: float) ->
         state.assign_ranks(size, settings.rank_order, settings.stable_ranks)
     elif state.deadline is None:
         state.deadline = wall + settings.last_call_timeout
+
+
+def _take_in_waiting(state: RendezvousState, settings: RendezvousSettings) -> None:
+    """Move waiting nodes into an open round while it has room, in node order.
+
+    A node waits only for the next round, and would add itself as soon as it saw that round
+    open; doing it in the write that opens the round spares every waiting node an announcement
+    and a write (a re-rendezvous of N nodes otherwise costs each node a third announcement)."""
+    room = settings.max_world - len(state.participants)
+    if room <= 0 or not state.wait_list:
+        return
+    for node in sorted(state.wait_list)[:room]:
+        state.wait_list.discard(node)
+        state.participants[node] = 0
 
 
 def _leave_applies(state: RendezvousState, announcement: Announcement) -> bool:

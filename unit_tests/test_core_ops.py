@@ -20,11 +20,14 @@ from rdzv_common.codec import Announcement
 from rdzv_common.ops import (
     ADD_ACTIONS,
     ANNOUNCED_ACTIONS,
+    COMPLETE_RANKS,
+    COMPLETE_STEP,
     ROLLBACK_PERIOD,
     Action,
     Context,
     apply,
     close_op,
+    completion_due,
     exit_op,
     fold,
     join_op,
@@ -199,6 +202,23 @@ def test_participant_before_last_call_waits(due, expected):
     state = RendezvousState(participants={ME: 0, N[0]: 0}, deadline=WALL + 30)
     assert _join(state, due=due) is expected
     assert _join(state, due=due, wall=WALL + 31) is Action.MARK_RENDEZVOUS_COMPLETE
+
+
+def test_participants_ask_to_complete_the_round_one_after_another():
+    """Past the last call the participant k-th in the state's order asks COMPLETE_STEP * k later,
+    so that a large round is completed by one write instead of a write by every participant."""
+    others = N[:6]
+    state = RendezvousState(participants=dict.fromkeys([*others[:3], ME, *others[3:]], 0), deadline=WALL - 0.01)
+    assert completion_due(state, others[0]) == state.deadline
+    assert completion_due(state, ME) == state.deadline + 3 * COMPLETE_STEP
+    assert _join(state, node=others[0]) is Action.MARK_RENDEZVOUS_COMPLETE
+    assert _join(state) is Action.SYNC
+    assert _join(state, wall=state.deadline + 3 * COMPLETE_STEP + 0.01) is Action.MARK_RENDEZVOUS_COMPLETE
+    # The wait stops growing at COMPLETE_RANKS places.
+    many = [NodeDesc("10.0.1.1", i, 0) for i in range(COMPLETE_RANKS + 5)]
+    state = RendezvousState(participants=dict.fromkeys([*many, ME], 0), deadline=WALL)
+    assert completion_due(state, ME) == completion_due(state, many[-1]) == WALL + COMPLETE_RANKS * COMPLETE_STEP
+    assert completion_due(RendezvousState(participants={ME: 0}), ME) is None
 
 
 def test_participant_below_min_waits_even_with_stale_deadline():
@@ -392,6 +412,26 @@ def test_every_action_is_classified():
 
 
 # --------------------------------------------------------------------------- settle
+
+
+def test_a_round_that_opens_takes_in_its_waiting_nodes_while_it_has_room():
+    s = _settings(min_nodes=2, max_nodes=3)
+    state = _complete(N[:2], round=4)
+    state.wait_list = {N[6], N[5], N[4], N[3]}
+    state.redundancy_list = {N[7]}
+    for node in N[:2]:
+        apply(Action.REMOVE_FROM_PARTICIPANTS, state, node)
+    settle(state, s, WALL)
+    # The write that opened round 5 placed the first three waiting nodes in node order; the
+    # fourth waits on, and a redundant node is left to ask for a place itself.
+    assert state.round == 5 and list(state.participants) == [N[3], N[4], N[5]]
+    assert state.wait_list == {N[6]} and state.redundancy_list == {N[7]}
+    assert state.complete and state.world_size == 3  # max_nodes reached: complete at once
+    # A complete round keeps its waiting nodes waiting.
+    state = _complete(N[:2])
+    state.wait_list = {N[3]}
+    settle(state, _settings(min_nodes=2, max_nodes=4), WALL)
+    assert state.wait_list == {N[3]} and N[3] not in state.participants
 
 
 def test_settle_below_min_sets_no_deadline_and_clears_a_stale_one():
