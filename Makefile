@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration demo demo-quick bench soak clean test-etcd34 test-docker test-torch
+.PHONY: install test unit integration demo demo-quick bench soak age clean test-etcd34 test-docker test-torch
 
 install: $(STAMP)
 
@@ -92,6 +92,9 @@ bench: install
 
 soak: install
 	$(PY) -m benchmarks.soak
+
+age: install
+	$(PY) -m benchmarks.age --backend both --rounds 1000 --n 4
 
 clean:
 	rm -rf $(VENV) build *.egg-info
