@@ -9,29 +9,25 @@ import socket
 import threading
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import ranks
 
 
-@dataclass(frozen=True, order=True)
-class NodeDesc:
-    """One rendezvous participant: a handler in one process on one host.
-
-    Its ordering, (addr, pid, local_id), is torch's rank order (``rank_order=sorted``); the other
-    orders are in ``ranks.py``.
-    """
-
+class _NodeFields(NamedTuple):
     addr: str
     pid: int
     local_id: int
 
-    def __post_init__(self) -> None:
-        # Hashed once: the liveness checks of a large run put every node of the state in a set at
-        # each read, and the generated ``__hash__`` builds a tuple each time.
-        object.__setattr__(self, "_hash", hash((self.addr, self.pid, self.local_id)))
 
-    def __hash__(self) -> int:
-        return self._hash
+class NodeDesc(_NodeFields):
+    """One rendezvous participant: a handler in one process on one host.
+
+    Its ordering, (addr, pid, local_id), is torch's rank order (``rank_order=sorted``); the other
+    orders are in ``ranks.py``. A tuple, so that hashing and comparing one runs in C: every node of
+    a large run puts every node of the state in a set at each read (the liveness checks), and a
+    dataclass's Python ``__hash__`` and ``__eq__`` made that three times slower.
+    """
 
     @functools.cached_property
     def key(self) -> str:
