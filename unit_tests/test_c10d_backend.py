@@ -356,21 +356,24 @@ def test_header_less_log_reads_as_base_zero_and_trims(client):
     assert backend.mailbox.read(records[24].position) == records[25:]
 
 
-def test_cursor_below_the_base_reads_from_the_base(client):
+def _trimmed_after_25(client):
+    """A backend whose log of 30 records was trimmed after its 25th, and those 30 records."""
     backend = C10dRendezvousBackend(client(), "run")
     _post(backend, 30)
     records = backend.mailbox.read(0)
     backend.mailbox.trim(records[24].position)
+    return backend, records
+
+
+def test_cursor_below_the_base_reads_from_the_base(client):
+    backend, records = _trimmed_after_25(client)
     # A node whose state predates the trimming write reads the kept records, with their positions.
     assert backend.mailbox.read(0) == records[25:]
     assert backend.mailbox.read(records[3].position) == records[25:]
 
 
 def test_trim_below_the_threshold_or_the_base_costs_nothing(client):
-    backend = C10dRendezvousBackend(client(), "run")
-    _post(backend, 30)
-    records = backend.mailbox.read(0)
-    backend.mailbox.trim(records[24].position)
+    backend, records = _trimmed_after_25(client)
     requests = []
     original = type(backend._calls).__call__
     type(backend._calls).__call__ = lambda self, *a: requests.append(a) or original(self, *a)
