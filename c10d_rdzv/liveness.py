@@ -32,9 +32,9 @@ class C10dLiveness(Liveness):
     def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
         self._calls("set", self._keys.heartbeat(node_key), repr(time.time()).encode())
 
-    def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
+    def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         """One ``check`` and one ``multi_get`` when every node has beaten; one request per node when
-        some never did."""
+        some never did. Always read from the store, so always ``current``."""
         nodes = list(node_keys)
         if not nodes:
             return set()

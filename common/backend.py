@@ -80,8 +80,11 @@ class Liveness(ABC):
         ``RendezvousConnectionError``) after ``timeout`` seconds if given."""
 
     @abstractmethod
-    def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
-        """Return the subset of ``node_keys`` that beat within the last ``ttl`` seconds."""
+    def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
+        """Return the subset of ``node_keys`` that beat within the last ``ttl`` seconds.
+
+        With ``current``, the answer comes from the server as it is now, not from a copy of it
+        that may trail other nodes' changes (a write that completes a round asks so)."""
 
     @abstractmethod
     def forget(self, node_key: str) -> None:

@@ -132,7 +132,12 @@ class StateHolder:
             self._stale = True
             folded = self._fold_mailbox(self._state)
             dropped = self._drop_dead(self._state)
-            settle(self._state, self._settings, self._wall_clock())
+            wall = self._wall_clock()
+            if self._completes(wall):
+                # The group is about to be formed: its members are checked on the server itself,
+                # not on answers up to ``keep_alive_interval`` old from a copy that may trail it.
+                dropped += self._drop_dead(self._state, current=True)
+            settle(self._state, self._settings, wall)
             response = self._backend.set_state(encode_state(self._state), self._token, folded)
             has_set = bool(response and response[2])
             self.writes += 1
@@ -190,26 +195,36 @@ class StateHolder:
         alive = self._alive(set(nodes))
         return {n.key: self._confirmed_at for n in nodes if n in alive}
 
-    def _alive(self, nodes: set[NodeDesc]) -> frozenset[NodeDesc]:
+    def _alive(self, nodes: set[NodeDesc], current: bool = False) -> frozenset[NodeDesc]:
         """The nodes known alive: those the backend confirmed within ``keep_alive_interval``, if
-        that covers every one of ``nodes``; else the backend is asked about all of them at once.
-        Only a fresh answer ever leaves a node out, and a read that needs none costs a set test,
-        not a pass over the nodes (every node of a large run reads the state after each write)."""
+        that covers every one of ``nodes`` and ``current`` is not asked for; else the backend is
+        asked about all of them at once. Only a fresh answer ever leaves a node out, and a read
+        that needs none costs a set test, not a pass over the nodes (every node of a large run
+        reads the state after each write)."""
         now = self._clock()
-        if now - self._confirmed_at > self._settings.keep_alive_interval or not nodes <= self._confirmed:
+        if current or now - self._confirmed_at > self._settings.keep_alive_interval or not nodes <= self._confirmed:
             by_key = {n.key: n for n in nodes}
-            alive = self._backend.liveness.alive(list(by_key), self._settings.liveness_ttl)
+            alive = self._backend.liveness.alive(list(by_key), self._settings.liveness_ttl, current)
             self._confirmed = frozenset(by_key[key] for key in alive if key in by_key)
             self._confirmed_at = now
         return self._confirmed
 
-    def _drop_dead(self, state: RendezvousState) -> list[NodeDesc]:
-        """Drop the nodes whose liveness lapsed from ``state``; return them."""
+    def _completes(self, wall: float) -> bool:
+        """Whether the write of the local state at UNIX time ``wall`` completes its round."""
+        if self._state.complete or self._state.closed:
+            return False
+        probe = self._state.copy()
+        settle(probe, self._settings, wall)
+        return probe.complete
+
+    def _drop_dead(self, state: RendezvousState, current: bool = False) -> list[NodeDesc]:
+        """Drop the nodes whose liveness lapsed from ``state``; return them. With ``current``,
+        ask the backend for the server's own answer (``Liveness.alive``), whatever is known."""
         nodes = state.nodes()
         nodes.discard(self._node)
         if not nodes:
             return []
-        dropped = list(nodes - self._alive(nodes))
+        dropped = list(nodes - self._alive(nodes, current))
         for node in dropped:
             logger.debug(
                 "Detected dead node '%s' in run '%s', removing it from the rendezvous",

@@ -73,7 +73,7 @@ class MemoryLiveness(Liveness):
         with self._store.changed:
             self._store.beats.setdefault(self._run_id, {})[node_key] = self._store.clock()
 
-    def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
+    def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         with self._store.changed:
             beats = self._store.beats.get(self._run_id, {})
             now = self._store.clock()

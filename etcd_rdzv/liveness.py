@@ -58,11 +58,14 @@ class EtcdLiveness(Liveness):
         with self._lock:
             self._leases[node_key] = new_id
 
-    def alive(self, node_keys: Collection[str], ttl: float) -> set[str]:
-        """Which nodes have a liveness key, from the process's run view when it can vouch for it.
+    def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
+        """Which nodes have a liveness key, from the process's run view when it can vouch for it
+        and ``current`` is not asked for, else from etcd.
 
         A node beats before it announces itself, so a view that holds a node's announcement (this
-        node's floor covers every record it read) holds its liveness key too."""
+        node's floor covers every record it read) holds its liveness key too. A view may still
+        trail the deletes of other nodes' keys (a lapse is no write of this node's); ``current``
+        reads etcd itself."""
         start, end = prefix_range(self._run.keys.alive)
 
         def from_etcd() -> set[str]:
@@ -73,6 +76,8 @@ class EtcdLiveness(Liveness):
 
             return self._run.read(get, self._floor).intersection(node_keys)
 
+        if current:
+            return from_etcd()
         return self._run.viewed(lambda view, floor: view.alive(node_keys, floor), from_etcd, self._floor)
 
     def forget(self, node_key: str) -> None:

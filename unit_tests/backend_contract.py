@@ -189,6 +189,8 @@ class BackendContract:
         b.liveness.beat("node-b", ttl)
         assert b.liveness.alive(["node-a", "node-b", "node-x"], ttl) == {"node-a", "node-b"}
         b.liveness.forget("node-b")
+        # A current answer comes from the server itself: another backend's forget shows at once.
+        assert a.liveness.alive(["node-a", "node-b"], ttl, current=True) == {"node-a"}
         assert a.liveness.alive(["node-a", "node-b"], ttl) == {"node-a"}
         deadline = time.monotonic() + ttl * 6 + 5
         while "node-a" in a.liveness.alive(["node-a"], ttl) and time.monotonic() < deadline:

@@ -10,7 +10,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 
 from rdzv_common.codec import decode_announcement, decode_state, encode_join, encode_leave, encode_state
 from rdzv_common.holder import StateHolder
-from rdzv_common.memory import MemoryBackend, MemoryStore
+from rdzv_common.memory import MemoryBackend, MemoryLiveness, MemoryStore
 from rdzv_common.ops import Action, Context, apply, join_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc, RendezvousState
@@ -261,6 +261,46 @@ def test_dead_node_is_dropped_via_liveness(store, clock):
     state = _stored(store)
     assert set(state.participants) == {A}
     assert state.deadline is None and not state.complete  # fell below min_nodes
+
+
+class TrailingLiveness(MemoryLiveness):
+    """A liveness whose everyday answers come from a copy that has not seen ``lapsed`` die yet
+    (as a process's etcd run view may trail other nodes' lapses); ``current`` answers are true."""
+
+    def __init__(self, *a, lapsed=(), **kw):
+        super().__init__(*a, **kw)
+        self.lapsed = set(lapsed)
+        self.current_asks = 0
+
+    def alive(self, node_keys, ttl, current=False):
+        alive = super().alive(node_keys, ttl)
+        if current:
+            self.current_asks += 1
+            return alive - self.lapsed
+        return alive
+
+
+def test_a_write_that_completes_a_round_checks_its_members_on_the_server(store):
+    """A node killed while joining: its liveness key was gone from etcd, yet a newcomer's process
+    view had not applied the delete, and the newcomer's join completed the round with the dead
+    node in it (`test_agent_killed_while_joining_is_replaced`, seen in CI); the fourth node then
+    waited for a group that could never train."""
+    s = _settings(min_nodes=3, max_nodes=3)
+    b = _backend(store)
+    _beat(b, s, A, B, C)
+    b._liveness = liveness = TrailingLiveness(store, RUN, lapsed={B.key})
+    b.set_state(encode_state(RendezvousState(participants={A: 0, B: 0})))
+    h = StateHolder(b, s, C, wall_clock=lambda: WALL)
+    h.sync()
+    apply(Action.ADD_TO_PARTICIPANTS, h.state, C)
+    h.mark_dirty()
+    assert h.sync() is True
+    state = _stored(store)
+    assert not state.complete and set(state.participants) == {A, C}
+    assert liveness.current_asks == 1
+    # A write that does not complete the round takes the everyday answer.
+    h.mark_dirty()
+    assert h.sync() is True and liveness.current_asks == 1
 
 
 def test_forgotten_node_is_dropped_from_every_list(store):
