@@ -1,4 +1,4 @@
-"""One lease keep-alive stream per client, shared by every lease the process renews.
+"""A few lease keep-alive streams per client, shared by every lease the process renews.
 
 etcd renews a lease only over the bidirectional ``LeaseKeepAlive`` stream. etcd3's
 ``refresh_lease`` opens a stream per renewal, and gRPC starts a thread to feed each one: a process
@@ -6,6 +6,12 @@ of a few hundred nodes that beat every few seconds spent most of its CPU opening
 N = 1024 over 4 processes, a hundred at a time), so beats fell behind and leases lapsed. Here a
 renewal is one message on a stream that stays open: a request goes out, and the reply with the
 lease's id comes back to the renewal that sent it (etcd answers a stream's requests in order).
+
+etcd also handles a stream's requests one at a time, and its leader holds each renewal until it
+has applied every entry committed before it: while the run is being written to, a renewal waits
+for the next apply. On one stream, 255 nodes of a process that renewed at once (a re-rendezvous)
+waited 1.2 s for the median reply. So a lease is renewed on one of ``STREAMS`` streams (chosen by
+its id, so that one lease's renewals stay in order), which wait for the apply side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import etcd3
@@ -20,6 +27,9 @@ import grpc
 from etcd3.etcdrpc import LeaseKeepAliveRequest
 
 from .status import RpcStatus
+
+# Streams per client (each has a reader thread, and a gRPC thread that feeds it), opened as used.
+STREAMS = 8
 
 
 class KeepAliveFailed(Exception):
@@ -110,17 +120,18 @@ class _Stream:
 
 
 class KeepAliveStream:
-    """The shared stream of one client: opened on first use, and again on the client's current
-    endpoint after it failed or went silent.
+    """The shared streams of one client: each opened on first use, and again on the client's
+    current endpoint after it failed or went silent.
 
     Args:
-        client: the etcd3 client whose channel (and endpoint) the stream uses.
+        client: the etcd3 client whose channel (and endpoint) the streams use.
+        streams: how many streams the renewals are spread over (``STREAMS``).
     """
 
-    def __init__(self, client: etcd3.MultiEndpointEtcd3Client) -> None:
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client, streams: int = STREAMS) -> None:
         self._client = client
         self._lock = threading.Lock()
-        self._stream: _Stream | None = None
+        self._streams: list[_Stream | None] = [None] * streams
         self._stopped = False
 
     def renew(self, lease_id: int, timeout: float) -> int:
@@ -128,14 +139,15 @@ class KeepAliveStream:
 
         Raises:
             KeepAliveFailed: the stream failed, or gave no reply within ``timeout`` (it is then
-                dropped: the next renewal opens another).
+                dropped: the next renewal on it opens another).
         """
+        slot = lease_id % len(self._streams)
         with self._lock:
             if self._stopped:
                 raise KeepAliveFailed(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), None)
-            stream = self._stream
+            stream = self._streams[slot]
             if stream is None or stream.failure is not None:
-                stream = self._stream = _Stream(self._client)
+                stream = self._streams[slot] = _Stream(self._client)
         renewal = stream.send(lease_id)
         if not renewal.wait(timeout):
             silent = RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, f"no lease keep-alive reply within {timeout:g}s")
@@ -146,18 +158,20 @@ class KeepAliveStream:
         return renewal.ttl
 
     def pause(self, timeout: float) -> None:
-        """Close the stream and wait for its thread (before a ``fork()``); renewals in flight fail
-        as retryable, and the next one opens another stream."""
+        """Close the streams and wait for their threads (before a ``fork()``); renewals in flight
+        fail as retryable, and the next ones open other streams."""
         self._close(RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream was paused"), timeout)
 
     def stop(self) -> None:
-        """Close the stream for good (the client is closing)."""
+        """Close the streams for good (the client is closing)."""
         with self._lock:
             self._stopped = True
         self._close(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), 1.0)
 
     def _close(self, why: RpcStatus, timeout: float) -> None:
         with self._lock:
-            stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.cancel(why, join=timeout)
+            streams, self._streams = self._streams, [None] * len(self._streams)
+        end = time.monotonic() + timeout
+        for stream in streams:
+            if stream is not None:
+                stream.cancel(why, join=max(0.0, end - time.monotonic()))
