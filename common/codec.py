@@ -1,8 +1,8 @@
 """The wire format of ``RendezvousState``: versioned JSON, validated on the way in. Never pickle.
 
-Format (version 2), UTF-8 JSON object::
+Format (version 3), UTF-8 JSON object::
 
-    {"format": "torch-rdzv-state", "version": 2,
+    {"format": "torch-rdzv-state", "version": 3,
      "round": 3, "complete": true, "closed": false, "deadline": null, "cursor": 17,
      "world_size": 2,
      "participants": [{"addr": "10.0.0.1", "pid": 41, "local_id": 0, "rank": 0,
@@ -14,12 +14,17 @@ Format (version 2), UTF-8 JSON object::
 A node entry carries ``topology`` only if the node announced a label. Version rules: a release
 writes one version and reads every version it can read without losing a field; a version 1
 state (before topology labels and ``previous_ranks``) reads as one with neither, and is
-rewritten as version 2 by the next write. A version it does not know is refused, never guessed:
+rewritten as version 3 by the next write. A version it does not know is refused, never guessed:
 version 1 releases refuse version 2, which is why every node of a job must run the same release.
+Version 3 stores what version 2 does; it marks a run whose mailbox may hold ``rejoin`` records,
+which version 2 releases do not know, so that such a release stops at the state with the advice
+to upgrade instead of at the first record it cannot read.
 
-Announcements posted to a backend's mailbox are ``{"join": NODE}`` and
-``{"leave": NODE, "round": N, "complete": BOOL}``, NODE being ``{"addr", "pid", "local_id"}``
-(a join's NODE also carries ``topology`` if the node has a label).
+Announcements posted to a backend's mailbox are ``{"join": NODE}``,
+``{"leave": NODE, "round": N, "complete": BOOL}`` and ``{"rejoin": NODE, "round": N}``, NODE being
+``{"addr", "pid", "local_id"}`` (a join's and a rejoin's NODE also carry ``topology`` if the node
+has a label). A rejoin is a leave of the complete round N and a join of the next, in one record:
+a re-rendezvous then costs each node one announcement, not two.
 A leave names the round it leaves and whether that round was complete when the node decided to
 leave: a node that leaves a complete round (its workers stopped) and one that takes back its join
 of an incomplete round (its join timed out) want different things, and a leave folded late must
@@ -41,9 +46,9 @@ from .ranks import check_topology
 from .state import NodeDesc, RendezvousState
 
 FORMAT = "torch-rdzv-state"
-VERSION = 2
+VERSION = 3
 # The versions this release reads (see the module's version rules).
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 # A state for tens of thousands of nodes stays far below this; a larger value is not ours.
 MAX_STATE_BYTES = 16 * 1024 * 1024
 
@@ -145,6 +150,16 @@ def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
     return _cached(_decode_state, data, where).copy()
 
 
+def peek_state(data: bytes, where: str = "the backend") -> RendezvousState:
+    """``decode_state`` without the copy: the parse that the nodes of the process share, to look
+    at and never to change (a node waiting for one field of a state skips a copy of the rest).
+
+    Raises:
+        RendezvousStateError: as ``decode_state``.
+    """
+    return _cached(_decode_state, data, where)
+
+
 class _Parses:
     """The parses of the last ``size`` distinct values, shared by the nodes of a process. A miss is
     parsed by one thread while the others that want the same value wait for it: when a write
@@ -244,7 +259,8 @@ def _parse_state(data: bytes, where: str) -> RendezvousState:
 @dataclass(frozen=True)
 class Announcement:
     """A record posted to a backend's mailbox: ``node`` joins, or leaves round ``round``, which
-    was ``complete`` or not when it decided to."""
+    was ``complete`` or not when it decided to, or (``rejoin``) leaves the complete round
+    ``round`` and joins the next."""
 
     kind: str
     node: NodeDesc
@@ -265,6 +281,13 @@ def encode_leave(node: NodeDesc, round: int, complete: bool) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def encode_rejoin(node: NodeDesc, round: int, topology: str | None = None) -> bytes:
+    """Serialize the announcement that ``node`` leaves the participants of the complete round
+    ``round`` and joins the next round."""
+    doc = {"rejoin": _node_to_json(node, topology), "round": round}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement:
     """Parse a mailbox record; raises ``RendezvousStateError`` if it is malformed.
 
@@ -273,18 +296,31 @@ def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement
     return _cached(_decode_announcement, data, where)
 
 
+def _round_of(doc: dict[str, Any], kind: str, where: str) -> int:
+    round_ = _field(doc, "round", int, where)
+    if round_ < 0:
+        raise _fail(where, f"a {kind} announcement names round {round_}")
+    return round_
+
+
 def _parse_announcement(data: bytes, where: str) -> Announcement:
     doc = _load_json(data, where)
     if isinstance(doc, dict) and "join" in doc:
         node = _node(doc["join"], where)
         return Announcement("join", node, topology=_topology(doc["join"], where))
     if isinstance(doc, dict) and "leave" in doc:
-        round_ = _field(doc, "round", int, where)
-        if round_ < 0:
-            raise _fail(where, f"a leave announcement names round {round_}")
+        round_ = _round_of(doc, "leave", where)
         complete = _field(doc, "complete", bool, where)
         return Announcement("leave", _node(doc["leave"], where), round_, complete)
-    raise _fail(where, "a mailbox record is neither a 'join' nor a 'leave' announcement")
+    if isinstance(doc, dict) and "rejoin" in doc:
+        round_ = _round_of(doc, "rejoin", where)
+        node = _node(doc["rejoin"], where)
+        return Announcement("rejoin", node, round_, True, _topology(doc["rejoin"], where))
+    raise _fail(
+        where,
+        "a mailbox record is neither a 'join', a 'leave' nor a 'rejoin' announcement (a newer "
+        "release may have posted it: every node of a job must run the same release)",
+    )
 
 
 _decode_state = _Parses(_parse_state, size=8)

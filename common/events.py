@@ -94,6 +94,8 @@ _STEPS = {
     "ADD_TO_WAIT_LIST": ("_add_to_wait_list", "added itself to the wait list of round {round}", 1),
     "ADD_TO_REDUNDANCY_LIST": ("_add_to_redundancy_list", "added itself to the redundancy list of round {round}", 1),
     "REMOVE_FROM_PARTICIPANTS": ("_remove_from_participants", "removed itself from the participants of round {round}", 0),
+    # torch has no such step: it leaves, then joins; the join's place is decided by the write that folds it.
+    "REJOIN": ("_remove_from_participants", "removed itself from the participants of round {round} to join the next", 0),
     "REMOVE_FROM_WAIT_LIST": ("_remove_from_wait_list", "removed itself from the wait list of round {round}", 1),
     "REMOVE_FROM_REDUNDANCY_LIST": ("_remove_from_redundancy_list", "removed itself from the redundant list of round {round}", 1),
 }

@@ -11,7 +11,7 @@ from torch.distributed.elastic.rendezvous import RendezvousClosedError, Rendezvo
 from .backend import RendezvousBackend
 from .events import record_step
 from .holder import StateHolder
-from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due
+from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due, waits_for_next_round
 from .settings import RendezvousSettings
 from .state import NodeDesc
 
@@ -61,6 +61,19 @@ class OpExecutor:
         """Send a heartbeat now, within ``timeout`` seconds if given."""
         self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout)
         self._last_beat = self._clock()
+
+    def beat_if_due(self) -> None:
+        """Send a heartbeat unless the last one is younger than ``keep_alive_interval``: that one
+        renewed the node's liveness for ``liveness_ttl``, and the operations beat again when due.
+        (A re-rendezvous of N nodes in one process would otherwise renew N leases at once, one
+        after the other on the process's keep-alive stream: 1.4 s at N = 256.)"""
+        if self._keep_alive_due():
+            self.beat()
+
+    def liveness_ended(self) -> None:
+        """The node's liveness was ended elsewhere (``Liveness.forget``): the next ``beat_if_due``
+        beats."""
+        self._last_beat = float("-inf")
 
     def _keep_alive_due(self) -> bool:
         return self._clock() - self._last_beat >= self._settings.keep_alive_interval
@@ -157,4 +170,9 @@ class OpExecutor:
         due = completion_due(state, self._node)
         if due is not None and self._node in state.participants:
             timeouts.append(due - self._wall_clock())
-        self._backend.wait_for_change(self._holder.token, max(0.01, min(timeouts)))
+        timeout = max(0.01, min(timeouts))
+        if waits_for_next_round(state, self._node):
+            node, round_ = self._node, state.round
+            self._holder.wait_until(lambda stored: stored.round != round_ or not waits_for_next_round(stored, node), timeout)
+        else:
+            self._backend.wait_for_change(self._holder.token, timeout)

@@ -27,7 +27,7 @@ from .events import HANDLER, record_event, report_failure, report_timings
 from .executor import OpExecutor
 from .health import Admission
 from .holder import StateHolder
-from .ops import close_op, exit_op, join_op, nodes_waiting
+from .ops import close_op, exit_op, join_op, nodes_waiting, rejoin_op
 from .ranks import TOPOLOGY_ENV, check_topology
 from .settings import RendezvousSettings, settings_from_params
 from .state import NodeDesc, NodeDescGenerator
@@ -162,10 +162,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._holder.refresh_liveness()
                 # Read before the first heartbeat: a corrupt state fails with nothing written.
                 self._holder.sync()
-                self._executor.beat()
+                self._executor.beat_if_due()
                 deadline = started + self._config.join_timeout
-                self._executor.run(exit_op, deadline)
-                self._admission.admit(self._holder.state.round, deadline)
+                if self._admission.admits_at_once():
+                    # Leaving the previous round and joining the next take one announcement.
+                    self._executor.run(rejoin_op(self._holder.state.round), deadline)
+                else:
+                    # The node leaves its group before it waits out a quarantine or runs its
+                    # health check: the other members need not wait for it to form the next one.
+                    self._executor.run(exit_op, deadline)
+                    self._admission.admit(self._holder.state.round, deadline)
                 self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
                 placed_at = self._executor.placed_at or time.monotonic()
             self._start_heartbeats()
@@ -180,6 +186,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 # A join another node folded in after this one gave up must not stand: with its
                 # liveness gone, the next write drops it.
                 _end_liveness(self._backend, self._node.key)
+                self._executor.liveness_ended()
             raise
 
         finished = time.monotonic()

@@ -106,6 +106,11 @@ class Admission:
     def host(self) -> str:
         return self._node.addr
 
+    def admits_at_once(self) -> bool:
+        """Whether ``admit`` would return at once: no health check is configured and the host is
+        not quarantined."""
+        return self._settings.health_check is None and self._quarantine.get(self.host) is None
+
     def admit(self, round_: int, deadline: float) -> None:
         """Return once this node may join round ``round_``.
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .backend import Record, RendezvousBackend, Token
-from .codec import decode_announcement, decode_state, encode_join, encode_leave, encode_state
+from .codec import decode_announcement, decode_state, encode_join, encode_leave, encode_rejoin, encode_state, peek_state
 from .events import record_step, record_write
 from .ops import Action, fold, settle, would_fold
 from .settings import RendezvousSettings
@@ -176,6 +176,25 @@ class StateHolder:
         self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not has_set else []
         return has_set
 
+    def wait_until(self, ends_wait: Callable[[RendezvousState], bool], timeout: float) -> None:
+        """Return once a stored state that ``ends_wait`` accepts is there to read, or after
+        ``timeout`` seconds; the caller syncs next.
+
+        The stored states it passes over are only looked at, on the process's shared parse: no
+        copy, no liveness check, and this holder's own state stays as it was. In a re-rendezvous
+        of N nodes every node waits through the N leaves that end the round, and a full read at
+        each one cost N squared reads of the whole state.
+        """
+        end = self._clock() + timeout
+        token = self._token
+        where = f"{self._backend.location} (run '{self._settings.run_id}')"
+        while (remaining := end - self._clock()) > 0:
+            self._backend.wait_for_change(token, remaining)
+            response = self._backend.get_state()
+            if response is None or ends_wait(peek_state(response[0], where)):
+                return
+            token = response[1]
+
     def _is_folded(self, pending: _Pending | None) -> bool:
         position = pending.record.position if pending is not None else None
         return position is not None and self._state.cursor >= position
@@ -241,14 +260,16 @@ class StateHolder:
     # Announcements.
 
     def announce(self, action: Action) -> None:
-        """Post this node's ``action`` (a join, or leaving the participants) for the current round,
-        unless that announcement is still pending."""
+        """Post this node's ``action`` (a join, leaving the participants, or both: ``REJOIN``) for
+        the current round, unless that announcement is still pending."""
         state = self._state
         if self._pending is not None and (self._pending.round, self._pending.action) == (state.round, action):
             return
         assert self._node is not None, "only a node's own holder announces"
         if action is Action.REMOVE_FROM_PARTICIPANTS:
             data = encode_leave(self._node, state.round, state.complete)
+        elif action is Action.REJOIN:
+            data = encode_rejoin(self._node, state.round, self._topology)
         else:
             data = encode_join(self._node, self._topology)
         record = self._backend.mailbox.post(data)

@@ -41,6 +41,8 @@ class Action(Enum):
     REMOVE_FROM_PARTICIPANTS = auto()
     REMOVE_FROM_WAIT_LIST = auto()
     REMOVE_FROM_REDUNDANCY_LIST = auto()
+    # Leave a complete round and join the next, announced as one record (``rejoin_op``).
+    REJOIN = auto()
     MARK_RENDEZVOUS_COMPLETE = auto()
     MARK_RENDEZVOUS_CLOSED = auto()
     SYNC = auto()
@@ -54,7 +56,7 @@ ADD_ACTIONS = frozenset(
     {Action.ADD_TO_PARTICIPANTS, Action.ADD_TO_WAIT_LIST, Action.ADD_TO_REDUNDANCY_LIST}
 )
 # Actions a mailbox can carry: joins, and leaving a round, which commutes with other leaves.
-ANNOUNCED_ACTIONS = ADD_ACTIONS | {Action.REMOVE_FROM_PARTICIPANTS}
+ANNOUNCED_ACTIONS = ADD_ACTIONS | {Action.REMOVE_FROM_PARTICIPANTS, Action.REJOIN}
 
 
 @dataclass
@@ -79,6 +81,28 @@ def exit_op(ctx: Context, deadline: float) -> Action:
     if ctx.node in ctx.state.participants:
         return Action.ERROR_TIMEOUT if ctx.now > deadline else Action.REMOVE_FROM_PARTICIPANTS
     return Action.FINISH
+
+
+def rejoin_op(round_: int) -> Op:
+    """Leave the complete round ``round_``, if this node is one of its participants, and join the
+    next one, in one announcement (``Action.REJOIN``); ``join_op`` then goes on from wherever the
+    fold placed the node.
+
+    ``exit_op`` followed by ``join_op`` does the same in two announcements, each waiting for its
+    own fold: in a re-rendezvous of N nodes that is 2N records and twice the writes, and each
+    write wakes every node. The round is named because the fold may place this node in the
+    participants of round ``round_ + 1``, which may complete before this node looks again: it must
+    not leave that group. A participant of an incomplete round stays in it (``exit_op`` would take
+    its join back only for ``join_op`` to make it again).
+    """
+
+    def op(ctx: Context, deadline: float) -> Action:
+        state = ctx.state
+        if state.round != round_ or not state.complete or ctx.node not in state.participants:
+            return Action.FINISH
+        return Action.ERROR_TIMEOUT if ctx.now > deadline else Action.REJOIN
+
+    return op
 
 
 def _placement(state: RendezvousState, node: NodeDesc, settings: RendezvousSettings) -> Action | None:
@@ -142,6 +166,13 @@ def join_op(ctx: Context, deadline: float) -> Action:
         if placement is not None:
             return placement
     return Action.KEEP_ALIVE if ctx.keep_alive_due else Action.SYNC
+
+
+def waits_for_next_round(state: RendezvousState, node: NodeDesc) -> bool:
+    """Whether ``node`` waits in the wait list of a complete round of an open run, where only a new
+    round, the run closing or the node's own removal can change what ``join_op`` decides for it
+    (before its deadline): members leaving the round one by one do not."""
+    return state.complete and not state.closed and node in state.wait_list
 
 
 def completion_due(state: RendezvousState, node: NodeDesc) -> float | None:
@@ -234,7 +265,8 @@ def _take_in_waiting(state: RendezvousState, settings: RendezvousSettings) -> No
 
 def _leave_applies(state: RendezvousState, announcement: Announcement) -> bool:
     # A node leaves the round it saw, as it saw it: a take-back of a join to an incomplete round
-    # must not remove a member from the group that round formed since.
+    # must not remove a member from the group that round formed since. (A rejoin leaves only a
+    # round it saw complete.)
     return (
         state.round == announcement.round
         and state.complete == announcement.complete
@@ -243,41 +275,45 @@ def _leave_applies(state: RendezvousState, announcement: Announcement) -> bool:
 
 
 def fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
-    """Apply ``announcement`` as its poster's own action would; return whether it changed ``state``.
+    """Apply ``announcement`` as its poster's own actions would; return whether it changed ``state``.
 
-    Repeated joins of placed nodes, joins to a closed run, and stale leaves change nothing.
+    A rejoin is its leave, then its join. Repeated joins of placed nodes, joins to a closed run,
+    and stale leaves change nothing.
     """
     node = announcement.node
-    if announcement.kind == "leave":
-        if not _leave_applies(state, announcement):
-            return False
+    actions = []
+    if announcement.kind in ("leave", "rejoin") and _leave_applies(state, announcement):
         apply(Action.REMOVE_FROM_PARTICIPANTS, state, node)
-        action = Action.REMOVE_FROM_PARTICIPANTS
-    else:
-        if state.closed or node in state.participants:
-            return False
+        actions.append(Action.REMOVE_FROM_PARTICIPANTS)
+    if announcement.kind in ("join", "rejoin") and not state.closed and node not in state.participants:
         action = _placement(state, node, settings)
-        if action is None:
-            return False
-        apply(action, state, node)
-        if announcement.topology is not None:
-            state.topology[node] = announcement.topology
-    logger.debug(
-        "Folded the announcement of %s into round %d of the rendezvous '%s': %s",
-        node,
-        state.round,
-        settings.run_id,
-        action.name,
-    )
-    return True
+        if action is not None:
+            apply(action, state, node)
+            if announcement.topology is not None:
+                state.topology[node] = announcement.topology
+            actions.append(action)
+    if actions:
+        logger.debug(
+            "Folded the announcement of %s into round %d of the rendezvous '%s': %s",
+            node,
+            state.round,
+            settings.run_id,
+            ", ".join(action.name for action in actions),
+        )
+    return bool(actions)
 
 
 def would_fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
     """Whether ``fold`` would change ``state`` (without changing it)."""
     node = announcement.node
-    if announcement.kind == "leave":
-        return _leave_applies(state, announcement)
-    return not state.closed and node not in state.participants and _placement(state, node, settings) is not None
+    if announcement.kind in ("leave", "rejoin") and _leave_applies(state, announcement):
+        return True
+    return (
+        announcement.kind != "leave"
+        and not state.closed
+        and node not in state.participants
+        and _placement(state, node, settings) is not None
+    )
 
 
 def nodes_waiting(state: RendezvousState, settings: RendezvousSettings) -> int:

@@ -49,7 +49,7 @@ CORRUPT = {
         ]}).encode(),
         "do not fit a complete group",
     ),
-    "unknown-version": (json.dumps({**_VALID, "version": 3}).encode(), "format version 3 is not supported"),
+    "unknown-version": (json.dumps({**_VALID, "version": 4}).encode(), "format version 4 is not supported"),
     "empty": (b"", "not UTF-8 JSON"),
 }
 

@@ -191,7 +191,7 @@ def test_missing_format_is_refused():
     _assert_refused(_bytes(doc), "format is None")
 
 
-@pytest.mark.parametrize("version", [0, 3, 99, "1", None, 1.5, True])
+@pytest.mark.parametrize("version", [0, 4, 99, "1", None, 1.5, True])
 def test_unknown_version_is_refused(version):
     doc = _doc()
     doc["version"] = version
@@ -483,6 +483,50 @@ def test_leave_announcement_bytes_are_deterministic():
 )
 def test_malformed_leave_announcement_is_refused(doc, problem):
     _assert_refused(_bytes(doc), problem, where=MAILBOX, decode=codec.decode_announcement)
+
+
+# --------------------------------------------------------------------------- rejoin announcements
+
+def test_rejoin_announcement_round_trip():
+    ann = codec.decode_announcement(codec.encode_rejoin(C, 4), MAILBOX)
+    assert ann == codec.Announcement("rejoin", C, 4, True)
+    labelled = codec.decode_announcement(codec.encode_rejoin(C, 4, "zone-a/rack-1"), MAILBOX)
+    assert labelled == codec.Announcement("rejoin", C, 4, True, "zone-a/rack-1")
+    assert json.loads(codec.encode_rejoin(C, 4)) == {
+        "rejoin": {"addr": C.addr, "pid": C.pid, "local_id": C.local_id},
+        "round": 4,
+    }
+
+
+@pytest.mark.parametrize(
+    "doc, problem",
+    [
+        ({"rejoin": {"addr": "a", "pid": 1, "local_id": 0}}, "field 'round' is missing"),
+        ({"rejoin": {"addr": "a", "pid": 1, "local_id": 0}, "round": True}, "field 'round' has"),
+        ({"rejoin": {"addr": "a", "pid": 1, "local_id": 0}, "round": -2}, "a rejoin announcement names round -2"),
+        ({"rejoin": {"addr": "a", "pid": 1}, "round": 2}, "field 'local_id' is missing"),
+        ({"rejoin": {"addr": "a", "pid": 1, "local_id": 0, "topology": "a//b"}, "round": 2}, "topology"),
+        # A kind this release does not know may come from a newer one: the error says what to do.
+        ({"move": {"addr": "a", "pid": 1, "local_id": 0}}, "every node of a job must run the same release"),
+    ],
+)
+def test_malformed_rejoin_announcement_is_refused(doc, problem):
+    _assert_refused(_bytes(doc), problem, where=MAILBOX, decode=codec.decode_announcement)
+
+
+def test_a_version_2_state_reads_as_it_was_written():
+    """Version 3 stores what version 2 does (it marks a mailbox that may hold rejoins)."""
+    doc = json.loads(encode_state(_full_state()))
+    doc["version"] = 2
+    assert decode_state(_bytes(doc)) == _full_state()
+    assert json.loads(encode_state(decode_state(_bytes(doc))))["version"] == 3
+
+
+def test_a_peeked_state_is_the_shared_parse_and_a_decoded_one_a_copy():
+    data = encode_state(_full_state())
+    assert codec.peek_state(data) is codec.peek_state(data)
+    assert decode_state(data) is not codec.peek_state(data)
+    assert codec.peek_state(data) == _full_state()
 
 
 def test_decoded_states_are_the_callers_own():

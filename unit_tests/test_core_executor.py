@@ -372,3 +372,54 @@ def test_take_back_of_an_incomplete_round_does_not_leave_the_group_it_formed(fen
     assert state.participants == group.participants
     assert state.complete and state.world_size == 3 and state.round == 0
     assert state.redundancy_list == {d}
+
+
+# --------------------------------------------------------------------------- waits and beats
+
+
+def test_a_waiting_node_passes_over_members_leaving_and_wakes_for_the_next_round():
+    """In a re-rendezvous of N nodes, a node whose rejoin was folded waits in the wait list while
+    the other N - 1 leave one write at a time; a full read (a copy of the state and a liveness
+    check of every node) at each of those writes, by each waiting node, was N squared reads."""
+    store = MemoryStore()
+    me = NODES[5]
+    backend = MemoryBackend(store, RUN)
+    settings = _settings()
+    state = RendezvousState(complete=True, participants={NODES[0]: 0, NODES[1]: 1}, world_size=2, wait_list={me})
+    backend.set_state(encode_state(state))
+    for node in (NODES[0], NODES[1], me):
+        backend.liveness.beat(node.key, 60)
+    holder = StateHolder(backend, settings, me)
+    holder.sync()
+    token = holder.token
+    woke = threading.Event()
+
+    def wait() -> None:
+        holder.wait_until(lambda stored: stored.round != 0 or me not in stored.wait_list, 10.0)
+        woke.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    left = state.copy()
+    left.remove_participant(NODES[0])
+    backend.set_state(encode_state(left), backend.get_state()[1])
+    assert not woke.wait(0.3)
+    assert holder.token == token and NODES[0] in holder.state.participants  # only looked at
+    opened = left.copy()
+    opened.remove_participant(NODES[1])
+    backend.set_state(encode_state(opened), backend.get_state()[1])
+    assert woke.wait(5)
+    waiter.join(5)
+
+
+def test_a_node_beats_when_due_and_again_once_its_liveness_was_ended():
+    store = MemoryStore()
+    executor, _, backend = _executor(store, NODES[0])
+    beats = []
+    beat = backend.liveness.beat
+    backend.liveness.beat = lambda *args: beats.append(args) or beat(*args)
+    executor.beat_if_due()  # _executor beat a moment ago
+    assert beats == []
+    executor.liveness_ended()
+    executor.beat_if_due()
+    assert len(beats) == 1

@@ -17,7 +17,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 import rdzv_common.handler as handler_mod
-from rdzv_common.codec import decode_state
+from rdzv_common.codec import Announcement, decode_announcement, decode_state
 from rdzv_common.handler import DynamicRendezvousHandler
 from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.state import RendezvousState
@@ -270,6 +270,48 @@ def test_late_node_waits_and_joins_next_round_with_that_rounds_master(cluster):
     assert round0_port > 0
 
 
+def test_a_re_rendezvous_costs_each_node_one_announcement(cluster):
+    """A node that leaves its group to join the next posted a leave, waited for a write to fold it,
+    then posted a join: two records per node, and twice the writes, each of which wakes every node
+    (at N = 256, 556 records and 5 s). One rejoin record now does both."""
+    handlers = cluster.make(4, 4, 4)
+    _check_group(_infos(cluster.rendezvous(handlers)), 4)
+    posted = len(cluster.mem.logs[cluster.run_id])
+    _check_group(_infos(cluster.rendezvous(handlers)), 4)
+    records = cluster.mem.logs[cluster.run_id][posted:]
+    announced = [decode_announcement(r) for r in records]
+    assert len(announced) == 4
+    assert set(announced) == {Announcement("rejoin", h.node, 0, True) for h in handlers}
+    assert cluster.state().round == 1
+
+
+def test_a_health_checked_node_leaves_its_group_before_it_is_checked(cluster, tmp_path):
+    """A node whose join waits for a health check (or a quarantine) still leaves the group first,
+    in a leave of its own: the other members need not wait for its check to form the next one."""
+    check = tmp_path / "check.sh"
+    check.write_text("#!/bin/sh\nexit 0\n")
+    check.chmod(0o755)
+    a, b = cluster.make(2, 2, 2, health_check=str(check))
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    posted = len(cluster.mem.logs[cluster.run_id])
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    kinds = [decode_announcement(r).kind for r in cluster.mem.logs[cluster.run_id][posted:]]
+    assert sorted(kinds) == ["join", "join", "leave", "leave"]
+
+
+def test_a_re_rendezvous_soon_after_a_heartbeat_does_not_beat_first(cluster):
+    """next_rendezvous renewed every node's liveness before its first decision; at N = 256 in one
+    process those renewals queued on etcd (median 1.2 s), though each node's last beat was recent."""
+    a, b = cluster.make(2, 2, 2, keep_alive_interval=30.0, keep_alive_max_attempt=2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    beats = []
+    for h in (a, b):
+        beat = h._backend.liveness.beat
+        h._backend.liveness.beat = lambda *args, beat=beat: beats.append(args[0]) or beat(*args)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    assert beats == []
+
+
 def test_redundant_node_moves_up_when_a_participant_leaves(cluster):
     a, b, c = cluster.make(3, 2, 2)
     _check_group(_infos(cluster.rendezvous([a, b])), 2)
@@ -493,6 +535,7 @@ def test_events_reach_torchs_event_handler_under_torchs_names(cluster):
         # A node dies and a spare takes its place: a write drops it, under torch's state holder's name.
         a._stop_heartbeats()
         cluster.clock.offset += 10
+        b._keep_alive()  # b's heartbeat, on the clock that jumped (it beats before its next_rendezvous)
         (c,) = cluster.make(1, 2, 3)
         _check_group(_infos(cluster.rendezvous([b, c])), 2)
         dropped = log.named(_torch_name("_BackendRendezvousStateHolder.sync"))

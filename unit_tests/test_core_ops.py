@@ -31,7 +31,9 @@ from rdzv_common.ops import (
     exit_op,
     fold,
     join_op,
+    rejoin_op,
     settle,
+    waits_for_next_round,
     would_fold,
 )
 from rdzv_common.settings import RendezvousSettings
@@ -408,7 +410,7 @@ def test_every_action_is_classified():
             with pytest.raises(ValueError):
                 apply(action, state, ME)
     assert ADD_ACTIONS == {Action.ADD_TO_PARTICIPANTS, Action.ADD_TO_WAIT_LIST, Action.ADD_TO_REDUNDANCY_LIST}
-    assert ANNOUNCED_ACTIONS == ADD_ACTIONS | {Action.REMOVE_FROM_PARTICIPANTS}
+    assert ANNOUNCED_ACTIONS == ADD_ACTIONS | {Action.REMOVE_FROM_PARTICIPANTS, Action.REJOIN}
 
 
 # --------------------------------------------------------------------------- settle
@@ -602,16 +604,19 @@ def _would_fold_cases():
         "redundant": _complete(N[:3]),
         "closed": RendezvousState(closed=True, participants={N[0]: 0}),
     }
-    for (name, state), kind in itertools.product(states.items(), ["join", "leave", "leave-old-round", "leave-other-completeness", "leave-of-non-member"]):
+    kinds = ["join", "leave", "leave-old-round", "leave-other-completeness", "leave-of-non-member", "rejoin", "rejoin-old-round", "rejoin-of-non-member"]
+    for (name, state), kind in itertools.product(states.items(), kinds):
         yield s, name, state, kind
 
 
 @pytest.mark.parametrize("s, setup, state, kind", list(_would_fold_cases()))
 def test_would_fold_says_whether_folding_changes_the_state(s, setup, state, kind):
     state = copy.deepcopy(state)
-    node = ME if kind in ("join", "leave-of-non-member") else N[0]
+    node = ME if kind in ("join", "leave-of-non-member", "rejoin-of-non-member") else N[0]
     if kind == "join":
         announcement = Announcement("join", node)
+    elif kind.startswith("rejoin"):
+        announcement = Announcement("rejoin", node, state.round + (kind == "rejoin-old-round"), True)
     elif kind == "leave-old-round":
         announcement = Announcement("leave", node, state.round + 1, state.complete)
     elif kind == "leave-other-completeness":
@@ -679,3 +684,63 @@ def test_take_back_folded_after_the_round_completed_does_not_remove_the_member()
     # A leave of the complete round itself (the node stopped its workers) still applies.
     assert fold(state, _leave(ME, state), s) is True
     assert ME not in state.participants and state.complete
+
+
+# --------------------------------------------------------------------------- rejoin
+
+
+def test_rejoin_op_leaves_only_the_complete_round_it_was_started_in():
+    s = _settings(min_nodes=2, max_nodes=3)
+    member = _complete([ME, N[0]], round=3)
+    assert rejoin_op(3)(_ctx(member, s), _future()) is Action.REJOIN
+    assert rejoin_op(3)(_ctx(member, s), _past()) is Action.ERROR_TIMEOUT
+    # Its rejoin was folded into round 4, which completed before the node looked again: that is
+    # the group it joined, not one to leave.
+    assert rejoin_op(3)(_ctx(_complete([ME, N[0]], round=4), s), _future()) is Action.FINISH
+    waiting = _complete([N[0], N[1]], round=3)
+    waiting.wait_list = {ME}
+    assert rejoin_op(3)(_ctx(waiting, s), _future()) is Action.FINISH
+    # A participant of an open round stays in it: join_op goes on from there.
+    open_round = RendezvousState(round=3, participants={ME: 0, N[0]: 0})
+    assert rejoin_op(3)(_ctx(open_round, s), _past()) is Action.FINISH
+    assert rejoin_op(3)(_ctx(RendezvousState(round=3), s), _future()) is Action.FINISH
+
+
+def test_fold_rejoin_leaves_then_joins_the_next_round():
+    s = _settings(min_nodes=2, max_nodes=3)
+    state = _complete([ME, N[0], N[1]], round=2)
+    assert fold(state, Announcement("rejoin", ME, 2, True), s) is True
+    assert state.round == 2 and state.complete and ME not in state.participants
+    assert state.wait_list == {ME} and state.previous_ranks == {ME: 2}
+    assert fold(state, Announcement("rejoin", ME, 2, True), s) is False  # repeated
+    assert fold(state, Announcement("rejoin", N[0], 2, True, "zone-a"), s) is True
+    assert state.topology == {N[0]: "zone-a"}
+    # The last member's leave opens round 3, which its join enters; settle takes in the waiting.
+    assert fold(state, Announcement("rejoin", N[1], 2, True), s) is True
+    assert state.round == 3 and not state.complete and set(state.participants) == {N[1]}
+    settle(state, s, WALL)
+    assert set(state.participants) == {ME, N[0], N[1]} and not state.wait_list
+    assert state.complete  # max_nodes reached
+
+
+def test_fold_stale_rejoin_still_joins_and_a_closed_run_takes_only_the_leave():
+    s = _settings(min_nodes=2, max_nodes=3)
+    # The node was dropped as dead from round 2, and round 3 formed without it.
+    state = _complete([N[0], N[1]], round=3)
+    assert fold(state, Announcement("rejoin", ME, 2, True), s) is True
+    assert state.wait_list == {ME} and ME not in state.participants
+    closed = _complete([ME, N[0]], round=2)
+    closed.closed = True
+    assert fold(closed, Announcement("rejoin", ME, 2, True), s) is True
+    assert ME not in closed.participants and ME not in closed.wait_list
+
+
+def test_a_node_waits_for_the_next_round_only_in_the_wait_list_of_a_complete_open_run():
+    waiting = _complete([N[0], N[1]])
+    waiting.wait_list = {ME}
+    assert waits_for_next_round(waiting, ME)
+    assert not waits_for_next_round(waiting, N[0])
+    closed = copy.deepcopy(waiting)
+    closed.closed = True
+    assert not waits_for_next_round(closed, ME)
+    assert not waits_for_next_round(RendezvousState(wait_list={ME}), ME)

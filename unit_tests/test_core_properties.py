@@ -39,7 +39,7 @@ from rdzv_common.codec import decode_state
 from rdzv_common.executor import OpExecutor
 from rdzv_common.holder import StateHolder
 from rdzv_common.memory import MemoryBackend, MemoryStore
-from rdzv_common.ops import close_op, exit_op, join_op
+from rdzv_common.ops import close_op, exit_op, join_op, rejoin_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc
 
@@ -148,6 +148,10 @@ class Node:
         self.phase = "new"  # new | exit | join | placed | leaving | terminal states below
         self.deadline = 0.0
         self.outcome: str | None = None
+        # Half the nodes leave and join in one announcement, as next_rendezvous does when
+        # admission has nothing to check; the others leave first, as it does otherwise.
+        self.rejoins = index % 2 == 0
+        self.left_round = 0  # the round a rejoining node leaves: the one its holder last read
 
     @property
     def active(self) -> bool:
@@ -296,7 +300,10 @@ class ChurnMachine(RuleBasedStateMachine):
             return node.deadline
 
         try:
-            if node.phase in ("exit", "leaving"):
+            if node.phase == "exit" and node.rejoins:
+                node.executor.run(rejoin_op(node.left_round), node.deadline)
+                node.phase = "join"
+            elif node.phase in ("exit", "leaving"):
                 node.executor.run(exit_op, node.deadline)
                 if node.phase == "leaving":
                     node.backend.liveness.forget(node.desc.key)
@@ -313,6 +320,7 @@ class ChurnMachine(RuleBasedStateMachine):
         except RendezvousTimeoutError:
             node.phase = "timeout"
             node.backend.liveness.forget(node.desc.key)  # as the handler does on a timeout
+            node.executor.liveness_ended()
         except RendezvousGracefulExitError:
             node.phase = "graceful"
         finally:
@@ -321,7 +329,9 @@ class ChurnMachine(RuleBasedStateMachine):
     def _begin(self, node: Node) -> None:
         # What next_rendezvous does before its first decision.
         node.holder.refresh_liveness()
-        node.executor.beat()
+        node.holder.sync()
+        node.executor.beat_if_due()
+        node.left_round = node.holder.state.round
         node.deadline = CLOCK.t + JOIN_TIMEOUT
         node.phase = "exit"
 

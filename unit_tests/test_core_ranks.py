@@ -334,7 +334,7 @@ def test_topology_travels_with_the_join_and_lives_in_the_state():
     state = RendezvousState()
     fold(state, note, _settings())
     doc = json.loads(encode_state(state))
-    assert doc["version"] == 2 and doc["participants"][0]["topology"] == "zone-a/rack-07"
+    assert doc["version"] == 3 and doc["participants"][0]["topology"] == "zone-a/rack-07"
     assert decode_state(encode_state(state)).topology == {node: "zone-a/rack-07"}
 
 
