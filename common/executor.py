@@ -152,7 +152,8 @@ class OpExecutor:
                     # A join folded in for a node with no heartbeat would be dropped as dead at once.
                     self.beat()
                 self._holder.announce(action)
-                synced = self._holder.await_fold()
+                beat_in = self._last_beat + self._settings.keep_alive_interval - self._clock()
+                synced = self._holder.await_fold(beat_in)
             else:
                 # Completing and closing are recorded by the write that does them (``StateHolder``).
                 record_step(self._settings, self._node, action.name, state.round)

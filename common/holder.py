@@ -276,13 +276,18 @@ class StateHolder:
         self._pending = _Pending(state.round, action, record, self._clock(), random.uniform(0.9, 1.1))
         record_step(self._settings, self._node, action.name, state.round)
 
-    def await_fold(self) -> bool:
+    def await_fold(self, beat_in: float = float("inf")) -> bool:
         """Fold the pending announcements if ours is the oldest; else let the older posters do it.
 
         One node at a time, the poster of the oldest pending announcement, folds a batch, so
         concurrent joiners do not all race to write the same batch. If the nodes ahead do not act
         in time (dead, or stalled), this node folds anyway, after a wait that grows with its place
         in line (see ``FOLD_FALLBACK_FIRST``).
+
+        Args:
+            beat_in: seconds until the node's next heartbeat is due; the wait for its turn ends
+                then (and the caller decides afresh), so that a wait in a long line never outlasts
+                the node's liveness.
 
         Returns:
             True if the state was synced and the caller must decide afresh; False if the caller
@@ -317,8 +322,11 @@ class StateHolder:
             pending = self._pending
             wait = (FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place) * pending.jitter
             turn = max(self._changed_at, pending.posted_at) + wait
+            beat_at = self._clock() + beat_in
             while (remaining := turn - self._clock()) > 0:
-                self._backend.wait_for_change(before, remaining)
+                if (until_beat := beat_at - self._clock()) <= 0:
+                    return True
+                self._backend.wait_for_change(before, min(remaining, until_beat))
                 self.sync()
                 if self._token != before:
                     return True

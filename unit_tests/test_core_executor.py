@@ -134,6 +134,22 @@ def test_a_later_poster_waits_longer_the_further_back_it_is():
     assert set(last_holder.state.participants) == set(NODES[:3])
 
 
+def test_a_wait_for_a_turn_in_line_ends_when_a_heartbeat_is_due():
+    """A node far back in line waits up to FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * 16 seconds
+    (4.5 s) for its turn, longer than a liveness TTL of 1 s x 3: it stops when its heartbeat is
+    due, so the caller beats, and keeps its turn. Without the beat, a re-rendezvous at N = 256
+    lost nodes to lapses, and the round, short of min_nodes, fell into hundreds of lost writes."""
+    store = MemoryStore()
+    executors = [_executor(store, node) for node in NODES[:3]]
+    for _, holder, _ in executors:
+        holder.announce(Action.ADD_TO_PARTICIPANTS)
+    _, last, backend = executors[2]
+    assert last.await_fold(beat_in=0.3) is True  # decide afresh: beat, then wait again
+    assert backend.waits == [pytest.approx(0.3)]
+    assert last.await_fold() is False  # the turn counted from the post, not from the beat
+    assert sum(backend.waits) == pytest.approx(FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * 2)
+
+
 def test_repeated_joins_of_placed_nodes_do_not_hold_up_the_line():
     store = MemoryStore()
     _, placed_holder, _ = _executor(store, NODES[0])
