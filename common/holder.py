@@ -95,6 +95,7 @@ class StateHolder:
         self._confirmed: frozenset[NodeDesc] = frozenset()
         self._confirmed_at = float("-inf")
         self._where = f"the mailbox of run '{settings.run_id}'"
+        self._state_where = f"{backend.location} (run '{settings.run_id}')"
         self.writes = 0
         self.failed_writes = 0
 
@@ -158,8 +159,7 @@ class StateHolder:
         if response is None:
             self._state, self._token = RendezvousState(), None
         else:
-            where = f"{self._backend.location} (run '{self._settings.run_id}')"
-            self._state, self._token = decode_state(response[0], where), response[1]
+            self._state, self._token = decode_state(response[0], self._state_where), response[1]
         if self._token != token:
             self._changed_at = self._clock()
         self._stale = False
@@ -187,11 +187,10 @@ class StateHolder:
         """
         end = self._clock() + timeout
         token = self._token
-        where = f"{self._backend.location} (run '{self._settings.run_id}')"
         while (remaining := end - self._clock()) > 0:
             self._backend.wait_for_change(token, remaining)
             response = self._backend.get_state()
-            if response is None or ends_wait(peek_state(response[0], where)):
+            if response is None or ends_wait(peek_state(response[0], self._state_where)):
                 return
             token = response[1]
 
