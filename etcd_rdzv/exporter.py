@@ -55,8 +55,12 @@ class RunMirror:
     rounds_completed: int = 0
     last_completed_at: float | None = None  # UNIX time the exporter saw the last round complete
 
-    def set_state(self, value: bytes | None, seen_at: float) -> None:
-        """The state key now holds ``value`` (``None``: deleted); counts a round that completed."""
+    def set_state(self, value: bytes | None, seen_at: float, created: bool = False) -> None:
+        """The state key now holds ``value`` (``None``: deleted); counts a round that completed.
+
+        ``created``: the key was created by this write (the watch saw it appear). A run's first
+        write may complete its first round (every join was folded by then), and that round counts;
+        a state found complete when the exporter loads the prefix was not seen completing."""
         before = self.state
         try:
             self.state = None if value is None else decode_state(value, where=f"key '{self.keys.state}'")
@@ -64,7 +68,9 @@ class RunMirror:
         except RendezvousStateError:
             self.state, self.corrupt = None, True
         after = self.state
-        if before is not None and after is not None and after.complete and (before.round, before.complete) != (after.round, True):
+        if after is None or not after.complete:
+            return
+        if (before is None and created) or (before is not None and (before.round, before.complete) != (after.round, True)):
             self.rounds_completed += 1
             self.last_completed_at = seen_at
 
@@ -210,7 +216,7 @@ class RunsMirror:
                     continue
                 put = event.type != kv_pb2.Event.DELETE
                 if self._is_state(key):
-                    run.set_state(event.kv.value if put else None, now)
+                    run.set_state(event.kv.value if put else None, now, created=put and event.kv.version == 1)
                 elif put:
                     self._put(run, event.kv)
                 else:
