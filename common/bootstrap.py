@@ -9,11 +9,18 @@ NCCL unique id) can leak from one round or restart into the next (pytorch issue 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import RendezvousStoreInfo
 
 from .hosting import hosted
+
+# How often a rank waiting for rank 0 to publish the trainers' store checks that rank 0 is still
+# in the group.
+LEADER_CHECK_SECONDS = 1.0
 
 
 def shared_store_enabled() -> bool:
@@ -33,11 +40,18 @@ class TrainerStoreHost:
         """The server this node hosts for the current round, if it is rank 0."""
         return self._server
 
-    def publish(self, rank: int, round_store: dist.Store) -> RendezvousStoreInfo:
+    def publish(self, rank: int, round_store: dist.Store, group_stands: Callable[[], bool]) -> RendezvousStoreInfo | None:
         """Return the round's store address; rank 0 starts a fresh server and publishes it.
 
         ``round_store`` must be private to the round (prefixed by run id and round), and every
-        rank of the round must call this. Non-zero ranks block until rank 0 has published.
+        rank of the round must call this. Non-zero ranks block until rank 0 has published, asking
+        ``group_stands`` every ``LEADER_CHECK_SECONDS`` whether rank 0 is still in the group;
+        ``None`` once it is not (its call failed or it died before publishing: it never will, and
+        waiting for the store's timeout held the other ranks 300 s).
+
+        Raises:
+            DistStoreError: rank 0 stayed in the group and published nothing within the store's
+                timeout.
         """
         self.stop()
         if not shared_store_enabled():
@@ -50,6 +64,17 @@ class TrainerStoreHost:
             # One write and one blocking read per rank, where torch's build() makes two of each.
             round_store.multi_set(keys, [self._addr, str(self._server.port)])
             return RendezvousStoreInfo(self._addr, self._server.port)
+        give_up = time.monotonic() + round_store.timeout.total_seconds()
+        while True:
+            wait = min(LEADER_CHECK_SECONDS, give_up - time.monotonic())
+            try:
+                round_store.wait(keys, timedelta(seconds=max(wait, 0.001)))
+                break
+            except dist.DistStoreError:
+                if not group_stands():
+                    return None
+                if time.monotonic() >= give_up:
+                    raise
         addr, port = round_store.multi_get(keys)
         return RendezvousStoreInfo(addr.decode(), int(port.decode()))
 

@@ -163,22 +163,27 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 # Read before the first heartbeat: a corrupt state fails with nothing written.
                 self._holder.sync()
                 self._executor.beat_if_due()
-                deadline = started + self._config.join_timeout
-                if self._admission.admits_at_once():
-                    # Leaving the previous round and joining the next take one announcement.
-                    self._executor.run(rejoin_op(self._holder.state.round), deadline)
-                else:
-                    # The node leaves its group before it waits out a quarantine or runs its
-                    # health check: the other members need not wait for it to form the next one.
-                    self._executor.run(exit_op, deadline)
-                    self._admission.admit(self._holder.state.round, deadline)
-                self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
-                placed_at = self._executor.placed_at or time.monotonic()
-            self._start_heartbeats()
-            state = self._holder.state
-            rank, world_size = state.participants[self._node], state.world_size
-            round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
-            store_info = self._trainer_store.publish(rank, round_store)
+            deadline = started + self._config.join_timeout
+            while True:
+                with self._lock:
+                    self._leave_and_join(deadline)
+                    placed_at = self._executor.placed_at or time.monotonic()
+                self._start_heartbeats()
+                state = self._holder.state
+                rank, world_size = state.participants[self._node], state.world_size
+                round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
+                round_, leader = state.round, next(node for node, r in state.participants.items() if r == 0)
+                store_info = self._trainer_store.publish(rank, round_store, lambda: self._group_stands(round_, leader))
+                if store_info is not None:
+                    break
+                # Rank 0 left the group (its own call failed, or it died) before it published the
+                # trainers' store: no trainer of this group can start, so this node joins the next.
+                logger.warning(
+                    "Rank 0 ('%s') of round %d of the rendezvous '%s' left before publishing the trainers' "
+                    "store; the node '%s' joins the next round.",
+                    leader, state.round, self._config.run_id, self._node,
+                )
+                self._stop_heartbeats()
         except Exception as e:
             self._record("next_rendezvous", f"{type(e).__name__}: {e}", NodeState.FAILED)
             report_failure()
@@ -215,6 +220,26 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self.last_timings.lost_writes,
         )
         return RendezvousInfo(round_store, rank, world_size, store_info)
+
+    def _leave_and_join(self, deadline: float) -> None:
+        """Leave the round this node is in, if any, and join the next, by ``deadline``."""
+        if self._admission.admits_at_once():
+            # Leaving the previous round and joining the next take one announcement.
+            self._executor.run(rejoin_op(self._holder.state.round), deadline)
+        else:
+            # The node leaves its group before it waits out a quarantine or runs its
+            # health check: the other members need not wait for it to form the next one.
+            self._executor.run(exit_op, deadline)
+            self._admission.admit(self._holder.state.round, deadline)
+        self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
+
+    def _group_stands(self, round_: int, leader: NodeDesc) -> bool:
+        """Whether ``leader`` is still a live member of the group of ``round_`` (a read drops the
+        nodes whose liveness lapsed)."""
+        with self._lock:
+            self._holder.sync()
+            state = self._holder.state
+            return state.round == round_ and leader in state.participants
 
     def _guarded(self, method: str, fn):
         try:

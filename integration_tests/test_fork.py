@@ -268,7 +268,7 @@ HOSTED_SERVER_CHILD = textwrap.dedent(
     from rdzv_common.bootstrap import TrainerStoreHost
 
     host = TrainerStoreHost("127.0.0.1")
-    host.publish(0, dist.HashStore())
+    host.publish(0, dist.HashStore(), lambda: True)
     params = RendezvousParameters("c10d_rdzv", f"127.0.0.1:{sys.argv[1]}", "hosted", 1, 1, is_host=True)
     backend, store = create_backend(params)
     pid = os.fork()

@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
+    RendezvousConnectionError,
     RendezvousGracefulExitError,
     RendezvousInfo,
     RendezvousTimeoutError,
@@ -310,6 +311,36 @@ def test_a_re_rendezvous_soon_after_a_heartbeat_does_not_beat_first(cluster):
         h._backend.liveness.beat = lambda *args, beat=beat: beats.append(args[0]) or beat(*args)
     _check_group(_infos(cluster.rendezvous([a, b])), 2)
     assert beats == []
+
+
+def test_a_rank_whose_rank_0_left_before_publishing_the_store_joins_the_next_round(cluster, monkeypatch):
+    """Bug (nemesis churn run, 2 in 9 under load): rank 0's call failed after its round completed,
+    before it published the trainers' store; its next call left that group. The other ranks
+    waited for the store address until the store's timeout (300 s). They now check that rank 0 is
+    still a member while they wait, and join the next round once it is not."""
+    import rdzv_common.bootstrap as bootstrap
+
+    monkeypatch.setattr(bootstrap, "LEADER_CHECK_SECONDS", 0.2, raising=False)
+    a, b = cluster.make(2, 2, 2)
+    publish = bootstrap.TrainerStoreHost.publish
+    failed = []
+
+    def rank_0_fails_once(host, rank, round_store, *rest):
+        if rank == 0 and not failed:
+            failed.append(host)
+            raise RendezvousConnectionError("the etcd cluster went away")
+        return publish(host, rank, round_store, *rest)
+
+    monkeypatch.setattr(bootstrap.TrainerStoreHost, "publish", rank_0_fails_once)
+    jobs = {h: cluster.start(h.next_rendezvous) for h in (a, b)}
+    wait_until(lambda: failed, what="rank 0 failing")
+    (leader,) = [h for h in (a, b) if h._trainer_store is failed[0]]
+    (other,) = [h for h in (a, b) if h is not leader]
+    assert isinstance(jobs[leader].result(10), RendezvousConnectionError)
+    assert not jobs[other].done.is_set()  # it waits for rank 0's store address
+    infos = _infos([cluster.start(leader.next_rendezvous).result(10), jobs[other].result(10)])
+    _check_group(infos, 2)
+    assert cluster.state().round == 1
 
 
 def test_redundant_node_moves_up_when_a_participant_leaves(cluster):
