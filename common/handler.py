@@ -172,16 +172,18 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 state = self._holder.state
                 rank, world_size = state.participants[self._node], state.world_size
                 round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
-                round_, leader = state.round, next(node for node, r in state.participants.items() if r == 0)
-                store_info = self._trainer_store.publish(rank, round_store, lambda: self._group_stands(round_, leader))
-                if store_info is not None:
-                    break
-                # Rank 0 left the group (its own call failed, or it died) before it published the
-                # trainers' store: no trainer of this group can start, so this node joins the next.
+                round_ = state.round
+                leader = next((node for node, r in state.participants.items() if r == 0), None)
+                if leader is not None:
+                    store_info = self._trainer_store.publish(rank, round_store, lambda: self._group_stands(round_, leader))
+                    if store_info is not None:
+                        break
+                # Rank 0 left the group (its call failed, it restarted, or it died), maybe before it
+                # published the trainers' store: no trainer of this group can start with it, so
+                # this node joins the next round.
                 logger.warning(
-                    "Rank 0 ('%s') of round %d of the rendezvous '%s' left before publishing the trainers' "
-                    "store; the node '%s' joins the next round.",
-                    leader, state.round, self._config.run_id, self._node,
+                    "Rank 0 of round %d of the rendezvous '%s' left its group; the node '%s' joins the next round.",
+                    round_, self._config.run_id, self._node,
                 )
                 self._stop_heartbeats()
         except Exception as e:
