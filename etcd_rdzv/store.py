@@ -82,7 +82,7 @@ class EtcdStore(dist.Store):
             self._run.write(put, self._floor)
 
     def wait(self, keys: Sequence[str], timeout: timedelta | None = None) -> None:
-        self._await(list(keys), self.timeout if timeout is None else timeout)
+        self._await(list(keys), self.timeout if timeout is None else timeout, read=False)
 
     def check(self, keys: Sequence[str]) -> bool:
         return len(self._read(list(keys))) == len(set(keys))
@@ -161,10 +161,12 @@ class EtcdStore(dist.Store):
             values.update(self._run.read(get, self._floor))
         return values
 
-    def _await(self, keys: list[str], timeout: timedelta) -> list[bytes]:
+    def _await(self, keys: list[str], timeout: timedelta, read: bool = True) -> list[bytes]:
         """Block until every key exists and return their values: wait on the run's view until it
         shows them, then read them from etcd (a value is never taken from the view). Without a
-        current view, read etcd at once, and again whenever the view may have news."""
+        current view, read etcd at once, and again whenever the view may have news. With
+        ``read=False`` (a wait, which needs no values) a view that shows every key is enough, and
+        nothing is returned."""
         deadline = time.monotonic() + timeout.total_seconds()
         values: dict[str, bytes] = {}
         while True:
@@ -178,5 +180,8 @@ class EtcdStore(dist.Store):
                     f"in the etcd store at '{self._prefix}'."
                 )
             full = [self._key(key) for key in missing]
-            if self._run.view.wait_store_keys(full, self._floor.revision, remaining):
+            shown = self._run.view.wait_store_keys(full, self._floor.revision, remaining)
+            if shown and not read:
+                return []
+            if shown is not False:
                 values.update(self._read(missing))

@@ -204,21 +204,24 @@ class RunView:
                 min(timeout, WAIT_CAP_SECONDS),
             )
 
-    def wait_store_keys(self, keys: Collection[bytes], floor: int, timeout: float) -> bool:
+    def wait_store_keys(self, keys: Collection[bytes], floor: int, timeout: float) -> bool | None:
         """Wait until every store key (full etcd key) in ``keys`` exists at or after ``floor``, or
         ``timeout``.
 
         Returns:
-            ``False`` only if the view can vouch for ``floor`` and still lacks a key, so the caller
-            may wait on without asking etcd; ``True`` if the keys may exist now (read them).
+            ``True`` if the view vouches for ``floor`` and holds every key; ``False`` if it vouches
+            for ``floor`` and still lacks a key, so the caller may wait on without asking etcd;
+            ``None`` if it cannot vouch (ask etcd).
         """
         with self._store_changed:
-            present = self._store_changed.wait_for(
+            self._store_changed.wait_for(
                 lambda: self._closed
                 or (self._healthy and self._applied >= floor and self._store_keys.issuperset(keys)),
                 min(timeout, WAIT_CAP_SECONDS),
             )
-            return present or not self._trusted(floor)
+            if not self._trusted(floor):
+                return None
+            return self._store_keys.issuperset(keys)
 
     # The watch.
 

@@ -87,6 +87,18 @@ def test_wait_and_check(store):
         store.wait(["a", "never"], timedelta(seconds=0.3))
 
 
+def test_a_wait_the_view_can_answer_reads_no_values(store, monkeypatch):
+    """A wait needs no values: a rank waiting for rank 0's trainers' store address waits, then
+    reads it, and the wait's own read of the values made a join cost each node a fifth request."""
+    store.set("addr", "10.0.0.1")
+    reads = []
+    read = store._read
+    monkeypatch.setattr(store, "_read", lambda keys: reads.append(keys) or read(keys))
+    store.wait(["addr"], timedelta(seconds=5))
+    assert reads == []
+    assert store.multi_get(["addr"]) == [b"10.0.0.1"] and reads == [["addr"]]
+
+
 def test_delete_and_num_keys(store):
     assert store.num_keys() == 0
     store.set("x", "1")
