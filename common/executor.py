@@ -62,19 +62,6 @@ class OpExecutor:
         self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout)
         self._last_beat = self._clock()
 
-    def beat_if_due(self) -> None:
-        """Send a heartbeat unless the last one is younger than ``keep_alive_interval``: that one
-        renewed the node's liveness for ``liveness_ttl``, and the operations beat again when due.
-        (A re-rendezvous of N nodes in one process would otherwise renew N leases at once, one
-        after the other on the process's keep-alive stream: 1.4 s at N = 256.)"""
-        if self._keep_alive_due():
-            self.beat()
-
-    def liveness_ended(self) -> None:
-        """The node's liveness was ended elsewhere (``Liveness.forget``): the next ``beat_if_due``
-        beats."""
-        self._last_beat = float("-inf")
-
     def _keep_alive_due(self) -> bool:
         return self._clock() - self._last_beat >= self._settings.keep_alive_interval
 

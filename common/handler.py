@@ -162,7 +162,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._holder.refresh_liveness()
                 # Read before the first heartbeat: a corrupt state fails with nothing written.
                 self._holder.sync()
-                self._executor.beat_if_due()
+                self._executor.beat()
             deadline = started + self._config.join_timeout
             while True:
                 with self._lock:
@@ -193,7 +193,6 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 # A join another node folded in after this one gave up must not stand: with its
                 # liveness gone, the next write drops it.
                 _end_liveness(self._backend, self._node.key)
-                self._executor.liveness_ended()
             raise
 
         finished = time.monotonic()

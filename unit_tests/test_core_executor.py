@@ -426,16 +426,3 @@ def test_a_waiting_node_passes_over_members_leaving_and_wakes_for_the_next_round
     backend.set_state(encode_state(opened), backend.get_state()[1])
     assert woke.wait(5)
     waiter.join(5)
-
-
-def test_a_node_beats_when_due_and_again_once_its_liveness_was_ended():
-    store = MemoryStore()
-    executor, _, backend = _executor(store, NODES[0])
-    beats = []
-    beat = backend.liveness.beat
-    backend.liveness.beat = lambda *args: beats.append(args) or beat(*args)
-    executor.beat_if_due()  # _executor beat a moment ago
-    assert beats == []
-    executor.liveness_ended()
-    executor.beat_if_due()
-    assert len(beats) == 1

@@ -320,7 +320,6 @@ class ChurnMachine(RuleBasedStateMachine):
         except RendezvousTimeoutError:
             node.phase = "timeout"
             node.backend.liveness.forget(node.desc.key)  # as the handler does on a timeout
-            node.executor.liveness_ended()
         except RendezvousGracefulExitError:
             node.phase = "graceful"
         finally:
@@ -330,7 +329,7 @@ class ChurnMachine(RuleBasedStateMachine):
         # What next_rendezvous does before its first decision.
         node.holder.refresh_liveness()
         node.holder.sync()
-        node.executor.beat_if_due()
+        node.executor.beat()
         node.left_round = node.holder.state.round
         node.deadline = CLOCK.t + JOIN_TIMEOUT
         node.phase = "exit"
