@@ -274,6 +274,14 @@ def _leave_applies(state: RendezvousState, announcement: Announcement) -> bool:
     )
 
 
+def _join_action(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> Action | None:
+    """What the join part of ``announcement`` (a join or a rejoin) does to ``state`` now: ``None``
+    for a leave, a join to a closed run, or a node already placed."""
+    if announcement.kind == "leave" or state.closed or announcement.node in state.participants:
+        return None
+    return _placement(state, announcement.node, settings)
+
+
 def fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
     """Apply ``announcement`` as its poster's own actions would; return whether it changed ``state``.
 
@@ -285,13 +293,12 @@ def fold(state: RendezvousState, announcement: Announcement, settings: Rendezvou
     if announcement.kind in ("leave", "rejoin") and _leave_applies(state, announcement):
         apply(Action.REMOVE_FROM_PARTICIPANTS, state, node)
         actions.append(Action.REMOVE_FROM_PARTICIPANTS)
-    if announcement.kind in ("join", "rejoin") and not state.closed and node not in state.participants:
-        action = _placement(state, node, settings)
-        if action is not None:
-            apply(action, state, node)
-            if announcement.topology is not None:
-                state.topology[node] = announcement.topology
-            actions.append(action)
+    action = _join_action(state, announcement, settings)
+    if action is not None:
+        apply(action, state, node)
+        if announcement.topology is not None:
+            state.topology[node] = announcement.topology
+        actions.append(action)
     if actions:
         logger.debug(
             "Folded the announcement of %s into round %d of the rendezvous '%s': %s",
@@ -305,15 +312,9 @@ def fold(state: RendezvousState, announcement: Announcement, settings: Rendezvou
 
 def would_fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
     """Whether ``fold`` would change ``state`` (without changing it)."""
-    node = announcement.node
     if announcement.kind in ("leave", "rejoin") and _leave_applies(state, announcement):
         return True
-    return (
-        announcement.kind != "leave"
-        and not state.closed
-        and node not in state.participants
-        and _placement(state, node, settings) is not None
-    )
+    return _join_action(state, announcement, settings) is not None
 
 
 def nodes_waiting(state: RendezvousState, settings: RendezvousSettings) -> int:
