@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -44,7 +45,10 @@ class OpExecutor:
         self._settings = settings
         self._clock = clock
         self._wall_clock = wall_clock
+        # When (on ``clock``) the last heartbeat that succeeded was sent. Beats of one node never
+        # overlap: the handler's heartbeat thread and this executor both send them.
         self._last_beat = float("-inf")
+        self._beat_lock = threading.Lock()
         # Monotonic time the current run first saw this node among the participants.
         self.placed_at: float | None = None
 
@@ -57,10 +61,24 @@ class OpExecutor:
         """When (on ``clock``) this node last sent a heartbeat; ``None`` before its first."""
         return None if self._last_beat == float("-inf") else self._last_beat
 
-    def beat(self, timeout: float | None = None) -> None:
-        """Send a heartbeat now, within ``timeout`` seconds if given."""
-        self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout)
-        self._last_beat = self._clock()
+    def beat(self, timeout: float | None = None, if_due: bool = False) -> None:
+        """Send a heartbeat now, within ``timeout`` seconds if given; with ``if_due``, only if none
+        was sent within ``keep_alive_interval`` (another thread's beat may have ended while this
+        one waited for it)."""
+        with self._beat_lock:
+            if if_due and not self._keep_alive_due():
+                return
+            sent = self._clock()
+            self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout)
+            # The next beat is due an interval after this one was *sent*: the server counts the TTL
+            # from when it took the beat, no earlier. Counted from the reply, the interval grew by
+            # the reply's delay, which under load is most of the TTL (at N = 256, beats 2.4 s
+            # apart on a 3 s TTL lapsed by the dozen and set off storms of writes).
+            self._last_beat = sent
+
+    def next_beat_in(self) -> float:
+        """Seconds until the next heartbeat is due (at most 0 when one is due now)."""
+        return self._last_beat + self._settings.keep_alive_interval - self._clock()
 
     def _keep_alive_due(self) -> bool:
         return self._clock() - self._last_beat >= self._settings.keep_alive_interval
@@ -133,14 +151,13 @@ class OpExecutor:
             if action is Action.SYNC:
                 self._wait(deadline)
             elif action is Action.KEEP_ALIVE:
-                self.beat()
+                self.beat(if_due=True)
             elif action in ANNOUNCED_ACTIONS:
                 if self._keep_alive_due():
                     # A join folded in for a node with no heartbeat would be dropped as dead at once.
-                    self.beat()
+                    self.beat(if_due=True)
                 self._holder.announce(action)
-                beat_in = self._last_beat + self._settings.keep_alive_interval - self._clock()
-                synced = self._holder.await_fold(beat_in)
+                synced = self._holder.await_fold(self.next_beat_in())
             else:
                 # Completing and closing are recorded by the write that does them (``StateHolder``).
                 record_step(self._settings, self._node, action.name, state.round)
@@ -153,7 +170,7 @@ class OpExecutor:
         """Block until the state changes, a heartbeat or this node's turn to complete the round
         is due, or timeout."""
         now = self._clock()
-        timeouts = [deadline - now, self._last_beat + self._settings.keep_alive_interval - now]
+        timeouts = [deadline - now, self.next_beat_in()]
         state = self._holder.state
         due = completion_due(state, self._node)
         if due is not None and self._node in state.participants:

@@ -88,7 +88,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._holder = StateHolder(backend, settings, node, topology=topology, on_dropped=on_dropped)
         self._executor = OpExecutor(node, self._holder, backend, settings)
         self._lock = threading.Lock()
-        self._heartbeat_stop: threading.Event | None = None
+        # The heartbeat thread and the event that stops it: running from the first call of
+        # ``next_rendezvous`` until one fails or ``shutdown``, through every later call, so that a
+        # node's liveness never rests on the thread that is busy rejoining (see ``_heartbeat_loop``).
+        self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
         self._beats_failing = False
         self._trainer_store = TrainerStoreHost(node.addr)
         self.last_timings: RendezvousTimings | None = None
@@ -157,18 +160,19 @@ class DynamicRendezvousHandler(RendezvousHandler):
         started = time.monotonic()
         writes, lost = self._holder.writes, self._holder.failed_writes
         try:
-            self._stop_heartbeats()
             with self._lock:
                 self._holder.refresh_liveness()
-                # Read before the first heartbeat: a corrupt state fails with nothing written.
-                self._holder.sync()
-                self._executor.beat()
+                if self._heartbeat is None:
+                    # Read before the first heartbeat: a corrupt state fails with nothing written.
+                    # (The executor reads the state first thing anyway.)
+                    self._holder.sync()
+                    self._executor.beat()
+                    self._start_heartbeats()
             deadline = started + self._config.join_timeout
             while True:
                 with self._lock:
                     self._leave_and_join(deadline)
                     placed_at = self._executor.placed_at or time.monotonic()
-                self._start_heartbeats()
                 state = self._holder.state
                 rank, world_size = state.participants[self._node], state.world_size
                 round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
@@ -185,8 +189,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     "Rank 0 of round %d of the rendezvous '%s' left its group; the node '%s' joins the next round.",
                     round_, self._config.run_id, self._node,
                 )
-                self._stop_heartbeats()
         except Exception as e:
+            # The node is out of the rendezvous: its liveness lapses (or ends, below), as it did
+            # before the call.
+            self._stop_heartbeats()
             self._record("next_rendezvous", f"{type(e).__name__}: {e}", NodeState.FAILED)
             report_failure()
             if isinstance(e, RendezvousTimeoutError):
@@ -295,26 +301,29 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._record("_close", msg, NodeState.SUCCEEDED)
         logger.info(msg)
 
-    def _keep_alive(self) -> None:
-        # A beat touches only this node's liveness: it neither reads nor writes the shared state.
-        # Failures are logged when the heartbeat's health changes, not at every interval, so an
-        # outage does not flood the log (torch's event stream still gets every failure).
-        with self._lock:
-            try:
-                self._executor.beat(self._config.heartbeat_timeout)
-            except RendezvousError as ex:
-                self._report_failure("_keep_alive", "send a keep-alive heartbeat to", ex, log=not self._beats_failing)
-                self._beats_failing = True
-                return
-            if self._beats_failing:
-                logger.info("The node '%s' sends keep-alive heartbeats again.", self._node)
-            self._beats_failing = False
-            msg = (
-                f"The node '{self._node}' has sent a keep-alive heartbeat to the rendezvous "
-                f"'{self._config.run_id}'."
-            )
-            self._record("_keep_alive", msg)
-            logger.debug(msg)
+    def _keep_alive(self) -> bool:
+        """Send a heartbeat; return whether it went through.
+
+        A beat touches only this node's liveness: it neither reads nor writes the shared state, so
+        it takes no handler lock and goes on while ``next_rendezvous`` holds it. Failures are
+        logged when the heartbeat's health changes, not at every interval, so an outage does not
+        flood the log (torch's event stream still gets every failure)."""
+        try:
+            self._executor.beat(self._config.heartbeat_timeout)
+        except RendezvousError as ex:
+            self._report_failure("_keep_alive", "send a keep-alive heartbeat to", ex, log=not self._beats_failing)
+            self._beats_failing = True
+            return False
+        if self._beats_failing:
+            logger.info("The node '%s' sends keep-alive heartbeats again.", self._node)
+        self._beats_failing = False
+        msg = (
+            f"The node '{self._node}' has sent a keep-alive heartbeat to the rendezvous "
+            f"'{self._config.run_id}'."
+        )
+        self._record("_keep_alive", msg)
+        logger.debug(msg)
+        return True
 
     def _report_failure(self, method: str, what: str, ex: RendezvousError, log: bool = True) -> None:
         msg = (
@@ -328,19 +337,24 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _start_heartbeats(self) -> None:
         stop = threading.Event()
-        self._heartbeat_stop = stop
         thread = threading.Thread(
             target=_heartbeat_loop,
             args=(weakref.ref(self), stop, self._config.keep_alive_interval),
             name=f"RendezvousKeepAliveTimer_{self._node.local_id}",
             daemon=True,
         )
+        self._heartbeat = (thread, stop)
         thread.start()
 
     def _stop_heartbeats(self) -> None:
-        if self._heartbeat_stop is not None:
-            self._heartbeat_stop.set()
-            self._heartbeat_stop = None
+        """Stop the heartbeat thread and wait for a beat in flight, so that none lands after the
+        caller ends the node's liveness."""
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            thread, stop = heartbeat
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join(self._config.heartbeat_timeout)
 
 
 def _end_liveness(backend: RendezvousBackend, node_key: str) -> None:
@@ -376,12 +390,18 @@ def _bounded(action: Callable[[], None], what: str) -> None:
 
 
 def _heartbeat_loop(handler_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
-    # Holds the handler only weakly so an abandoned handler can still be collected.
-    while not stop.wait(interval):
+    # Beats at a fixed rate, an interval after the last beat was sent (by this thread or by the
+    # node's executor), not an interval after the last one returned; after a failed beat, an
+    # interval after the failure. Holds the handler only weakly so an abandoned handler can
+    # still be collected.
+    delay = interval
+    while not stop.wait(max(0.0, delay)):
         handler = handler_ref()
         if handler is None:
             return
-        handler._keep_alive()
+        delay = handler._executor.next_beat_in()
+        if delay <= 0:
+            delay = interval if not handler._keep_alive() else handler._executor.next_beat_in()
         del handler
 
 

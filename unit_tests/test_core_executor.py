@@ -209,6 +209,33 @@ def test_every_decision_gets_the_executors_clocks():
     assert backend.waits == [pytest.approx(3.0), pytest.approx(2.0)]
 
 
+def test_the_next_heartbeat_is_due_an_interval_after_the_last_was_sent():
+    """Bug: the next beat fell due an interval after the last one *returned*. Under load a reply
+    took most of a second, so beats went out up to 2.4 s apart against a 3 s TTL, leases lapsed by
+    the dozen in a re-rendezvous at N = 256, and the dropped nodes set off storms of writes."""
+    store = MemoryStore()
+    settings = _settings(keep_alive_interval=1.0)
+    backend = MemoryBackend(store, RUN)
+    clock = FakeClock(NOW)
+    executor = OpExecutor(NODES[0], StateHolder(backend, settings, NODES[0]), backend, settings, clock=clock)
+    beat = backend.liveness.beat
+
+    def slow_beat(*args, **kwargs):
+        clock.advance(0.6)  # the reply's delay
+        beat(*args, **kwargs)
+
+    backend.liveness.beat = slow_beat
+    executor.beat()
+    assert executor.last_beat == NOW
+    assert executor.next_beat_in() == pytest.approx(0.4)
+    # A beat asked for only if due is skipped while the last one is recent (another thread sent it).
+    executor.beat(if_due=True)
+    assert clock.t == pytest.approx(NOW + 0.6)
+    clock.advance(0.4)
+    executor.beat(if_due=True)
+    assert executor.last_beat == pytest.approx(NOW + 1.0)
+
+
 def test_a_participant_waits_for_the_last_call_on_the_wall_clock():
     store = MemoryStore()
     settings = _settings(keep_alive_interval=50.0)

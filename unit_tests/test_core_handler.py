@@ -553,6 +553,8 @@ def test_events_reach_torchs_event_handler_under_torchs_names(cluster):
         # A node dies and a spare takes its place: a write drops it, under torch's state holder's name.
         a._stop_heartbeats()
         cluster.clock.offset += 10
+        # b's heartbeats go on through its calls: its next beat makes it alive again.
+        wait_until(lambda: b._backend.liveness.alive([b.node.key], b.settings.liveness_ttl), what="b's next beat")
         (c,) = cluster.make(1, 2, 3)
         _check_group(_infos(cluster.rendezvous([b, c])), 2)
         dropped = log.named(_torch_name("_BackendRendezvousStateHolder.sync"))
@@ -678,6 +680,41 @@ class StateCallCounter:
             return original(*a, **kw)
 
         setattr(obj, name, counted)
+
+
+def test_a_nodes_heartbeats_go_on_while_its_next_call_is_held_up(cluster):
+    """Bug: ``next_rendezvous`` stopped the heartbeat thread and left the beats to the calling
+    thread, which beat only after its first read of the state. With 255 threads of a process
+    rejoining at once, that read took a second or more, the beats went out 2.4 s apart on median
+    against a 3 s TTL, and leases lapsed by the dozen. Now the heartbeat thread beats on, on its
+    own, through the call."""
+    a, b = cluster.make(2, 2, 2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    beats: list[float] = []
+    beat = b._backend.liveness.beat
+
+    def counted_beat(*args, **kwargs):
+        beats.append(time.monotonic())
+        return beat(*args, **kwargs)
+
+    b._backend.liveness.beat = counted_beat
+    get_state = b._backend.get_state
+    held: list[float] = []
+
+    def held_up_get_state():
+        if not held:  # the call's first read, by a thread starved of CPU
+            held.append(time.monotonic())
+            time.sleep(1.0)
+            held.append(time.monotonic())
+        return get_state()
+
+    b._backend.get_state = held_up_get_state
+    job_b = cluster.start(b.next_rendezvous)
+    wait_until(lambda: held, what="b's call to start")
+    _check_group(_infos([cluster.start(a.next_rendezvous).result(), job_b.result()]), 2)
+    during = [t for t in beats if held[0] <= t <= held[1]]
+    # An interval of 0.1 s: about ten beats in the second the call was held up (none before).
+    assert len(during) >= 5, f"{len(during)} beats in the second b's call was held up"
 
 
 def test_a_heartbeat_reads_and_writes_no_state(cluster):

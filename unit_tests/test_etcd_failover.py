@@ -129,7 +129,9 @@ def test_the_failure_a_client_remembers_does_not_keep_the_failed_requests_object
         del store, op
         gc.collect()
         assert gone() is None
-        with pytest.raises(RendezvousConnectionError, match="DEADLINE_EXCEEDED"):
+        # Still the remembered failure, while the endpoint rests; on a loaded machine its rest may
+        # be over by now, and the request's own attempt fails on the closed port instead.
+        with pytest.raises(RendezvousConnectionError, match="DEADLINE_EXCEEDED|UNAVAILABLE: failed to connect"):
             etcd.request(lambda client: client.get("/unit/key"), budget=0.3)
     finally:
         etcd.close()
