@@ -28,6 +28,9 @@ class OpExecutor:
 
     Args:
         clock, wall_clock: monotonic and UNIX time, handed to every decision.
+        beats: whether the executor sends the node's heartbeats while an op runs; ``False`` where
+            the caller's heartbeat thread sends them (the handler's), so that a node waiting for
+            its announcement to fold is not woken at every interval to find its heartbeat sent.
     """
 
     def __init__(
@@ -38,8 +41,10 @@ class OpExecutor:
         settings: RendezvousSettings,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        beats: bool = True,
     ) -> None:
         self._node = node
+        self._beats = beats
         self._holder = holder
         self._backend = backend
         self._settings = settings
@@ -83,6 +88,12 @@ class OpExecutor:
     def _keep_alive_due(self) -> bool:
         return self._clock() - self._last_beat >= self._settings.keep_alive_interval
 
+    def _decide_in(self, deadline: float) -> float:
+        """Seconds until this executor must decide afresh: at its deadline, or when a heartbeat it
+        sends itself is due."""
+        until = deadline - self._clock()
+        return min(until, self.next_beat_in()) if self._beats else until
+
     def _describe(self, action: Action) -> str:
         state = self._holder.state
         return (
@@ -97,6 +108,7 @@ class OpExecutor:
         op: Op,
         deadline: float,
         update_deadline: Callable[[float], float] | None = None,
+        synced: bool = False,
     ) -> None:
         """Run ``op`` until it returns ``FINISH``. Whatever way it ends, an announcement of this
         node that no write folded yet is withdrawn: the operation that posted it is over.
@@ -106,6 +118,10 @@ class OpExecutor:
             deadline: monotonic time after which the op times out.
             update_deadline: given the join timeout, a new deadline; called when a redundant node
                 starts competing for a place again.
+            synced: the holder's state was read just now (the op run before finished on it):
+                decide from it first. A decision on a state that moved on since is safe: a write
+                loses its compare-and-set, a wait ends at once, an announcement folds into the
+                state stored then.
 
         Raises:
             RendezvousClosedError: the run is closed.
@@ -113,12 +129,11 @@ class OpExecutor:
         """
         self.placed_at = None
         try:
-            self._run(op, deadline, update_deadline)
+            self._run(op, deadline, update_deadline, synced)
         finally:
             self._holder.withdraw()
 
-    def _run(self, op: Op, deadline: float, update_deadline: Callable[[float], float] | None) -> None:
-        synced = False
+    def _run(self, op: Op, deadline: float, update_deadline: Callable[[float], float] | None, synced: bool) -> None:
         while True:
             has_set = None if synced else self._holder.sync()
             synced = False
@@ -134,7 +149,7 @@ class OpExecutor:
             now = self._clock()
             if self.placed_at is None and self._node in state.participants:
                 self.placed_at = now
-            ctx = Context(self._node, state, self._settings, now, self._wall_clock(), self._keep_alive_due())
+            ctx = Context(self._node, state, self._settings, now, self._wall_clock(), self._beats and self._keep_alive_due())
             action = op(ctx, deadline)
             if action is not Action.SYNC:
                 logger.debug(self._describe(action))
@@ -153,11 +168,11 @@ class OpExecutor:
             elif action is Action.KEEP_ALIVE:
                 self.beat(if_due=True)
             elif action in ANNOUNCED_ACTIONS:
-                if self._keep_alive_due():
+                if self._beats and self._keep_alive_due():
                     # A join folded in for a node with no heartbeat would be dropped as dead at once.
                     self.beat(if_due=True)
                 self._holder.announce(action)
-                synced = self._holder.await_fold(self.next_beat_in())
+                synced = self._holder.await_fold(self._decide_in(deadline))
             else:
                 # Completing and closing are recorded by the write that does them (``StateHolder``).
                 record_step(self._settings, self._node, action.name, state.round)
@@ -167,10 +182,14 @@ class OpExecutor:
                 self._holder.mark_dirty()
 
     def _wait(self, deadline: float) -> None:
-        """Block until the state changes, a heartbeat or this node's turn to complete the round
-        is due, or timeout."""
+        """Block until the state changes, this executor must decide afresh (``_decide_in``), or
+        this node's turn to complete the round is due, and for a ``keep_alive_interval`` at most:
+        the others' liveness is looked at between waits, and a dead member is dropped only by a
+        node that looks. Past the deadline (an op that waits on, as a redundant node does for a
+        free place), bounded by the interval alone: bounded by a deadline already passed, the wait
+        was a poll every 10 ms."""
         now = self._clock()
-        timeouts = [deadline - now, self.next_beat_in()]
+        timeouts = [self._settings.keep_alive_interval, self._decide_in(deadline if deadline > now else now + self._settings.keep_alive_interval)]
         state = self._holder.state
         due = completion_due(state, self._node)
         if due is not None and self._node in state.participants:

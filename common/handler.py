@@ -86,7 +86,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # that restarts its agents often (or every node of a single-host test) must not lock itself out.
         on_dropped = self._admission.note_lapses if settings.health_check else None
         self._holder = StateHolder(backend, settings, node, topology=topology, on_dropped=on_dropped)
-        self._executor = OpExecutor(node, self._holder, backend, settings)
+        self._executor = OpExecutor(node, self._holder, backend, settings, beats=False)
         self._lock = threading.Lock()
         # The heartbeat thread and the event that stops it: running from the first call of
         # ``next_rendezvous`` until one fails or ``shutdown``, through every later call, so that a
@@ -233,12 +233,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._admission.admits_at_once():
             # Leaving the previous round and joining the next take one announcement.
             self._executor.run(rejoin_op(self._holder.state.round), deadline)
+            synced = True
         else:
             # The node leaves its group before it waits out a quarantine or runs its
             # health check: the other members need not wait for it to form the next one.
             self._executor.run(exit_op, deadline)
             self._admission.admit(self._holder.state.round, deadline)
-        self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout)
+            synced = False
+        self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout, synced)
 
     def _group_stands(self, round_: int, leader: NodeDesc) -> bool:
         """Whether ``leader`` is still a live member of the group of ``round_`` (a read drops the

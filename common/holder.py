@@ -153,6 +153,15 @@ class StateHolder:
             # A change made on a stale state (after a failed write) is dropped, not written: its
             # caller decides again from what this read returns.
             response = self._backend.get_state()
+            if response is not None and response[1] == self._token and not self._stale and not self._dropped_unwritten:
+                # Unchanged since the last read, which dropped nobody: the local state is the stored
+                # one, and only the others' liveness may have changed. A node waiting in a long
+                # last call wakes every interval to look at that, and a copy of the state each time
+                # was most of what waiting cost.
+                self._dirty = False
+                self._dropped_unwritten = self._drop_dead(self._state)
+                self._last_sync = time.monotonic()
+                return None
 
         self._dirty = False
         token = self._token
@@ -275,7 +284,7 @@ class StateHolder:
         self._pending = _Pending(state.round, action, record, self._clock(), random.uniform(0.9, 1.1))
         record_step(self._settings, self._node, action.name, state.round)
 
-    def await_fold(self, beat_in: float = float("inf")) -> bool:
+    def await_fold(self, decide_in: float = float("inf")) -> bool:
         """Fold the pending announcements if ours is the oldest; else let the older posters do it.
 
         One node at a time, the poster of the oldest pending announcement, folds a batch, so
@@ -283,10 +292,14 @@ class StateHolder:
         in time (dead, or stalled), this node folds anyway, after a wait that grows with its place
         in line (see ``FOLD_FALLBACK_FIRST``).
 
+        While it waits, it only looks at each state stored (on the process's shared parse): a
+        write that folds the line ahead of it moves it up, and only the write that folds its own
+        announcement, or its turn, ends the wait. A full read and a new decision at each of the
+        writes cost a line of N nodes N squared reads (a re-rendezvous at N = 256: 1,800 reads).
+
         Args:
-            beat_in: seconds until the node's next heartbeat is due; the wait for its turn ends
-                then (and the caller decides afresh), so that a wait in a long line never outlasts
-                the node's liveness.
+            decide_in: seconds until the caller must decide afresh (its heartbeat or its deadline
+                is due); the wait for its turn ends then, and the turn stands.
 
         Returns:
             True if the state was synced and the caller must decide afresh; False if the caller
@@ -304,33 +317,68 @@ class StateHolder:
                 return True
             self._pending = None
             return False
-        # Only announcements that would change the state count: a repeated join of a placed node
-        # must not hold up the line. The wait stops growing past FOLD_FALLBACK_RANKS, so only that
-        # many of the records ahead are looked at, whatever the length of the line.
-        place = 0
-        for record in records[:mine]:
-            if place == FOLD_FALLBACK_RANKS:
-                break
-            if would_fold(state, decode_announcement(record.data, self._where), self._settings):
-                place += 1
+        position = records[mine].position
+        ahead = records[:mine]
+        place = self._place(state, ahead, state.cursor)
         if place > 0:
             # The turn counts from the later of the post and the last change of the state, so it
             # stands across calls: a backend's wait may end early (the etcd one after a second at
             # most), and a node that began its wait afresh then would never step in, while one that
             # stepped in at once would set off a write by every node in line.
             pending = self._pending
-            wait = (FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place) * pending.jitter
-            turn = max(self._changed_at, pending.posted_at) + wait
-            beat_at = self._clock() + beat_in
-            while (remaining := turn - self._clock()) > 0:
-                if (until_beat := beat_at - self._clock()) <= 0:
+            decide_at = self._clock() + decide_in
+            token = before
+            while (remaining := max(self._changed_at, pending.posted_at) + self._fold_wait(place) - self._clock()) > 0:
+                if (until_decide := decide_at - self._clock()) <= 0:
+                    if token != before:
+                        self.sync()
                     return True
-                self._backend.wait_for_change(before, min(remaining, until_beat))
+                self._backend.wait_for_change(token, min(remaining, until_decide))
+                response = self._backend.get_state()
+                if (response[1] if response is not None else None) == token:
+                    continue
+                if response is None:  # the run was deleted
+                    self.sync()
+                    return True
+                token = response[1]
+                self._changed_at = self._clock()
+                stored = peek_state(response[0], self._state_where)
+                if stored.cursor >= position or self._where_placed(stored) != self._where_placed(state):
+                    # Folded, or its op may decide otherwise now: read, and decide afresh.
+                    self.sync()
+                    return True
+                place = self._place(stored, ahead, stored.cursor)
+                if place == 0:
+                    break
+            if token != before:
+                # Our turn: fold from the state stored now (our own announcement may be in it).
                 self.sync()
-                if self._token != before:
+                if self._pending is None:
                     return True
         self.mark_dirty()
         return False
+
+    def _place(self, state: RendezvousState, ahead: list[Record], cursor: int) -> int:
+        """How many of the records ``ahead`` of ours, still pending past ``cursor``, would change
+        ``state``: a repeated join of a placed node must not hold up the line. Counting stops at
+        FOLD_FALLBACK_RANKS, past which the wait stops growing."""
+        place = 0
+        for record in ahead:
+            if place == FOLD_FALLBACK_RANKS:
+                break
+            if record.position > cursor and would_fold(state, decode_announcement(record.data, self._where), self._settings):
+                place += 1
+        return place
+
+    def _where_placed(self, state: RendezvousState) -> tuple:
+        """What of ``state`` an op decides this node's next step by, besides its own announcement."""
+        node = self._node
+        return (state.round, state.closed, node in state.participants, node in state.wait_list, node in state.redundancy_list)
+
+    def _fold_wait(self, place: int) -> float:
+        """How long the poster at ``place`` in line waits for the ones ahead before it folds."""
+        assert self._pending is not None
+        return (FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place) * self._pending.jitter
 
     def _pending_index(self, records: list[Record]) -> int | None:
         """Where in ``records`` this node's pending announcement is, if it would still change the

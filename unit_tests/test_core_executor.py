@@ -14,7 +14,7 @@ from rdzv_common.codec import decode_announcement, decode_state, encode_join, en
 from rdzv_common.executor import OpExecutor
 from rdzv_common.holder import FOLD_FALLBACK_FIRST, FOLD_FALLBACK_STEP, StateHolder
 from rdzv_common.memory import MemoryBackend, MemoryStore
-from rdzv_common.ops import ROLLBACK_PERIOD, Action, join_op
+from rdzv_common.ops import ROLLBACK_PERIOD, Action, fold, join_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc, RendezvousState
 
@@ -144,10 +144,43 @@ def test_a_wait_for_a_turn_in_line_ends_when_a_heartbeat_is_due():
     for _, holder, _ in executors:
         holder.announce(Action.ADD_TO_PARTICIPANTS)
     _, last, backend = executors[2]
-    assert last.await_fold(beat_in=0.3) is True  # decide afresh: beat, then wait again
+    assert last.await_fold(decide_in=0.3) is True  # decide afresh: beat, then wait again
     assert backend.waits == [pytest.approx(0.3)]
     assert last.await_fold() is False  # the turn counted from the post, not from the beat
     assert sum(backend.waits) == pytest.approx(FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * 2)
+
+
+def test_a_poster_in_line_only_looks_at_a_write_that_folds_the_line_ahead_of_it():
+    """A write that folds the announcements ahead of a waiting poster's moves it up the line: it
+    looked at the stored state and, first in line now, folds at once. It used to make a full read
+    at every write and hand back to its op to decide afresh: in a re-rendezvous at N = 256, every
+    waiting poster did so at every write, 1,800 full reads in all."""
+    store = MemoryStore()
+    executors = [_executor(store, node) for node in NODES[:3]]
+    for _, holder, _ in executors:
+        holder.announce(Action.ADD_TO_PARTICIPANTS)
+    _, last, backend = executors[2]
+    reads = []
+    sync = last.sync
+    last.sync = lambda *args, **kwargs: reads.append(1) or sync(*args, **kwargs)
+    waits = backend.waits
+
+    def a_write_folds_the_two_ahead(token, timeout):
+        waits.append(timeout)
+        backend.clock.advance(0.1)
+        if len(waits) == 1:
+            state = last.state.copy()
+            for data in store.logs[RUN][:2]:
+                fold(state, decode_announcement(data), _settings())
+            state.cursor = 2  # the position past the second record
+            assert backend.set_state(encode_state(state), last.token)[2]
+
+    backend.wait_for_change = a_write_folds_the_two_ahead
+    assert last.await_fold() is False  # its turn at once: it folds its own announcement now
+    assert len(waits) == 1
+    assert len(reads) == 1  # the read it writes from, and no other
+    assert last.sync() is True
+    assert set(_stored(store).participants) == set(NODES[:3])
 
 
 def test_repeated_joins_of_placed_nodes_do_not_hold_up_the_line():
@@ -234,6 +267,59 @@ def test_the_next_heartbeat_is_due_an_interval_after_the_last_was_sent():
     clock.advance(0.4)
     executor.beat(if_due=True)
     assert executor.last_beat == pytest.approx(NOW + 1.0)
+
+
+def test_an_op_run_on_a_state_just_read_decides_first_and_reads_after():
+    """After a rejoin, the join decides from the state the rejoin finished on (one read fewer per
+    node in a re-rendezvous); a wait then reads as usual."""
+    store = MemoryStore()
+    executor, holder, backend = _executor(store, NODES[0])
+    reads = []
+    get_state = backend.get_state
+    backend.get_state = lambda: reads.append(len(decisions)) or get_state()
+    decisions = []
+
+    def op(ctx, deadline):
+        decisions.append(ctx.state.round)
+        return Action.SYNC if len(decisions) < 2 else Action.FINISH
+
+    executor.run(op, NOW + 7, synced=True)
+    assert reads == [1]  # the first decision came before any read; the second after one
+
+
+def test_an_executor_whose_caller_beats_sends_no_beat_and_wakes_only_to_look_at_liveness():
+    store = MemoryStore()
+    settings = _settings(keep_alive_interval=1.0)
+    backend = WaitRecordingBackend(store)
+    holder = StateHolder(backend, settings, NODES[0], clock=backend.clock)
+    executor = OpExecutor(NODES[0], holder, backend, settings, clock=backend.clock, beats=False)
+    beats = []
+    backend.liveness.beat = lambda *args, **kwargs: beats.append(args)
+    seen = []
+
+    def op(ctx, deadline):
+        seen.append(ctx.keep_alive_due)
+        return Action.SYNC if len(seen) < 3 else Action.FINISH
+
+    executor.run(op, NOW + 7)
+    assert seen == [False, False, False] and beats == []  # the caller's thread sends the beats
+    # Each wait lasts an interval: the node looks at the others' liveness between waits.
+    assert backend.waits == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_a_node_that_waits_past_its_deadline_does_not_poll():
+    """Bug: a redundant node waits for a free place past its join deadline, and each of its waits
+    was bounded by that deadline, passed already: it read the state every 10 ms."""
+    store = MemoryStore()
+    executor, _, backend = _executor(store, NODES[0])
+    decisions = []
+
+    def redundant(ctx, deadline):
+        decisions.append(ctx.now)
+        return Action.SYNC if len(decisions) < 4 else Action.FINISH
+
+    executor.run(redundant, backend.clock.t - 1.0)
+    assert all(wait >= 0.5 for wait in backend.waits), backend.waits
 
 
 def test_a_participant_waits_for_the_last_call_on_the_wall_clock():

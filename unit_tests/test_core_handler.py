@@ -717,6 +717,26 @@ def test_a_nodes_heartbeats_go_on_while_its_next_call_is_held_up(cluster):
     assert len(during) >= 5, f"{len(during)} beats in the second b's call was held up"
 
 
+def test_a_node_waiting_in_its_call_copies_the_state_only_when_it_changes(cluster, monkeypatch):
+    """A waiting node wakes every heartbeat interval to look at the others' liveness; a wake that
+    finds the state as it was read it the same way, but no longer decodes a copy of it (in a
+    re-rendezvous at N = 256: 2,000 full reads in 3 s, most of them of a state unchanged)."""
+    import rdzv_common.holder as holder_mod
+
+    a, b = cluster.make(2, 2, 2)
+    copies = []
+    decode_state = holder_mod.decode_state
+    monkeypatch.setattr(holder_mod, "decode_state", lambda *args: copies.append(1) or decode_state(*args))
+    counter = StateCallCounter(a._backend)
+    job = cluster.start(a.next_rendezvous)
+    time.sleep(10 * a.settings.keep_alive_interval)  # a waits for b
+    reads, copied = counter.calls.count("get_state"), len(copies)
+    assert counter.beats >= 5  # its heartbeats went on
+    _check_group(_infos([cluster.start(b.next_rendezvous).result(), job.result()]), 2)
+    assert reads >= 5  # it woke to look at b's liveness
+    assert copied <= 3, f"{copied} copies in {reads} reads"
+
+
 def test_a_heartbeat_reads_and_writes_no_state(cluster):
     """Bug: the old heartbeat ran an op through the executor (``keep_alive_op``), which synced the
     holder: every beat of every node read the shared state (and could write it), so the server's
