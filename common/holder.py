@@ -295,7 +295,8 @@ class StateHolder:
         While it waits, it only looks at each state stored (on the process's shared parse): a
         write that folds the line ahead of it moves it up, and only the write that folds its own
         announcement, or its turn, ends the wait. A full read and a new decision at each of the
-        writes cost a line of N nodes N squared reads (a re-rendezvous at N = 256: 1,800 reads).
+        writes cost a line of N nodes N squared reads (in a re-rendezvous at N = 256, 735-1,107
+        turns of waiting, each with a full read; 256 now).
 
         Args:
             decide_in: seconds until the caller must decide afresh (its heartbeat or its deadline

@@ -154,7 +154,7 @@ def test_a_poster_in_line_only_looks_at_a_write_that_folds_the_line_ahead_of_it(
     """A write that folds the announcements ahead of a waiting poster's moves it up the line: it
     looked at the stored state and, first in line now, folds at once. It used to make a full read
     at every write and hand back to its op to decide afresh: in a re-rendezvous at N = 256, every
-    waiting poster did so at every write, 1,800 full reads in all."""
+    waiting poster did so at every write (735-1,107 turns of waiting in all; 256 now)."""
     store = MemoryStore()
     executors = [_executor(store, node) for node in NODES[:3]]
     for _, holder, _ in executors:
