@@ -329,6 +329,7 @@ class StateHolder:
             pending = self._pending
             decide_at = self._clock() + decide_in
             token = before
+            placed = self._where_placed(state)
             while (remaining := max(self._changed_at, pending.posted_at) + self._fold_wait(place) - self._clock()) > 0:
                 if (until_decide := decide_at - self._clock()) <= 0:
                     if token != before:
@@ -344,7 +345,7 @@ class StateHolder:
                 token = response[1]
                 self._changed_at = self._clock()
                 stored = peek_state(response[0], self._state_where)
-                if stored.cursor >= position or self._where_placed(stored) != self._where_placed(state):
+                if stored.cursor >= position or self._where_placed(stored) != placed:
                     # Folded, or its op may decide otherwise now: read, and decide afresh.
                     self.sync()
                     return True
