@@ -10,7 +10,8 @@ TCPStore servers a process hosts).
 Fork safety. gRPC cannot be carried across ``fork()`` while a thread is inside it ("Other threads
 are currently calling into gRPC, skipping fork() handlers"; the child can then abort). So before a
 fork the registry takes every run's watch stream and every client's lease keep-alive stream down
-and waits, briefly, for requests in flight to end (new ones wait at a gate), and afterwards the
+and waits, briefly, for requests in flight to end (new ones wait at a gate), collects the garbage
+the closed streams left (in the parent, where their finalizers' locks are free), and afterwards the
 parent opens the gate and the watch streams again (a keep-alive stream reopens on its next use).
 The child starts with an empty registry: it shares nothing with its parent (it gets channels,
 sessions and views of its own on first use), and it never touches, closes or revokes what it
@@ -19,6 +20,7 @@ inherited, which still belongs to the parent.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -134,6 +136,12 @@ class Registry:
             run.view.pause(FORK_QUIESCE_SECONDS)
         for cluster, _ in self._clusters.values():
             cluster.pause(FORK_QUIESCE_SECONDS)
+        if self._clusters or self._runs:
+            # The streams just closed leave gRPC call objects in reference cycles. Collected in the
+            # child, a call's finalizer takes a lock that one of the parent's gRPC threads may have
+            # held at fork, and waits for ever (a forked agent of torch's tests hung so in its first
+            # lease grant). Collected here, their locks are released in time.
+            gc.collect()
         if not self.gate.close(FORK_QUIESCE_SECONDS):
             logger.warning("etcd requests were still in flight at fork(); the child may not use gRPC safely.")
 

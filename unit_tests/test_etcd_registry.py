@@ -139,3 +139,35 @@ def test_a_forked_child_starts_with_an_empty_registry():
         assert shared._runs  # the parent keeps its own
     finally:
         shared.release(run)
+
+
+def test_garbage_is_collected_in_the_parent_before_fork():
+    """Bug (torch's agent tests, once): a forked agent hung for ever in its first lease grant. The
+    garbage collector, run inside that gRPC call in the child, finalized a call object left by the
+    streams the parent closed before fork, and the finalizer waited on a lock that a thread of the
+    parent held at fork. Garbage is now collected in the parent before fork, where such locks are
+    released."""
+    import gc
+
+    from etcd_rdzv.registry import registry as shared
+
+    finalized: list[int] = []
+
+    class Cycle:
+        def __del__(self) -> None:
+            finalized.append(os.getpid())
+
+    run = shared.acquire(CONFIG, "forked-garbage")
+    gc.disable()
+    try:
+        cycle = Cycle()
+        cycle.me = cycle
+        del cycle
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert finalized == [os.getpid()]
+    finally:
+        gc.enable()
+        shared.release(run)
