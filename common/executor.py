@@ -86,7 +86,7 @@ class OpExecutor:
         return self._last_beat + self._settings.keep_alive_interval - self._clock()
 
     def _keep_alive_due(self) -> bool:
-        return self._clock() - self._last_beat >= self._settings.keep_alive_interval
+        return self.next_beat_in() <= 0
 
     def _decide_in(self, deadline: float) -> float:
         """Seconds until this executor must decide afresh: at its deadline, or when a heartbeat it
@@ -188,8 +188,8 @@ class OpExecutor:
         node that looks. Past the deadline (an op that waits on, as a redundant node does for a
         free place), bounded by the interval alone: bounded by a deadline already passed, the wait
         was a poll every 10 ms."""
-        now = self._clock()
-        timeouts = [self._settings.keep_alive_interval, self._decide_in(deadline if deadline > now else now + self._settings.keep_alive_interval)]
+        passed = deadline <= self._clock()
+        timeouts = [self._settings.keep_alive_interval, self._decide_in(float("inf") if passed else deadline)]
         state = self._holder.state
         due = completion_due(state, self._node)
         if due is not None and self._node in state.participants:
