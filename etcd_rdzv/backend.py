@@ -74,7 +74,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 kv = response.kvs[0]
                 return Seen((kv.value, kv.mod_revision), kv.mod_revision)
 
-            return self._run.read(get, self._floor)
+            return self._run.read(get, self._floor, shared="state")
 
         return self._run.viewed(lambda view, floor: view.state(floor), from_etcd, self._floor)
 

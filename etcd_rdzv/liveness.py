@@ -74,7 +74,7 @@ class EtcdLiveness(Liveness):
                 present = {self._run.keys.node_of(kv.key) for kv in response.kvs}
                 return Seen(present, max((kv.mod_revision for kv in response.kvs), default=0))
 
-            return self._run.read(get, self._floor).intersection(node_keys)
+            return self._run.read(get, self._floor, shared="alive").intersection(node_keys)
 
         if current:
             return from_etcd()

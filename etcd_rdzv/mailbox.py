@@ -74,7 +74,7 @@ class EtcdMailbox(Mailbox):
                 # Seeing these records, the process must not decide on a view that lacks them.
                 return Seen(found, max((record.position for record in found), default=0))
 
-            return self._run.read(get, self._floor)
+            return self._run.read(get, self._floor, shared=("joins", cursor))
 
         return self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
 

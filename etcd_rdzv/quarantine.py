@@ -72,7 +72,7 @@ class EtcdQuarantine(Quarantine):
                 kv = response.kvs[0] if response.kvs else None
                 return Seen(kv, kv.mod_revision if kv else 0)
 
-            return self._run.read(get, self._floor)
+            return self._run.read(get, self._floor, shared=("quarantine", key))
 
         kv = self._run.viewed(lambda view, floor: view.quarantine_entry(key.encode(), floor), from_etcd, self._floor)
         return None if kv is None else decode_entry(kv)

@@ -19,7 +19,7 @@ a large process.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -29,6 +29,7 @@ from .client import EtcdClient
 from .keys import RunKeys
 from .lease import RunLease, is_lease_missing
 from .session import Session
+from .shared_reads import SharedReads
 from .view import RunView, ViewBehind
 
 T = TypeVar("T")
@@ -77,6 +78,7 @@ class EtcdRun:
         self.lease = RunLease(self.keys.state, etcd.config.ttl)
         # Opened now, so that it has loaded by the first rendezvous.
         self.view = RunView(etcd, self.keys)
+        self._shared = SharedReads()
 
     @property
     def run_id(self) -> str:
@@ -106,10 +108,16 @@ class EtcdRun:
         floor.raise_to(seen.revision)
         return seen.value
 
-    def read(self, op: Callable[[etcd3.MultiEndpointEtcd3Client], Seen[T]], floor: Floor) -> T:
+    def read(
+        self, op: Callable[[etcd3.MultiEndpointEtcd3Client], Seen[T]], floor: Floor, shared: Hashable | None = None
+    ) -> T:
         """Run ``op(client)`` as a request that reads the run's keys from etcd; raise ``floor`` to
-        what it saw."""
-        seen = self.etcd.request(op)
+        what it saw. With ``shared`` (a name for all that ``op`` reads, whoever calls it), the
+        request is shared with the process's other readers of it (``SharedReads``)."""
+        if shared is None:
+            seen = self.etcd.request(op)
+        else:
+            seen = self._shared.read(shared, lambda: self.etcd.request(op))
         floor.raise_to(seen.revision)
         return seen.value
 

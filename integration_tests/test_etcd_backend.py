@@ -269,6 +269,58 @@ def test_reads_fall_back_to_etcd_while_the_view_cannot_vouch(make_backend, monke
     assert len(requests) == 1
 
 
+def test_the_nodes_of_a_process_share_their_reads_of_etcd_while_the_view_cannot_vouch(make_backend, monkeypatch):
+    """At N = 4,096 over 16 processes each node that found its view behind read the whole mailbox
+    from etcd itself: hundreds of such reads per process slowed etcd, and the views with it, until
+    the run never formed. The nodes of a process now share one read in the air at a time."""
+    from etcd_rdzv import view
+
+    writer = make_backend()
+    readers = [make_backend() for _ in range(16)]
+    _, token, _ = writer.set_state(b"v1")
+    for i in range(3):
+        writer.mailbox.post(b"join %d" % i)
+    writer.liveness.beat("node-w", 5)
+    monkeypatch.setattr(view, "CATCH_UP_SECONDS", 0.0)
+    writer.run.view._set_unhealthy()  # as while the watch reconnects: every read goes to etcd
+    etcd = writer.run.etcd
+    original = etcd.request
+    lock = threading.Lock()
+    in_air, most_in_air, sent = [0], [0], [0]
+
+    def slow_request(op, budget=None):
+        with lock:
+            in_air[0] += 1
+            sent[0] += 1
+            most_in_air[0] = max(most_in_air[0], in_air[0])
+        try:
+            time.sleep(0.3)  # a loaded etcd: the readers of the process come while it is in the air
+            return original(op, budget)
+        finally:
+            with lock:
+                in_air[0] -= 1
+
+    monkeypatch.setattr(etcd, "request", slow_request)
+    answers: list = []
+    start = threading.Barrier(len(readers))
+
+    def read(backend) -> None:
+        start.wait()
+        answers.append(
+            (backend.get_state(), [r.data for r in backend.mailbox.read(0)], backend.liveness.alive(["node-w"], 5))
+        )
+
+    threads = [threading.Thread(target=read, args=(r,)) for r in readers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    expected = ((b"v1", token), [b"join 0", b"join 1", b"join 2"], {"node-w"})
+    assert answers == [expected] * len(readers)
+    assert most_in_air[0] <= 3  # one read of each kind (state, mailbox, liveness), not one per node
+    assert sent[0] < len(readers)
+
+
 def test_the_nodes_of_a_process_are_handed_the_same_record_objects(make_backend):
     """Each of the hundreds of nodes of a large process reads the mailbox after every change; a
     read made a record object per record per read (28% of the process's CPU at N = 256)."""
