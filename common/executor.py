@@ -12,7 +12,7 @@ from torch.distributed.elastic.rendezvous import RendezvousClosedError, Rendezvo
 from .backend import RendezvousBackend
 from .events import record_step
 from .holder import StateHolder
-from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due, waits_for_next_round
+from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due, waits_for_members, waits_for_next_round
 from .settings import RendezvousSettings
 from .state import NodeDesc
 
@@ -187,7 +187,9 @@ class OpExecutor:
         the others' liveness is looked at between waits, and a dead member is dropped only by a
         node that looks. Past the deadline (an op that waits on, as a redundant node does for a
         free place), bounded by the interval alone: bounded by a deadline already passed, the wait
-        was a poll every 10 ms."""
+        was a poll every 10 ms. A node whose decision only a few kinds of write can change (it
+        waits for the next round, or for members) only looks at the others, on the process's
+        shared parse (``StateHolder.wait_until``)."""
         passed = deadline <= self._clock()
         timeouts = [self._settings.keep_alive_interval, self._decide_in(float("inf") if passed else deadline)]
         state = self._holder.state
@@ -195,8 +197,9 @@ class OpExecutor:
         if due is not None and self._node in state.participants:
             timeouts.append(due - self._wall_clock())
         timeout = max(0.01, min(timeouts))
-        if waits_for_next_round(state, self._node):
-            node, round_ = self._node, state.round
-            self._holder.wait_until(lambda stored: stored.round != round_ or not waits_for_next_round(stored, node), timeout)
-        else:
-            self._backend.wait_for_change(self._holder.token, timeout)
+        node, round_ = self._node, state.round
+        for waits in (waits_for_next_round, waits_for_members):
+            if waits(state, node):
+                self._holder.wait_until(lambda stored: stored.round != round_ or not waits(stored, node), timeout)
+                return
+        self._backend.wait_for_change(self._holder.token, timeout)

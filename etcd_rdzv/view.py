@@ -14,7 +14,7 @@ etcd-io/etcd#15220), so it only proves the stream is alive.
 Reads take a *floor*: the newest revision of the run's keys that the process has written or read
 elsewhere (``EtcdRun`` keeps it). The view answers only once it has applied its floor and heard
 from etcd within ``TRUSTED_FOR_SECONDS``, else it raises ``ViewBehind`` and the caller asks etcd
-itself. A stream that stays silent although asked for progress is cancelled and opened anew, a
+(one request per kind of read in the air for the whole process: ``shared_reads.py``). A stream that stays silent although asked for progress is cancelled and opened anew, a
 reader leaves a view that applied nothing for ``CATCH_UP_SECONDS`` (it waits on, up to
 ``CATCH_UP_LIMIT_SECONDS``, only while the view keeps applying), and every other wait here ends
 after ``WAIT_CAP_SECONDS`` at most: a silent stream costs a second, never a stale answer or a wait

@@ -5,6 +5,7 @@ executor's clocks, and that an announcement is withdrawn whenever its op ends.""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousTimeoutError
@@ -504,6 +505,46 @@ def test_take_back_of_an_incomplete_round_does_not_leave_the_group_it_formed(fen
 
 
 # --------------------------------------------------------------------------- waits and beats
+
+
+def test_a_placed_participant_passes_over_joins_folded_into_its_round_and_wakes_when_it_completes():
+    """At N = 1,024 a join took 21 writes, each folding the joins posted meanwhile into the open
+    round, and each one had every node placed so far read the whole state again (a copy and a
+    liveness check of every node): nothing a placed participant decides changes until the round
+    completes, a last call starts or it is removed."""
+    store = MemoryStore()
+    settings = _settings(min_nodes=4, max_nodes=4, keep_alive_interval=30.0)
+    me = NODES[0]
+    writer = MemoryBackend(store, RUN)
+    open_round = RendezvousState(participants={me: 0, NODES[1]: 0})
+    writer.set_state(encode_state(open_round))
+    for node in NODES[:4]:
+        writer.liveness.beat(node.key, 60)
+    backend = MemoryBackend(store, RUN)
+    holder = StateHolder(backend, settings, me)
+    executor = OpExecutor(me, holder, backend, settings, beats=False)
+    reads = []
+    sync = holder.sync
+    holder.sync = lambda *args, **kwargs: (reads.append(1), sync(*args, **kwargs))[1]
+    done = threading.Event()
+
+    def join() -> None:
+        executor.run(join_op, time.monotonic() + 30)
+        done.set()
+
+    threading.Thread(target=join, daemon=True).start()
+    fuller = open_round.copy()
+    fuller.participants[NODES[2]] = 0
+    time.sleep(0.2)  # the node has read the state and waits
+    writer.set_state(encode_state(fuller), writer.get_state()[1])
+    assert not done.wait(0.3)
+    assert len(reads) == 1  # the write was only looked at
+    complete = fuller.copy()
+    complete.participants = {node: rank for rank, node in enumerate(NODES[:4])}
+    complete.complete, complete.world_size = True, 4
+    writer.set_state(encode_state(complete), writer.get_state()[1])
+    assert done.wait(5)
+    assert len(reads) == 2 and holder.state.complete
 
 
 def test_a_waiting_node_passes_over_members_leaving_and_wakes_for_the_next_round():

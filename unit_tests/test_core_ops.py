@@ -33,6 +33,7 @@ from rdzv_common.ops import (
     join_op,
     rejoin_op,
     settle,
+    waits_for_members,
     waits_for_next_round,
     would_fold,
 )
@@ -744,3 +745,16 @@ def test_a_node_waits_for_the_next_round_only_in_the_wait_list_of_a_complete_ope
     closed.closed = True
     assert not waits_for_next_round(closed, ME)
     assert not waits_for_next_round(RendezvousState(wait_list={ME}), ME)
+
+
+def test_a_participant_waits_for_members_only_in_an_open_round_without_a_last_call():
+    open_round = RendezvousState(participants={ME: 0, N[0]: 0})
+    assert waits_for_members(open_round, ME)
+    assert not waits_for_members(open_round, N[1])
+    last_call = copy.deepcopy(open_round)
+    last_call.deadline = 1.0
+    assert not waits_for_members(last_call, ME)
+    closed = copy.deepcopy(open_round)
+    closed.closed = True
+    assert not waits_for_members(closed, ME)
+    assert not waits_for_members(_complete([ME, N[0]]), ME)
