@@ -3,8 +3,8 @@
 A process of many nodes reads the run from its view (``view.py``); while the view cannot vouch for
 a read (it trails a burst, or reloads after its stream went silent) each node asked etcd itself. At
 N = 4,096 over 16 processes that turned one slow view into hundreds of reads of the whole mailbox
-per process (23,341 in all, 925 MB): etcd slowed, the views fell further behind, and the run never
-formed. Here readers of the same thing board one *flight*: the first to arrive leads it, the ones
+per process (23,341 in all, 925 MB), on an etcd already behind, which slowed it and the views
+further. Here readers of the same thing board one *flight*: the first to arrive leads it, the ones
 that come while it boards ride along, and it takes off once the flight before it has landed. So at
 most one request per kind of read is in the air, and it serves every reader that boarded.
 
@@ -18,6 +18,15 @@ import copy
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of ``error`` for one reader: one exception object raised in many threads would gather
+    all their tracebacks. An error whose class cannot be rebuilt from its arguments is shared."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
 
 
 class _Flight:
@@ -53,8 +62,7 @@ class SharedReads:
         if not leads:
             flight.landed.wait()
             if flight.error is not None:
-                # A copy: one exception object raised in many threads would gather all their tracebacks.
-                raise copy.copy(flight.error) from flight.error
+                raise _own_copy(flight.error) from flight.error
             return flight.result
         if ahead is not None:
             ahead.landed.wait()

@@ -110,3 +110,25 @@ def test_reads_of_different_kinds_do_not_wait_for_each_other():
         thread.join(10)
     assert sorted(answers.values()) == [1, 2, 3]
     assert shared._boarding == {} and shared._flying == {}
+
+
+class _Unrebuildable(Exception):
+    def __init__(self, code: int, where: str) -> None:
+        super().__init__(f"{code} at {where}")
+
+
+def test_an_error_whose_class_cannot_be_rebuilt_still_reaches_every_reader_aboard():
+    shared, requests, answers = SharedReads(), _Requests(), {}
+    first = _start(shared, "state", requests, answers, "first")
+    requests.wait_sent(1)
+
+    def failing() -> int:
+        raise _Unrebuildable(14, "127.0.0.1:2379")
+
+    later = [_start(shared, "state", failing, answers, f"r{i}") for i in range(3)]
+    _boarded(shared, "state")
+    requests.gates[0].set()
+    for thread in [first, *later]:
+        thread.join(10)
+    assert all(isinstance(answers[f"r{i}"], _Unrebuildable) for i in range(3))
+    assert str(answers["r0"]) == "14 at 127.0.0.1:2379"
