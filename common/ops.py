@@ -327,9 +327,13 @@ def would_fold(state: RendezvousState, announcement: Announcement, settings: Ren
 
 
 def nodes_waiting(state: RendezvousState, settings: RendezvousSettings) -> int:
-    """How many waiting nodes a new round would add to the complete group (``num_nodes_waiting``):
-    the waiting nodes that fill whole ``node_unit``s up to ``max_world``. A leftover too few for a
-    unit is not counted, so that it does not restart a group that could not grow by it."""
+    """How many waiting nodes a new round would add to the group (``num_nodes_waiting``), counted
+    against the group's live members, not the world size it formed with: a group that lost a
+    member to a lapse or a restart is short, and a waiting node that would fill the place must
+    restart it (torchrun's monitor restarts its workers only on a positive answer; a spare never
+    replaced a dead node otherwise). Only waiting nodes that fill whole ``node_unit``s up to
+    ``max_world`` count: a leftover too few for a unit does not restart a group it cannot grow."""
     if not state.complete:
         return len(state.wait_list)
-    return settings.group_size(state.world_size + len(state.wait_list)) - state.world_size
+    live = len(state.participants)
+    return max(0, settings.group_size(live + len(state.wait_list)) - live)

@@ -365,6 +365,37 @@ def test_redundant_node_moves_up_when_a_participant_leaves(cluster):
         assert isinstance(err, RendezvousClosedError), err
 
 
+def _monitor_until_waiting(handler, timeout: float) -> int:
+    """Poll ``num_nodes_waiting`` as torchrun's agent does while its workers train; return the
+    first positive answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = handler.num_nodes_waiting()
+        if waiting > 0:
+            return waiting
+        time.sleep(0.05)
+    raise AssertionError(f"num_nodes_waiting() stayed 0 for {timeout}s; state: {handler._holder.state}")
+
+
+def test_a_spare_replaces_a_dead_member_through_the_monitor_path(cluster):
+    a, b, spare = cluster.make(3, 2, 2)
+    first = {h: i for h, i in zip((a, b), _infos(cluster.rendezvous([a, b])))}
+    _check_group(list(first.values()), 2)
+    waiting = cluster.start(spare.next_rendezvous)
+    wait_until(lambda: cluster.state().redundancy_list == {spare.node}, what="the spare redundant")
+    assert a.num_nodes_waiting() == 0
+
+    b._stop_heartbeats()  # b's machine dies; nothing else tells a
+    b._backend.liveness.forget(b.node.key)
+    assert _monitor_until_waiting(a, 5) == 1
+
+    infos = _infos([cluster.start(a.next_rendezvous).result(), waiting.result()])
+    _check_group(infos, 2)
+    assert infos[0].rank == first[a].rank  # the survivor keeps its rank
+    state = cluster.state()
+    assert state.round == 1 and set(state.participants) == {a.node, spare.node}
+
+
 def test_dead_node_is_removed_from_the_state(cluster):
     a, b, c = cluster.make(3, 2, 3)
     _check_group(_infos(cluster.rendezvous([a, b, c])), 3)

@@ -372,3 +372,48 @@ def test_bad_version_2_fields_are_refused(change, problem):
     change(doc)
     with pytest.raises(RendezvousStateError, match=problem):
         decode_state(json.dumps(doc).encode(), where="test")
+
+
+def test_num_nodes_waiting_counts_against_the_live_group_not_the_world_size_it_formed():
+    # A group of 2 (min = max = 2) lost a member; the spare that waited for a free place is now on
+    # the wait list. torchrun's monitor restarts the survivor only if this is above 0.
+    s = _settings(2, 2)
+    state = RendezvousState()
+    a, b, spare = _nodes("a", "b", "spare")
+    for node in (a, b):
+        fold(state, Announcement("join", node), s)
+    settle(state, s, WALL)
+    fold(state, Announcement("join", spare), s)
+    assert spare in state.redundancy_list and nodes_waiting(state, s) == 0
+    state.remove_node(b)  # b's liveness lapsed
+    state.redundancy_list.discard(spare)
+    fold(state, Announcement("join", spare), s)
+    assert state.world_size == 2 and spare in state.wait_list
+    assert nodes_waiting(state, s) == 1
+
+
+def test_num_nodes_waiting_after_a_loss_then_a_newcomer_below_max():
+    s = _settings(2, 3)
+    state = RendezvousState()
+    a, b, c, late = _nodes("a", "b", "c", "late")
+    for node in (a, b, c):
+        fold(state, Announcement("join", node), s)
+    settle(state, s, WALL)
+    assert state.world_size == 3
+    state.remove_node(c)
+    assert nodes_waiting(state, s) == 0  # nobody to add: the survivors train on
+    fold(state, Announcement("join", late), s)
+    assert late in state.wait_list and nodes_waiting(state, s) == 1
+
+
+def test_num_nodes_waiting_fills_lost_units_only_with_whole_units():
+    s = _settings(2, 4, node_unit=2)
+    state = RendezvousState()
+    nodes = _nodes("n1", "n2", "n3", "n4")
+    for node in nodes:
+        fold(state, Announcement("join", node), s)
+    settle(state, s, WALL)
+    state.remove_node(nodes[3])  # 3 live members of a group of 4
+    assert nodes_waiting(state, s) == 0  # a restart would form a group of 2
+    fold(state, Announcement("join", NodeDesc("n9", 1, 0)), s)
+    assert nodes_waiting(state, s) == 1  # 3 + 1: a whole group of 4 again
