@@ -53,10 +53,17 @@ def unframe(log: bytes, cursor: int, key: str) -> list[Record]:
     from its first kept record.
 
     Raises:
-        RendezvousStateError: ``log`` is no header and sequence of frames from ``cursor``; names ``key``.
+        RendezvousStateError: ``log`` is no header and sequence of frames from ``cursor``, or
+            ``cursor`` is past its end (no state this package wrote holds such a cursor); names ``key``.
     """
     base, start = split(log, key)
     shift = base - start  # absolute offset = index in ``log`` + shift
+    if cursor > len(log) + shift:
+        raise RendezvousStateError(
+            f"The rendezvous state's cursor {cursor} is past the end ({len(log) + shift}) of the mailbox "
+            f"'{key}', so it names records that were never written: the state is corrupt. Reset the run "
+            "(delete its keys, or restart the store) or use a new run id."
+        )
     offset = max(start, cursor - shift)
     records = []
     while offset < len(log):

@@ -9,13 +9,11 @@ them shortens or stretches a cool-down by that skew.
 
 from __future__ import annotations
 
-import json
 import time
 from urllib.parse import quote, unquote
 
-from torch.distributed.elastic.rendezvous.api import RendezvousStateError
-
 from rdzv_common.backend import Quarantine, QuarantineEntry
+from rdzv_common.codec import decode_quarantine_entry, encode_quarantine_entry
 
 from .calls import StoreCalls
 from .keys import RunKeys
@@ -27,8 +25,7 @@ class C10dQuarantine(Quarantine):
         self._keys = keys
 
     def put(self, entry: QuarantineEntry) -> None:
-        doc = {"host": entry.host, "until": entry.until, "reason": entry.reason, "strikes": entry.strikes}
-        self._calls("set", self._keys.quarantine(entry.host), json.dumps(doc).encode())
+        self._calls("set", self._keys.quarantine(entry.host), encode_quarantine_entry(entry))
         self._calls("append", self._keys.quarantined, f"{quote(entry.host, safe='')}\n".encode())
 
     def get(self, host: str) -> QuarantineEntry | None:
@@ -36,7 +33,7 @@ class C10dQuarantine(Quarantine):
         value = self._calls.peek(key)
         if value is None:
             return None
-        entry = _entry(key, value)
+        entry = decode_quarantine_entry(value, key)
         return entry if entry.until > time.time() else None
 
     def remove(self, host: str) -> None:
@@ -61,11 +58,3 @@ def _is_time(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _entry(key: str, value: bytes) -> QuarantineEntry:
-    try:
-        doc = json.loads(value.decode())
-        return QuarantineEntry(str(doc["host"]), float(doc["until"]), str(doc["reason"]), int(doc["strikes"]))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise RendezvousStateError(f"The quarantine entry '{key}' holds {value!r}, which is not an entry ({exc}).") from None

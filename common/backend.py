@@ -54,7 +54,12 @@ class Mailbox(ABC):
 
     @abstractmethod
     def read(self, cursor: int) -> list[Record]:
-        """Return the records after ``cursor`` in log order (cursor 0: the start of the log)."""
+        """Return the records after ``cursor`` in log order (cursor 0: the start of the log).
+
+        Raises:
+            RendezvousStateError: ``cursor`` is past the end of the log: the state that holds it
+                is corrupt (a record it claims to have folded was never posted).
+        """
 
     def withdraw(self, handle: Any) -> None:
         """Take back a record its poster no longer stands by, so that no later write folds it.

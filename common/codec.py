@@ -42,6 +42,7 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
+from .backend import QuarantineEntry
 from .ranks import check_topology
 from .state import NodeDesc, RendezvousState
 
@@ -136,6 +137,9 @@ def _load_json(data: bytes, where: str) -> Any:
         return json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _fail(where, f"value is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        # Python's parser recurses per level: no value of ours nests more than a few.
+        raise _fail(where, "value is JSON nested too deeply to be a state or a record") from None
 
 
 def decode_state(data: bytes, where: str = "the backend") -> RendezvousState:
@@ -321,6 +325,32 @@ def _parse_announcement(data: bytes, where: str) -> Announcement:
         "a mailbox record is neither a 'join', a 'leave' nor a 'rejoin' announcement (a newer "
         "release may have posted it: every node of a job must run the same release)",
     )
+
+
+def encode_quarantine_entry(entry: QuarantineEntry) -> bytes:
+    """Serialize a quarantine entry: ``{"host", "until", "reason", "strikes"}``."""
+    doc = {"host": entry.host, "until": entry.until, "reason": entry.reason, "strikes": entry.strikes}
+    return json.dumps(doc).encode()
+
+
+def decode_quarantine_entry(data: bytes, where: str) -> QuarantineEntry:
+    """Parse a quarantine entry written by ``encode_quarantine_entry``.
+
+    Raises:
+        RendezvousStateError: naming ``where`` (the entry's key), for a value that is no entry.
+    """
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+        entry = QuarantineEntry(str(doc["host"]), float(doc["until"]), str(doc["reason"]), int(doc["strikes"]))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        problem = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RendezvousStateError(
+            f"The quarantine entry '{where}' holds {bytes(data)[:200]!r}, which is not an entry ({problem}); "
+            "remove it (for etcd: `etcd-rdzv quarantine RUN_ID --remove HOST`) or reset the run."
+        ) from None
+    if not math.isfinite(entry.until):
+        raise RendezvousStateError(f"The quarantine entry '{where}' ends at {entry.until!r}, which is not a time.")
+    return entry
 
 
 _decode_state = _Parses(_parse_state, size=8)

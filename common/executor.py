@@ -171,8 +171,8 @@ class OpExecutor:
                 if self._beats and self._keep_alive_due():
                     # A join folded in for a node with no heartbeat would be dropped as dead at once.
                     self.beat(if_due=True)
-                self._holder.announce(action)
-                synced = self._holder.await_fold(self._decide_in(deadline))
+                if self._holder.announce(action, self._decide_in(deadline)):
+                    synced = self._holder.await_fold(self._decide_in(deadline))
             else:
                 # Completing and closing are recorded by the write that does them (``StateHolder``).
                 record_step(self._settings, self._node, action.name, state.round)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+import tenacity
+
 from .backend import Record, RendezvousBackend, Token
 from .codec import decode_announcement, decode_state, encode_join, encode_leave, encode_rejoin, encode_state, peek_state
 from .events import record_step, record_write
@@ -31,6 +33,22 @@ logger = logging.getLogger(__name__)
 FOLD_FALLBACK_FIRST = 0.5
 FOLD_FALLBACK_STEP = 0.25
 FOLD_FALLBACK_RANKS = 16
+
+# How long a node waits before it posts an announcement again once the last one of the same round
+# and action was consumed without placing it (it lapsed with its poster's session, the node was
+# dropped as dead, or the state is broken): the first repeat goes at once, the k-th about
+# 0.1 * 2**(k-2) seconds after the one before, at most 5 s. An announcement is a write, and a node
+# that re-posts in a tight loop hurts every job on a shared etcd.
+_REPOST_WAIT = tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.05)
+
+
+def repost_delay(repeat: int) -> float:
+    """Seconds between the ``repeat``-th re-post of an announcement and the post before it."""
+    if repeat <= 1:
+        return 0.0
+    attempt = tenacity.RetryCallState(None, None, (), {})
+    attempt.attempt_number = repeat - 1
+    return _REPOST_WAIT(attempt)
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,9 @@ class StateHolder:
         # Dead nodes removed from the local state after the last read, which the next write stores.
         self._dropped_unwritten: list[NodeDesc] = []
         self._pending: _Pending | None = None
+        # The (round, action) of the last announcement posted, how many posts of it in a row were
+        # consumed without placing the node, and when (on ``clock``) the next may go out.
+        self._posted: tuple[tuple[int, Action], int, float] | None = None
         # The nodes the backend last confirmed alive, and when (``_alive``).
         self._confirmed: frozenset[NodeDesc] = frozenset()
         self._confirmed_at = float("-inf")
@@ -267,13 +288,29 @@ class StateHolder:
 
     # Announcements.
 
-    def announce(self, action: Action) -> None:
+    def announce(self, action: Action, decide_in: float = float("inf")) -> bool:
         """Post this node's ``action`` (a join, leaving the participants, or both: ``REJOIN``) for
-        the current round, unless that announcement is still pending."""
+        the current round, unless that announcement is still pending.
+
+        An announcement of the same round and action as the last one posted, which was consumed
+        without placing the node, goes out only after a wait that grows with each such repeat
+        (``repost_delay``); meanwhile this waits for the state to change, for ``decide_in``
+        seconds at most, and returns False: the caller decides again.
+
+        Returns:
+            True if this node's announcement is pending now.
+        """
         state = self._state
-        if self._pending is not None and (self._pending.round, self._pending.action) == (state.round, action):
-            return
+        key = (state.round, action)
+        if self._pending is not None and (self._pending.round, self._pending.action) == key:
+            return True
         assert self._node is not None, "only a node's own holder announces"
+        repeat = self._posted[1] + 1 if self._posted is not None and self._posted[0] == key else 0
+        if repeat:
+            wait = self._posted[2] - self._clock()
+            if wait > 0:
+                self._backend.wait_for_change(self._token, max(0.01, min(wait, decide_in)))
+                return False
         if action is Action.REMOVE_FROM_PARTICIPANTS:
             data = encode_leave(self._node, state.round, state.complete)
         elif action is Action.REJOIN:
@@ -281,8 +318,11 @@ class StateHolder:
         else:
             data = encode_join(self._node, self._topology)
         record = self._backend.mailbox.post(data)
-        self._pending = _Pending(state.round, action, record, self._clock(), random.uniform(0.9, 1.1))
+        posted_at = self._clock()
+        self._pending = _Pending(state.round, action, record, posted_at, random.uniform(0.9, 1.1))
+        self._posted = (key, repeat, posted_at + repost_delay(repeat + 1))
         record_step(self._settings, self._node, action.name, state.round)
+        return True
 
     def await_fold(self, decide_in: float = float("inf")) -> bool:
         """Fold the pending announcements if ours is the oldest; else let the older posters do it.

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from torch.distributed.elastic.rendezvous import RendezvousStateError
+
 from .backend import Liveness, Mailbox, Quarantine, QuarantineEntry, Record, RendezvousBackend, Token
 
 
@@ -52,6 +54,11 @@ class MemoryMailbox(Mailbox):
     def read(self, cursor: int) -> list[Record]:
         with self._store.changed:
             log = self._store.logs.get(self._run_id, [])
+            if cursor > len(log):
+                raise RendezvousStateError(
+                    f"The rendezvous state's cursor {cursor} is past the end ({len(log)}) of the mailbox of "
+                    f"run '{self._run_id}': the state is corrupt. Reset the run or use a new run id."
+                )
             withdrawn = self._store.withdrawn
             return [
                 Record(data, i, i)

@@ -188,7 +188,9 @@ class RunsMirror:
     def _put(self, run: RunMirror, kv: Any) -> None:
         key, keys = kv.key, run.keys
         if key.startswith(keys.alive.encode()):
-            run.alive.add(keys.node_of(key))
+            node = keys.node_of(key)
+            if node is not None:
+                run.alive.add(node)
         elif key.startswith(keys.joins.encode()):
             run.joins[key] = kv.create_revision
         elif key.startswith(keys.quarantine.encode()):

@@ -92,9 +92,13 @@ class RunKeys:
     def alive_key(self, node_key: str) -> str:
         return self.alive + node_key
 
-    def node_of(self, alive_key: bytes) -> str:
-        """The node key of a liveness key of this run."""
-        return alive_key[len(self.alive) :].decode()
+    def node_of(self, alive_key: bytes) -> str | None:
+        """The node key of a liveness key of this run; ``None`` for a key that is not UTF-8, which no
+        node of this package writes (another client's key, or a hostile one: it names no node)."""
+        try:
+            return alive_key[len(self.alive) :].decode()
+        except UnicodeDecodeError:
+            return None
 
 
 def prefix_range(prefix: str | bytes) -> tuple[bytes, bytes]:

@@ -71,7 +71,7 @@ class EtcdLiveness(Liveness):
         def from_etcd() -> set[str]:
             def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[set[str]]:
                 response = client.get_range_response(start, end, keys_only=True)
-                present = {self._run.keys.node_of(kv.key) for kv in response.kvs}
+                present = {self._run.keys.node_of(kv.key) for kv in response.kvs} - {None}
                 return Seen(present, max((kv.mod_revision for kv in response.kvs), default=0))
 
             return self._run.read(get, self._floor, shared="alive").intersection(node_keys)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import etcd3
-from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousStateError
 
 from rdzv_common.backend import Mailbox, Record
 
@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 class EtcdMailbox(Mailbox):
     """Announcements are keys ``<run>/joins/<uuid>``; a record's position is its create revision.
 
-    A cursor is an etcd revision: ``read(cursor)`` returns the records created after it. Keys are
-    written once, so their ``mod_revision`` equals their ``create_revision`` and the server can
-    filter on it. Each announcement lives on the poster's session lease, so a poster that dies
-    before it is folded takes it with it.
+    A cursor is an etcd revision: ``read(cursor)`` returns the records created after it. A post
+    only creates its key (a retry whose first attempt landed finds it and changes nothing), but a
+    key's ``mod_revision`` is never taken for its place: another client may put it again. Each
+    announcement lives on the poster's session lease, so a poster that dies before it is folded
+    takes it with it.
 
     Fencing takes one compare, however many records a write folds: ``withdraw`` deletes the
     record and rewrites ``<run>/withdrawn`` in one transaction, and a write that folds records
@@ -46,37 +47,65 @@ class EtcdMailbox(Mailbox):
         key = (self._run.keys.joins + uuid.uuid4().hex).encode()
         session = self._run.session
 
-        def put(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[int]:
+        def create(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[int]:
             lease_id = session.lease_id(client)
+            tx = client.transactions
             try:
-                revision = client.put(key, bytes(record), lease=lease_id).header.revision
+                created, responses = client.transaction(
+                    compare=[tx.create(key) == 0],
+                    success=[tx.put(key, bytes(record), lease=lease_id)],
+                    failure=[tx.get(key)],
+                )
             except Exception as exc:
                 if is_lease_missing(exc):
                     session.lost(lease_id)
                     raise Retryable(f"session lease {lease_id:x} expired") from exc
                 raise
-            return Seen(revision, revision)
+            if created:
+                revision = responses[0].response_put.header.revision
+                return Seen(revision, revision)
+            # An earlier attempt created it and its response was lost: the record stands as it was.
+            _, meta = responses[0][0]
+            return Seen(meta.create_revision, meta.mod_revision)
 
-        revision = self._run.write(put, self._floor)
+        revision = self._run.write(create, self._floor)
         return Record(bytes(record), revision, Announcement(key, revision))
 
     def read(self, cursor: int) -> list[Record]:
-        """The records after ``cursor``, from the process's run view when it can vouch for them."""
+        """The records after ``cursor``, from the process's run view when it can vouch for them.
+
+        Raises:
+            RendezvousStateError: ``cursor`` is past the newest revision of etcd: no state written
+                by this package holds such a cursor.
+        """
         start, end = prefix_range(self._run.keys.joins)
 
-        def from_etcd() -> list[Record]:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[list[Record]]:
+        def from_etcd() -> tuple[list[Record], int]:
+            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[list[Record], int]]:
+                # Every record created after the cursor was last modified after it too; etcd cannot
+                # filter on the create revision here, so the records modified later are dropped here.
                 response = client.get_range_response(
                     start, end, sort_order="ascend", sort_target="create", min_mod_revision=cursor + 1
                 )
                 seen_at = response.header.revision
-                found = [Record(kv.value, kv.create_revision, Announcement(kv.key, seen_at)) for kv in response.kvs]
+                found = [
+                    Record(kv.value, kv.create_revision, Announcement(kv.key, seen_at))
+                    for kv in response.kvs
+                    if kv.create_revision > cursor
+                ]
                 # Seeing these records, the process must not decide on a view that lacks them.
-                return Seen(found, max((record.position for record in found), default=0))
+                return Seen((found, seen_at), max((record.position for record in found), default=0))
 
             return self._run.read(get, self._floor, shared=("joins", cursor))
 
-        return self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
+        records, head = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
+        if cursor > head:
+            raise RendezvousStateError(
+                f"The rendezvous state of run '{self._run.run_id}' ({self._run.describe()}) is corrupt: its "
+                f"cursor {cursor} is past etcd's newest revision {head}, so it names records that were "
+                "never written. Reset the run (`etcd-rdzv reset RUN_ID --yes`) or use a new run id."
+            )
+        return records
 
     def fence_compare(self, client: etcd3.MultiEndpointEtcd3Client, folded: Sequence[Record]) -> list[Any]:
         """The compares that keep a write folding ``folded`` from landing after a withdrawal of

@@ -3,26 +3,19 @@ itself ends the quarantine; and one key per liveness lapse on a lease of the cou
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
 from typing import Any
 
 import etcd3
-from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from rdzv_common.backend import Quarantine, QuarantineEntry
+from rdzv_common.codec import decode_quarantine_entry, encode_quarantine_entry
 
 from .keys import prefix_range
 from .lease import revoke
 from .run import EtcdRun, Floor, Seen
-
-
-def encode_entry(entry: QuarantineEntry) -> bytes:
-    return json.dumps(
-        {"host": entry.host, "until": entry.until, "reason": entry.reason, "strikes": entry.strikes}
-    ).encode()
 
 
 def decode_entry(kv: Any) -> QuarantineEntry | None:
@@ -32,15 +25,7 @@ def decode_entry(kv: Any) -> QuarantineEntry | None:
     Raises:
         RendezvousStateError: the value is not an entry; names the key.
     """
-    try:
-        doc = json.loads(kv.value.decode())
-        entry = QuarantineEntry(str(doc["host"]), float(doc["until"]), str(doc["reason"]), int(doc["strikes"]))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        key = kv.key.decode(errors="replace")
-        raise RendezvousStateError(
-            f"The quarantine entry '{key}' holds {kv.value!r}, which is not an entry ({exc}); delete it "
-            f"with `etcd-rdzv quarantine RUN_ID --remove HOST`."
-        ) from None
+    entry = decode_quarantine_entry(kv.value, kv.key.decode(errors="replace"))
     return entry if entry.until > time.time() else None
 
 
@@ -57,7 +42,7 @@ class EtcdQuarantine(Quarantine):
 
         def grant_and_put(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[None]:
             lease_id = client.lease(ttl).id
-            return Seen(None, client.put(key, encode_entry(entry), lease=lease_id).header.revision)
+            return Seen(None, client.put(key, encode_quarantine_entry(entry), lease=lease_id).header.revision)
 
         self._run.write(grant_and_put, self._floor)
 

@@ -112,7 +112,8 @@ class RunView:
         # one per record per read. ``_records`` lists them, rebuilt after a delete.
         self._joins_kv: dict[bytes, Record] = {}
         self._records: list[Record] | None = []
-        self._alive_keys: set[str] = set()
+        # The live nodes, by node key: the create revision and lease of each one's liveness key.
+        self._live: dict[str, tuple[int, int]] = {}
         self._store_keys: set[bytes] = set()
         self._quarantined: dict[bytes, Any] = {}  # key -> its KeyValue (a host's entry)
         self._applied = 0  # every event of the run up to this revision is applied
@@ -136,18 +137,23 @@ class RunView:
         with self._caught_up(floor):
             return self._state
 
-    def joins(self, after: int, floor: int) -> list[Record]:
-        """The announcements created after ``after``, oldest first."""
+    def joins(self, after: int, floor: int) -> tuple[list[Record], int]:
+        """The announcements created after ``after``, oldest first, and the revision the view is at."""
         with self._caught_up(floor):
             if self._records is None:
                 self._records = list(self._joins_kv.values())
             records = self._records
-            return records[bisect.bisect_right(records, after, key=_position) :]
+            return records[bisect.bisect_right(records, after, key=_position) :], self._applied
 
     def alive(self, node_keys: Collection[str], floor: int) -> set[str]:
         """Which of ``node_keys`` have a liveness key."""
         with self._caught_up(floor):
-            return self._alive_keys.intersection(node_keys)
+            return self._live.keys() & set(node_keys)
+
+    def liveness_of(self, node_key: str, floor: int) -> tuple[int, int] | None:
+        """``(create_revision, lease)`` of the node's liveness key, or ``None`` if it has none."""
+        with self._caught_up(floor):
+            return self._live.get(node_key)
 
     def quarantine_entry(self, key: bytes, floor: int) -> Any | None:
         """The KeyValue of a quarantine key, or ``None`` if there is none."""
@@ -245,7 +251,7 @@ class RunView:
         response = self._etcd.request(lambda c: c.get_range_response(start, end))
         with self._lock:
             self._state = None
-            self._joins_kv, self._records, self._alive_keys, self._store_keys = {}, None, set(), set()
+            self._joins_kv, self._records, self._live, self._store_keys = {}, None, {}, set()
             self._quarantined = {}
             self._applied = response.header.revision
             for kv in sorted(response.kvs, key=lambda kv: kv.create_revision):
@@ -289,7 +295,11 @@ class RunView:
             self._state_revision = max(self._state_revision, kv.mod_revision)
             return self._state_changed
         if key.startswith(self._joins):
-            # Records are written once, in revision order: a new one goes last.
+            if key in self._joins_kv:
+                # A record is what was created: a later put of its key (another client's) moves
+                # its mod revision, never its place in the log nor what was folded of it.
+                return None
+            # Records are created in revision order: a new one goes last.
             seen_at = max(kv.create_revision, self._applied)
             record = Record(kv.value, kv.create_revision, Announcement(key, seen_at))
             self._joins_kv[key] = record
@@ -303,7 +313,11 @@ class RunView:
             }
             self._records = None
         elif key.startswith(self._alive):
-            self._alive_keys.add(self._keys.node_of(key))
+            node = self._keys.node_of(key)
+            if node is None:
+                logger.warning("Ignoring the key %r under %s: it is not UTF-8, so it names no node.", key, self._keys.alive)
+            else:
+                self._live[node] = (kv.create_revision, kv.lease)
         elif key.startswith(self._store):
             self._store_keys.add(key)
             return self._store_changed
@@ -321,7 +335,7 @@ class RunView:
             if self._joins_kv.pop(key, None) is not None:
                 self._records = None
         elif key.startswith(self._alive):
-            self._alive_keys.discard(self._keys.node_of(key))
+            self._live.pop(self._keys.node_of(key), None)
         elif key.startswith(self._store):
             self._store_keys.discard(key)
         elif key.startswith(self._quarantine):

@@ -51,6 +51,7 @@ CORRUPT = {
     ),
     "unknown-version": (json.dumps({**_VALID, "version": 4}).encode(), "format version 4 is not supported"),
     "empty": (b"", "not UTF-8 JSON"),
+    "deeply-nested": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
 }
 
 
@@ -77,6 +78,83 @@ def test_corrupt_state_raises_state_error_and_touches_nothing(etcd_run, case):
     finally:
         if handler is not None:
             handler.shutdown()
+        admin.close()
+
+
+def test_a_deeply_nested_record_fails_the_call_and_shutdown_with_a_state_error(etcd_run):
+    """A record nested past Python's recursion limit (another client's bug, or a hostile writer)
+    raised RecursionError out of next_rendezvous() and shutdown(); shutdown() must return False."""
+    admin = etcd_client(etcd_run.endpoint)
+    keys = RunKeys(etcd_run.key_prefix, etcd_run.run_id)
+    handler = None
+    try:
+        admin.put(keys.state, codec.encode_state(RendezvousState()))
+        admin.put(keys.joins + "hostile", b"[" * 100_000 + b"]" * 100_000)
+        handler = create_handler(params_for(etcd_run.endpoint, etcd_run.run_id, etcd_run.key_prefix))
+        with pytest.raises(RendezvousStateError, match="nested too deeply") as failure:
+            handler.next_rendezvous()
+        assert keys.joins in str(failure.value) or etcd_run.run_id in str(failure.value)
+        assert handler.shutdown() is False
+        handler = None
+    finally:
+        if handler is not None:
+            handler.shutdown()
+        admin.close()
+
+
+def test_a_state_whose_cursor_is_far_ahead_fails_clearly_without_a_write_storm(etcd_run):
+    """A cursor far past the mailbox made every node re-post its join in a tight loop (6,656
+    announcements in 12 s from 3 agents): its records all looked folded, none was."""
+    admin = etcd_client(etcd_run.endpoint)
+    key = RunKeys(etcd_run.key_prefix, etcd_run.run_id).state
+    handlers = [
+        create_handler(params_for(etcd_run.endpoint, etcd_run.run_id, etcd_run.key_prefix, 3, 3, join_timeout=6))
+        for _ in range(3)
+    ]
+    pool = ThreadPoolExecutor(3)
+    try:
+        admin.put(key, codec.encode_state(RendezvousState(cursor=10**15)))
+        before = admin.get_response(key).header.revision
+
+        def attempt(handler) -> BaseException | None:
+            try:
+                handler.next_rendezvous()
+            except BaseException as exc:  # noqa: BLE001 - judged below
+                return exc
+            return None
+
+        failures = list(pool.map(attempt, handlers))
+        writes = admin.get_response(key).header.revision - before
+        for failure in failures:
+            assert isinstance(failure, RendezvousStateError), failure
+            assert "cursor" in str(failure) and str(10**15) in str(failure) and "Reset the run" in str(failure)
+        # Each node beats (a lease and a key) and may post once; never a storm.
+        assert writes <= 6 * len(handlers), f"{writes} writes to etcd"
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+        pool.shutdown()
+        admin.close()
+
+
+def test_a_liveness_key_that_is_not_utf8_is_skipped(etcd_run, caplog):
+    admin = etcd_client(etcd_run.endpoint)
+    keys = RunKeys(etcd_run.key_prefix, etcd_run.run_id)
+    pool = ThreadPoolExecutor(2)
+    handlers = [
+        create_handler(params_for(etcd_run.endpoint, etcd_run.run_id, etcd_run.key_prefix, 2, 2)) for _ in range(2)
+    ]
+    try:
+        admin.put(keys.alive.encode() + b"\xff\xfe-not-utf8", b"x")
+        with caplog.at_level("WARNING"):
+            infos = list(pool.map(lambda h: h.next_rendezvous(), handlers))
+        assert sorted(i.rank for i in infos) == [0, 1]
+        assert {i.world_size for i in infos} == {2}
+        assert any("not UTF-8" in r.getMessage() for r in caplog.records)
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+        pool.shutdown()
         admin.close()
 
 

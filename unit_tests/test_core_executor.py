@@ -218,6 +218,41 @@ def test_a_node_whose_join_was_undone_announces_again():
     assert len(other.mailbox.read(0)) == posted_before + 1
 
 
+class VanishingMailboxBackend(WaitRecordingBackend):
+    """Every record posted is gone before anyone reads it (it lapses with its poster's session at
+    once, say): each announcement of the node is consumed without placing it. Fails the test
+    once the node has posted ``storm`` records."""
+
+    def __init__(self, store: MemoryStore, storm: int = 200) -> None:
+        super().__init__(store)
+        self.posts: list[float] = []
+        mailbox = self.mailbox
+        post = mailbox.post
+
+        def vanishing_post(record):
+            self.posts.append(self.clock())
+            assert len(self.posts) < storm, "a write storm: the node re-posts without backing off"
+            posted = post(record)
+            mailbox.withdraw(posted.handle)
+            return posted
+
+        mailbox.post = vanishing_post
+
+
+def test_an_announcement_consumed_without_placing_the_node_is_posted_again_with_growing_waits():
+    store = MemoryStore()
+    settings = _settings(min_nodes=2)
+    backend = VanishingMailboxBackend(store)
+    holder = StateHolder(backend, settings, NODES[0], clock=backend.clock)
+    executor = OpExecutor(NODES[0], holder, backend, settings, clock=backend.clock, wall_clock=lambda: WALL)
+    with pytest.raises(RendezvousTimeoutError):
+        executor.run(join_op, NOW + 60)
+    gaps = [b - a for a, b in zip(backend.posts, backend.posts[1:])]
+    assert 5 <= len(backend.posts) <= 25, backend.posts
+    assert gaps[0] < 0.05  # the first repeat goes at once: a node dropped once re-joins at once
+    assert max(gaps) >= 2.0 and gaps[-2] >= gaps[2], gaps  # then each waits longer
+
+
 # --------------------------------------------------------------------------- clocks
 
 

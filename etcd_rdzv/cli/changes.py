@@ -124,12 +124,13 @@ class RunWatcher:
     def on_event(self, event: Any) -> list[str]:
         """Lines for one watch event on the run's keys."""
         self.revision = max(self.revision, event.kv.mod_revision + 1)
-        key = event.kv.key.decode()
+        key = event.kv.key.decode(errors="replace")
         put = event.type == kv_pb2.Event.PUT
         if key == self.key:
             return self.on_state(event.kv.value if put else None)
         if key.startswith(self.layout.alive):
-            return self.on_liveness(self.layout.node_of(event.kv.key), put)
+            node = self.layout.node_of(event.kv.key)
+            return [] if node is None else self.on_liveness(node, put)
         if key.startswith(self.layout.joins) and put:
             return [self._announcement(event.kv.value)]
         return []

@@ -64,7 +64,7 @@ def read_run(etcd: EtcdClient, run_id: str) -> RunSnapshot:
     for kv in response.kvs:
         if kv.key == state_key:
             state = kv
-        elif kv.key.startswith(alive_prefix):
+        elif kv.key.startswith(alive_prefix) and layout.node_of(kv.key) is not None:
             alive[layout.node_of(kv.key)] = kv.lease
         elif kv.key.startswith(joins_prefix):
             joins.append(kv.create_revision)
