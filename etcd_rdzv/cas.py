@@ -37,15 +37,16 @@ def compare_and_swap(
     run's lease.
 
     Args:
-        receipt: a key unique to this call. The write puts it too, on the session lease, and a
-            retried request that finds it knows its write already committed (its response was
-            lost): the change applies exactly once. It is deleted afterwards.
+        receipt: a key unique to this call. The write puts it too, and a retried request that
+            finds it knows its write already committed (its response was lost): the change
+            applies exactly once. It lives on the run's lease, which outlives any retry (the
+            process's session lease lapsed in an outage longer than its 10 s, and a retry after
+            it applied the change twice); it is deleted afterwards.
         floor: the caller's floor, raised to what the swap wrote or read.
     """
     floor = floor or Floor()
     # (value, mod_revision) as last seen; None: absent (or not read yet).
     seen: list[tuple[bytes, int] | None] = [None]
-    session = run.session
 
     def cas(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> Seen[tuple[bool, bytes | None]]:
         tx = client.transactions
@@ -56,7 +57,7 @@ def compare_and_swap(
         success = [] if new is None else [tx.put(key, new, lease=lease_id)]
         failure = [tx.get(key)]
         if receipt is not None and new is not None:
-            success.append(tx.put(receipt, new, lease=session.lease_id(client)))
+            success.append(tx.put(receipt, new, lease=lease_id))
             failure.append(tx.get(receipt))
         succeeded, responses = client.transaction(compare=[compare], success=success, failure=failure)
         if succeeded and new is None:
@@ -96,5 +97,5 @@ def compare_and_swap(
 def _forget_receipt(run: EtcdRun, receipt: bytes) -> None:
     try:
         run.etcd.request(lambda c: c.delete(receipt), budget=0)
-    except Exception as exc:  # it lapses with the session anyway
+    except Exception as exc:  # it lapses with the run's lease anyway
         logger.debug("Could not delete the receipt %s: %s", receipt, exc)

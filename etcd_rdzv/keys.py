@@ -9,7 +9,8 @@ named by its run id percent-escaped (so ``/`` and ``%`` never appear in it)::
                                         mod_revision fences the writes that fold announcements
     <key_prefix>/<run>/alive/<node>     one key per live node, on that node's own lease
     <key_prefix>/<run>/store/<key>      the agents' ``torch.distributed.Store``
-    <key_prefix>/<run>/ops/<uuid>       receipts of store operations that must apply once (``add``)
+    <key_prefix>/<run>/ops/<uuid>       receipts of store operations that must apply once (``add``),
+                                        on the run's lease
     <key_prefix>/<run>/quarantine/<host>  a quarantined host's entry, on a lease of its cool-down
     <key_prefix>/<run>/lapses/<host>/<uuid>  one liveness lapse of a host, on a lease of the window
 

@@ -14,7 +14,8 @@ connection, current and future (the proxy's methods), or to one (``Proxy.connect
 * ``reset()``: every open connection is closed with an RST (``SO_LINGER`` 0), both sides.
 * ``drop_next_response()`` / ``drop_responses_after(n)``: the next request (after ``n`` more) is
   forwarded to the server, its response is dropped, and then the connection is reset: the
-  client sees a failure of a request that the server carried out. On HTTP/2 (gRPC) a request is
+  client sees a failure of a request that the server carried out. With ``then_blackhole=True``
+  the proxy blackholes from then on, so the client's retries meet an outage. On HTTP/2 (gRPC) a request is
   a HEADERS frame opening a client stream and its response is every server byte until that
   stream ends; on other protocols a request is a client chunk and its response the next server
   chunk.
@@ -90,6 +91,7 @@ class _Faults:
         self.stalled = False
         self.blackholed = False
         self.drop_after: int | None = None  # requests to let through before dropping a response
+        self.blackhole_after_drop = False  # the proxy's only: an outage follows the dropped response
 
 
 class Connection:
@@ -225,6 +227,11 @@ class Connection:
                     self.poisoned = True
                 end_of_dropped_response = not outbound and self._dropping is None and drop and not blackholed
             if end_of_dropped_response:
+                with self._proxy._cond:
+                    if self._proxy._all.blackhole_after_drop:
+                        self._proxy._all.blackhole_after_drop = False
+                        self._proxy._all.blackholed = True
+                        self._proxy._count("blackhole")
                 self._abort()
                 return
             if not drop:
@@ -383,14 +390,16 @@ class Proxy:
             connection.reset()
         return len(victims)
 
-    def drop_next_response(self) -> None:
-        self.drop_responses_after(0)
+    def drop_next_response(self, then_blackhole: bool = False) -> None:
+        self.drop_responses_after(0, then_blackhole)
 
-    def drop_responses_after(self, n: int) -> None:
+    def drop_responses_after(self, n: int, then_blackhole: bool = False) -> None:
         """Let ``n`` requests (on any connection) be answered, then drop the next one's response
-        and reset its connection."""
+        and reset its connection; with ``then_blackhole``, the proxy then ``blackhole``s until
+        ``heal`` (the client's retry meets an outage, not a fresh connection)."""
         with self._cond:
             self._all.drop_after = n
+            self._all.blackhole_after_drop = then_blackhole
 
     def isolate(self, marker: bytes) -> None:
         """Blackhole every connection, open now or opened later, whose client's first bytes

@@ -419,3 +419,42 @@ def test_a_reader_waits_for_a_view_that_is_busy_catching_up(make_backend, monkey
     started = time.monotonic()
     backend.get_state()
     assert len(requests) == 1 and time.monotonic() - started < 2
+
+
+def test_a_retried_post_whose_response_was_lost_creates_its_record_once(etcd_run, etcd_admin):
+    """A retry re-put the record's key: its mod revision moved, the view listed the record twice
+    (the second time out of order), a cursor stored past it could move backwards and the record
+    was folded again. A post only creates its key; the retry finds it and changes nothing."""
+    from integration_tests.nemesis import Proxy
+
+    with Proxy.to(etcd_run.endpoints[0]) as proxy:
+        params = RendezvousParameters(
+            "etcd_rdzv", proxy.endpoint, etcd_run.run_id, 1, 1, key_prefix=etcd_run.key_prefix, read_timeout=20
+        )
+        poster, _ = create_backend(params, name="etcd_rdzv")
+        try:
+            poster.mailbox.post(b"warm")  # the session lease is granted, the connection is up
+            proxy.drop_next_response()
+            record = poster.mailbox.post(b"retried")
+            assert proxy.faults["drop_response"] == 1
+            (kv,) = [kv for kv in etcd_admin.get_prefix(poster.run.keys.joins) if kv[0] == b"retried"]
+            assert kv[1].version == 1, "the retry wrote the record again"
+            assert record.position == kv[1].create_revision
+            wait_until(lambda: b"retried" in [r.data for r in poster.mailbox.read(0)], 10, 0.1, "the view")
+            datas = [r.data for r in poster.mailbox.read(0)]
+            assert datas.count(b"retried") == 1, datas
+            positions = [r.position for r in poster.mailbox.read(0)]
+            assert positions == sorted(positions)
+        finally:
+            poster.close()
+
+
+def test_a_record_put_again_by_another_client_keeps_its_place_in_the_log(make_backend, etcd_admin):
+    backend = make_backend()
+    first = backend.mailbox.post(b"first")
+    second = backend.mailbox.post(b"second")
+    put = etcd_admin.put(first.handle.key, b"first")  # moves its mod revision past the second's
+    wait_until(lambda: backend.run.view.joins(0, 0)[1] >= put.header.revision, 10, 0.1, "the view to see the put")
+    records = backend.mailbox.read(0)
+    assert [r.data for r in records] == [b"first", b"second"]
+    assert [r.data for r in backend.mailbox.read(first.position)] == [b"second"]

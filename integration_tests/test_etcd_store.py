@@ -146,3 +146,34 @@ def test_store_timeout_property(store):
     assert store.timeout == timedelta(seconds=10)
     store.set_timeout(timedelta(seconds=3))
     assert store.timeout == timedelta(seconds=3)
+
+
+def test_an_add_retried_across_an_outage_longer_than_the_session_lease_applies_once(etcd_server):
+    """Its receipt lived on the process's session lease (10 s): the response of the add was lost,
+    then the client was cut off for 12 s, the session lease lapsed and took the receipt along, and
+    the retry applied the add again (3 where 2 is right). Exactly once must hold for every retry
+    within read_timeout."""
+    from integration_tests.invariants import etcd_client, wait_until
+    from integration_tests.nemesis import Proxy
+
+    server = etcd_server()
+    admin = etcd_client(server.endpoint)
+    with Proxy.to(server.endpoint) as proxy:
+        config = EtcdConfig(endpoints=parse_endpoints(proxy.endpoint), key_prefix="/rdzv-receipt", read_timeout=40)
+        run = registry.acquire(config, "receipt")
+        try:
+            store = EtcdStore(run, timeout=timedelta(seconds=40))
+            assert store.add("count", 1) == 1  # connected; the session and the run's lease granted
+            # The add's first transaction guesses the key absent and fails; its second commits.
+            proxy.drop_responses_after(1, then_blackhole=True)
+            with ThreadPoolExecutor(1) as pool:
+                adding = pool.submit(store.add, "count", 1)
+                wait_until(lambda: proxy.faults["drop_response"] == 1, 10, 0.05, "the add's lost response")
+                assert int(admin.get(store.prefix + "count")[0]) == 2  # it did apply
+                time.sleep(12)  # longer than the session lease's TTL
+                proxy.heal()
+                assert adding.result(timeout=40) == 2
+            assert int(admin.get(store.prefix + "count")[0]) == 2
+        finally:
+            registry.release(run)
+            admin.close()
