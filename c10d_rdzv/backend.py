@@ -105,9 +105,10 @@ class C10dRendezvousBackend(RendezvousBackend):
         return None if stored is None else (self._decode(stored), stored)
 
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = (), member: str | None = None
     ) -> tuple[bytes, Token, bool] | None:
-        # ``fence`` is not checked: a store compare-and-sets one key only (see ``C10dMailbox``).
+        # Neither ``fence`` nor ``member`` is checked: a store compare-and-sets one key only (see
+        # ``C10dMailbox``); a member's answer is checked by ``C10dLiveness.held_since`` instead.
         if token is not None and not isinstance(token, bytes):
             # Not a token this backend handed out, so it cannot match the stored one.
             current = self.get_state()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Collection
 
 from torch.distributed.elastic.rendezvous.api import RendezvousStateError
 
-from rdzv_common.backend import Liveness
+from rdzv_common.backend import Liveness, Token
 
 from .calls import StoreCalls
 from .keys import RunKeys
@@ -23,14 +24,33 @@ class C10dLiveness(Liveness):
 
     Nodes compare their own clock against the writer's, so clock skew between machines shortens or
     stretches the effective ttl by that skew.
+
+    A store cannot say when a write happened, so ``held_since`` answers from this node's own beats:
+    another node may have seen it dead once a beat's reply came more than ``ttl`` after the
+    previous beat was sent (its stored time was older than ``ttl`` before the new one landed).
     """
 
     def __init__(self, calls: StoreCalls, keys: RunKeys) -> None:
         self._calls = calls
         self._keys = keys
+        self._lock = threading.Lock()
+        # node key -> (monotonic time the last beat that landed was sent, when its unbroken
+        # stretch of beats began, the ttl it beats with).
+        self._beats: dict[str, tuple[float, float, float]] = {}
 
     def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
+        sent = time.monotonic()
         self._calls("set", self._keys.heartbeat(node_key), repr(time.time()).encode())
+        replied = time.monotonic()
+        with self._lock:
+            last = self._beats.get(node_key)
+            unbroken = last is not None and replied - last[0] <= last[2]
+            self._beats[node_key] = (sent, last[1] if unbroken else sent, ttl)
+
+    def held_since(self, node_key: str, token: Token, since: float) -> bool:
+        with self._lock:
+            last = self._beats.get(node_key)
+        return last is not None and last[1] <= since and time.monotonic() - last[0] <= last[2]
 
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         """One ``check`` and one ``multi_get`` when every node has beaten; one request per node when
@@ -51,6 +71,8 @@ class C10dLiveness(Liveness):
         }
 
     def forget(self, node_key: str) -> None:
+        with self._lock:
+            self._beats.pop(node_key, None)
         self._calls("set", self._keys.heartbeat(node_key), _FORGOTTEN)
 
 

@@ -9,6 +9,13 @@ A backend stores one opaque state value per run and offers three capabilities th
   alive, both kept off the shared state so that neither grows contention with the number of nodes.
 * ``quarantine``: hosts kept out of the run for a cool-down, and the record of liveness lapses
   that quarantines a host (see ``health.py``).
+
+Fencing. No node may be told a round whose group its liveness did not hold through: a node that
+lapsed may have been dropped by the others. So a write that makes or keeps its writer a member
+names it (``set_state(member=...)``), and a backend that can compare the writer's liveness in the
+same transaction does (etcd: its liveness key and lease), refusing the write with
+``LivenessLapsed``; and before a node takes an answer, it asks ``Liveness.held_since`` whether its
+liveness held from the write of the state it read until now, which every backend can answer.
 """
 
 from __future__ import annotations
@@ -20,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 Token = Any
+
+
+class LivenessLapsed(Exception):
+    """A write that named its writer as ``member`` did not land: the writer's liveness lapsed (its
+    lease expired, its key is gone), so the others may have dropped it. The writer beats (a new
+    liveness) and decides again."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,14 @@ class Liveness(ABC):
     def forget(self, node_key: str) -> None:
         """Drop ``node_key``'s liveness; it is dead from now on."""
 
+    @abstractmethod
+    def held_since(self, node_key: str, token: Token, since: float) -> bool:
+        """Whether ``node_key`` (a node this liveness beats for) has been alive, without a break,
+        from the write of the stored state that carries ``token`` until now: no other node can
+        have seen it dead since that write. A backend whose tokens tell when a write happened
+        answers from ``token``; the others from ``since``, a time on the monotonic clock known
+        to precede that write (a break after it, or a liveness that is not current, is a no)."""
+
 
 @dataclass(frozen=True)
 class QuarantineEntry:
@@ -163,14 +184,22 @@ class RendezvousBackend(ABC):
 
     @abstractmethod
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
+        self,
+        state: bytes,
+        token: Token | None = None,
+        fence: Sequence[Record] = (),
+        member: str | None = None,
     ) -> tuple[bytes, Token, bool] | None:
         """Compare-and-set ``state`` against ``token``; return ``(state, token, has_set)``.
 
         ``fence`` holds the mailbox records (as ``read`` returned them) folded into ``state``; a
         backend that can withdraw records writes only if none of them was withdrawn (else
-        ``has_set`` is false).
+        ``has_set`` is false). ``member`` is the key of the writing node when ``state`` makes or
+        keeps it a member: a backend that can check that node's liveness in the same write does.
         Returns ``None`` only when the state vanished between the write and the read-back.
+
+        Raises:
+            LivenessLapsed: the write did not land because ``member``'s liveness lapsed.
         """
 
     def wait_for_change(self, token: Token | None, timeout: float) -> None:

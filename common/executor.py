@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
 
-from .backend import RendezvousBackend
+from .backend import LivenessLapsed, RendezvousBackend
 from .events import record_step
 from .holder import StateHolder
 from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due, waits_for_members, waits_for_next_round
@@ -135,7 +135,15 @@ class OpExecutor:
 
     def _run(self, op: Op, deadline: float, update_deadline: Callable[[float], float] | None, synced: bool) -> None:
         while True:
-            has_set = None if synced else self._holder.sync()
+            try:
+                has_set = None if synced else self._holder.sync()
+            except LivenessLapsed as lapse:
+                # The others may have dropped this node: it must be alive again before it writes
+                # itself into a group (and the answer it then gets is checked by its caller).
+                logger.warning("The node '%s' beats again before it writes: %s.", self._node, lapse)
+                self.beat()
+                synced = False
+                continue
             synced = False
             if has_set is not None:
                 logger.debug(

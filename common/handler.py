@@ -171,9 +171,22 @@ class DynamicRendezvousHandler(RendezvousHandler):
             deadline = started + self._config.join_timeout
             while True:
                 with self._lock:
+                    since = time.monotonic()  # before any write that places this node
                     self._leave_and_join(deadline)
                     placed_at = self._executor.placed_at or time.monotonic()
+                    held = self._backend.liveness.held_since(self._node.key, self._holder.token, since)
                 state = self._holder.state
+                if not held:
+                    # Others may have seen this node dead since the round formed and dropped it
+                    # from the group: it leaves the round (its members then restart with it) and
+                    # joins the next one, alive again.
+                    logger.warning(
+                        "The liveness of the node '%s' lapsed while it joined round %d of the rendezvous "
+                        "'%s'; it leaves that round and joins the next.",
+                        self._node, state.round, self._config.run_id,
+                    )
+                    self._executor.beat()
+                    continue
                 rank, world_size = state.participants[self._node], state.world_size
                 round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
                 round_ = state.round

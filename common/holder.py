@@ -144,6 +144,8 @@ class StateHolder:
         Raises:
             RendezvousStateError: the stored state does not decode.
             RendezvousConnectionError: the backend is unreachable.
+            LivenessLapsed: a write that makes or keeps this node a member did not land: its
+                liveness lapsed. The next sync reads.
         """
         has_set: bool | None = None
         dropped: list[NodeDesc] = []
@@ -160,7 +162,7 @@ class StateHolder:
                 # not on answers up to ``keep_alive_interval`` old from a copy that may trail it.
                 dropped += self._drop_dead(self._state, current=True)
             settle(self._state, self._settings, wall)
-            response = self._backend.set_state(encode_state(self._state), self._token, folded)
+            response = self._backend.set_state(encode_state(self._state), self._token, folded, self._member())
             has_set = bool(response and response[2])
             self.writes += 1
             self.failed_writes += 0 if has_set else 1
@@ -205,6 +207,12 @@ class StateHolder:
             self._pending = None
         self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not has_set else []
         return has_set
+
+    def _member(self) -> str | None:
+        """The key of this node if the local state, about to be written, makes or keeps it a member
+        of a round of an open run: the write is then fenced on its liveness (``set_state``)."""
+        state = self._state
+        return self._node.key if self._node is not None and self._node in state.participants and not state.closed else None
 
     def wait_until(self, ends_wait: Callable[[RendezvousState], bool], timeout: float) -> None:
         """Return once a stored state that ``ends_wait`` accepts is there to read, or after

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
-from .backend import Liveness, Mailbox, Quarantine, QuarantineEntry, Record, RendezvousBackend, Token
+from .backend import Liveness, LivenessLapsed, Mailbox, Quarantine, QuarantineEntry, Record, RendezvousBackend, Token
 
 
 class MemoryStore:
@@ -32,6 +32,9 @@ class MemoryStore:
         # (run id, position) of each withdrawn record: a write that folded one of them fails.
         self.withdrawn: set[tuple[str, int]] = set()
         self.beats: dict[str, dict[str, float]] = {}
+        # run id -> node key -> (the state's version when the node's current unbroken stretch of
+        # beats began, the ttl it beats with): ``held_since`` answers from it.
+        self.stretches: dict[str, dict[str, tuple[int, float]]] = {}
         self.writes = 0
         self.bytes_written = 0
 
@@ -78,7 +81,23 @@ class MemoryLiveness(Liveness):
 
     def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
         with self._store.changed:
+            if not self._holds(node_key):
+                current = self._store.states.get(self._run_id)
+                self._store.stretches.setdefault(self._run_id, {})[node_key] = (current[1] if current else 0, ttl)
             self._store.beats.setdefault(self._run_id, {})[node_key] = self._store.clock()
+
+    def _holds(self, node_key: str) -> bool:
+        """Whether the node is alive by the ttl it beats with; call with the store's lock held."""
+        beat = self._store.beats.get(self._run_id, {}).get(node_key)
+        stretch = self._store.stretches.get(self._run_id, {}).get(node_key)
+        return beat is not None and stretch is not None and self._store.clock() - beat <= stretch[1]
+
+    def held_since(self, node_key: str, token, since: float) -> bool:
+        """From the version each stretch of beats began at: a stretch that began before the
+        write of version ``token`` and holds now covers it."""
+        with self._store.changed:
+            stretch = self._store.stretches.get(self._run_id, {}).get(node_key)
+            return token is not None and self._holds(node_key) and stretch[0] < token
 
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         with self._store.changed:
@@ -89,6 +108,7 @@ class MemoryLiveness(Liveness):
     def forget(self, node_key: str) -> None:
         with self._store.changed:
             self._store.beats.get(self._run_id, {}).pop(node_key, None)
+            self._store.stretches.get(self._run_id, {}).pop(node_key, None)
 
 
 class MemoryQuarantine(Quarantine):
@@ -129,7 +149,8 @@ class MemoryQuarantine(Quarantine):
 
 class MemoryBackend(RendezvousBackend):
     """A backend over a ``MemoryStore``; the token is a version number that grows on each write.
-    Like etcd's, its writes are fenced on the records they fold (``withdraw``)."""
+    Like etcd's, its writes are fenced on the records they fold (``withdraw``) and on the liveness
+    of the member that writes them."""
 
     def __init__(self, store: MemoryStore, run_id: str, name: str = "memory") -> None:
         self._store = store
@@ -148,9 +169,11 @@ class MemoryBackend(RendezvousBackend):
             return self._store.states.get(self._run_id)
 
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = (), member: str | None = None
     ) -> tuple[bytes, Token, bool] | None:
         with self._store.changed:
+            if member is not None and not self._liveness._holds(member):
+                raise LivenessLapsed(f"the liveness of '{member}' in run '{self._run_id}' lapsed")
             current = self._store.states.get(self._run_id)
             fenced = any((self._run_id, record.handle) in self._store.withdrawn for record in fence)
             if not fenced and ((current is None and token is None) or (current is not None and current[1] == token)):

@@ -9,7 +9,7 @@ from typing import Any
 
 import etcd3
 
-from rdzv_common.backend import Liveness, Mailbox, Quarantine, Record, RendezvousBackend, Token
+from rdzv_common.backend import Liveness, LivenessLapsed, Mailbox, Quarantine, Record, RendezvousBackend, Token
 
 from .keys import prefix_range
 from .lease import revoke
@@ -79,30 +79,47 @@ class EtcdRendezvousBackend(RendezvousBackend):
         return self._run.viewed(lambda view, floor: view.state(floor), from_etcd, self._floor)
 
     def set_state(
-        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = ()
+        self, state: bytes, token: Token | None = None, fence: Sequence[Record] = (), member: str | None = None
     ) -> tuple[bytes, Token, bool] | None:
         """Compare-and-set on the state key's mod revision; a write that folds the records in
-        ``fence`` lands only if none of them was withdrawn since it read them (``EtcdMailbox``)."""
+        ``fence`` lands only if none of them was withdrawn since it read them (``EtcdMailbox``),
+        and one that names a ``member`` only while that node's liveness key is on the lease it
+        beats (``EtcdLiveness.member_compare``)."""
         key = self._run.keys.state
+        alive_key, alive = self._liveness.member_compare(member) if member is not None else (None, None)
+        lapsed = []
 
         def compare_and_set(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> Seen:
             tx = client.transactions
             compare = [tx.create(key) == 0 if token is None else tx.mod(key) == token]
             compare += self._mailbox.fence_compare(client, fence)
+            failure = [tx.get(key)]
+            if alive is not None:
+                compare.append(alive)
+                failure.append(tx.get(alive_key))
             succeeded, responses = client.transaction(
                 compare=compare,
                 success=[tx.put(key, bytes(state), lease=lease_id)],
-                failure=[tx.get(key)],
+                failure=failure,
             )
             if succeeded:
                 revision = responses[0].response_put.header.revision
                 return Seen((bytes(state), revision, True), revision)
+            if alive is not None and (not responses[1] or responses[1][0][1].lease_id != alive.value):
+                lapsed.append(alive.value)
             if not responses[0]:
                 return Seen(None)
             value, meta = responses[0][0]
             return Seen((value, meta.mod_revision, False), meta.mod_revision)
 
-        return self._run.write(compare_and_set, self._floor)
+        written = self._run.write(compare_and_set, self._floor)
+        if lapsed:
+            self._liveness.lapsed(member, lapsed[0])
+            raise LivenessLapsed(
+                f"the liveness of '{member}' ({self._run.keys.alive_key(member)}) lapsed before its write of "
+                f"{self.location} landed"
+            )
+        return written
 
     def wait_for_change(self, token: Token | None, timeout: float) -> None:
         """Wait on the process's run view until the state has a revision after ``token``, or

@@ -11,12 +11,23 @@ import time
 from collections.abc import Collection
 
 import etcd3
+import etcd3.etcdrpc
+import etcd3.transactions
 
-from rdzv_common.backend import Liveness
+from rdzv_common.backend import Liveness, LivenessLapsed, Token
 
 from .keys import prefix_range
 from .lease import refresh, revoke
 from .run import EtcdRun, Floor, Seen
+
+
+class _LeaseIs(etcd3.transactions.BaseCompare):
+    """A transaction's compare on the lease a key is attached to (etcd3 offers none); a key that
+    does not exist is attached to lease 0."""
+
+    def build_compare(self, compare: etcd3.etcdrpc.Compare) -> None:
+        compare.target = etcd3.etcdrpc.Compare.LEASE
+        compare.lease = int(self.value)
 
 
 class EtcdLiveness(Liveness):
@@ -79,6 +90,46 @@ class EtcdLiveness(Liveness):
         if current:
             return from_etcd()
         return self._run.viewed(lambda view, floor: view.alive(node_keys, floor), from_etcd, self._floor)
+
+    def held_since(self, node_key: str, token: Token, since: float) -> bool:
+        """From revisions: the node's liveness key, as this node's floor (which covers the state
+        it read) or etcd now shows it, was created at or before the write of ``token`` and is
+        still on the lease the node beats: it existed from that write until now."""
+        key = self._run.keys.alive_key(node_key)
+
+        def from_etcd() -> tuple[int, int] | None:
+            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[int, int] | None]:
+                response = client.get_response(key)
+                if not response.kvs:
+                    return Seen(None)
+                kv = response.kvs[0]
+                return Seen((kv.create_revision, kv.lease), kv.mod_revision)
+
+            return self._run.read(get, self._floor)
+
+        found = self._run.viewed(lambda view, floor: view.liveness_of(node_key, floor), from_etcd, self._floor)
+        lease_id = self._leases.get(node_key)
+        return isinstance(token, int) and found is not None and found[0] <= token and found[1] == lease_id
+
+    def member_compare(self, node_key: str) -> tuple[bytes, etcd3.transactions.BaseCompare]:
+        """The node's liveness key and the compare that holds while it is on the lease the node
+        beats: a write carrying it lands only while the node is alive.
+
+        Raises:
+            LivenessLapsed: the node has no liveness (it never beat, or it lapsed).
+        """
+        lease_id = self._leases.get(node_key)
+        if lease_id is None:
+            raise LivenessLapsed(f"the node '{node_key}' has no liveness in run '{self._run.run_id}'")
+        key = self._run.keys.alive_key(node_key).encode()
+        return key, _LeaseIs(key) == lease_id
+
+    def lapsed(self, node_key: str, lease_id: int) -> None:
+        """Forget ``lease_id``, found gone or no longer on the node's key: the next beat grants a
+        new lease and puts the key again (renewing it would leave the node without a key)."""
+        with self._lock:
+            if self._leases.get(node_key) == lease_id:
+                del self._leases[node_key]
 
     def forget(self, node_key: str) -> None:
         """Delete the node's key, so the whole process sees it gone at once, and revoke its lease."""

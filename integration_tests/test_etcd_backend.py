@@ -36,6 +36,7 @@ class TestEtcdBackendContract(BackendContract):
     # etcd grants no lease shorter than about two seconds.
     liveness_ttl = 2.0
     fences_withdrawn = True
+    fences_member = True
 
 
 def _lease_exists(admin, lease_id: int) -> bool:

@@ -5,7 +5,8 @@ A test module subclasses ``BackendContract`` and provides a ``make_backend`` fix
 ``liveness_ttl`` is the shortest time-to-live the backend honours (etcd leases round up to seconds).
 ``fences_withdrawn`` says whether the backend can withdraw mailbox records and fence writes on them
 (``Mailbox.withdraw``, ``RendezvousBackend.set_state(..., fence)``); one that cannot must accept
-both and ignore them.
+both and ignore them. ``fences_member`` says whether it can fence a write on the liveness of the
+member that writes it (``set_state(..., member=...)``); one that cannot accepts and ignores it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def _read_until(mailbox, cursor: int, datas: list[bytes], timeout: float = 5.0) 
 class BackendContract:
     liveness_ttl: float = 0.5
     fences_withdrawn: bool = False
+    fences_member: bool = False
 
     def test_absent_state_reads_none(self, make_backend):
         assert make_backend("run-empty").get_state() is None
@@ -196,6 +198,56 @@ class BackendContract:
         while "node-a" in a.liveness.alive(["node-a"], ttl) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert a.liveness.alive(["node-a"], ttl) == set()
+
+    def _lapse(self, backend, node: str) -> None:
+        """Wait until ``node`` (which stopped beating) is dead on the server."""
+        ttl = self.liveness_ttl
+        deadline = time.monotonic() + ttl * 6 + 5
+        while node in backend.liveness.alive([node], ttl, current=True) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert backend.liveness.alive([node], ttl, current=True) == set()
+
+    def test_liveness_held_through_a_write_made_while_the_node_beat(self, make_backend):
+        a = make_backend("run-held")
+        a.liveness.beat("node-a", self.liveness_ttl)
+        since = time.monotonic()
+        _, token, _ = a.set_state(b"v1", member="node-a")
+        assert a.liveness.held_since("node-a", token, since)
+        assert not a.liveness.held_since("node-x", token, since)
+
+    def test_liveness_that_lapsed_since_a_write_did_not_hold_through_it(self, make_backend):
+        a = make_backend("run-held-lapsed")
+        a.liveness.beat("node-a", self.liveness_ttl)
+        since = time.monotonic()
+        _, token, _ = a.set_state(b"v1")
+        self._lapse(a, "node-a")
+        a.liveness.beat("node-a", self.liveness_ttl)  # alive again: a new stretch, after the write
+        assert a.liveness.alive(["node-a"], self.liveness_ttl, current=True) == {"node-a"}
+        assert not a.liveness.held_since("node-a", token, since)
+        # A state written after it beat again is covered.
+        _, later, _ = a.set_state(b"v2", token)
+        assert a.liveness.held_since("node-a", later, time.monotonic())
+
+    def test_a_write_naming_a_lapsed_member_does_not_land(self, make_backend):
+        from rdzv_common.backend import LivenessLapsed
+
+        a = make_backend("run-member")
+        a.liveness.beat("node-a", self.liveness_ttl)
+        _, token, _ = a.set_state(b"v1", member="node-a")
+        self._lapse(a, "node-a")
+        if not self.fences_member:
+            assert a.set_state(b"v2", token, member="node-a")[2]
+            return
+        try:
+            a.set_state(b"v2", token, member="node-a")
+        except LivenessLapsed as lapse:
+            assert "node-a" in str(lapse)
+        else:
+            raise AssertionError("a write naming a lapsed member landed")
+        assert a.get_state() == (b"v1", token)
+        a.liveness.beat("node-a", self.liveness_ttl)
+        state, _, has_set = a.set_state(b"v2", token, member="node-a")
+        assert (state, has_set) == (b"v2", True)
 
     # Quarantine: entries are shared by every backend of the run, end by themselves, and are
     # private to their run.

@@ -78,11 +78,11 @@ class HookBackend(MemoryBackend):
 
         mailbox.withdraw = recorded_withdraw
 
-    def set_state(self, state, token=None, fence=()):
+    def set_state(self, state, token=None, fence=(), member=None):
         hook, self.before_set = self.before_set, None
         if hook is not None:
             hook()
-        return super().set_state(state, token, fence)
+        return super().set_state(state, token, fence, member)
 
 
 def _settings(min_nodes=2, max_nodes=4, **kw) -> RendezvousSettings:

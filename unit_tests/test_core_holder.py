@@ -52,13 +52,13 @@ class CountingBackend(MemoryBackend):
         self.gets += 1
         return super().get_state()
 
-    def set_state(self, state, token=None, fence=()):
+    def set_state(self, state, token=None, fence=(), member=None):
         self.sets += 1
         self.fences.append([record.handle for record in fence])
         hook, self.before_set = self.before_set, None
         if hook is not None:
             hook()
-        return super().set_state(state, token, fence)
+        return super().set_state(state, token, fence, member)
 
 
 def _settings(min_nodes=2, max_nodes=4, **kw) -> RendezvousSettings:

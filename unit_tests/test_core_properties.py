@@ -113,13 +113,13 @@ class SteppingBackend(MemoryBackend):
         self._count()
         return super().get_state()
 
-    def set_state(self, state, token=None, fence=()):
+    def set_state(self, state, token=None, fence=(), member=None):
         self._count()
         if self.preempt_write:
             self.preempt_write = False
             self.preempted_deadline = decode_state(state).deadline or self.preempted_deadline
             raise Yield()
-        response = super().set_state(state, token, fence)
+        response = super().set_state(state, token, fence, member)
         if response is not None and response[2]:
             self.machine.check_written(decode_state(response[0]), self.preempted_deadline)
             self.preempted_deadline = None

@@ -6,6 +6,7 @@ from unit_tests.backend_contract import BackendContract
 
 class TestMemoryBackend(BackendContract):
     fences_withdrawn = True
+    fences_member = True
 
     @pytest.fixture
     def make_backend(self):

@@ -24,6 +24,7 @@ def main() -> None:
         "world_size": dist.get_world_size(),
         "restart": restart,
         "topology": os.environ.get("TORCH_RDZV_TOPOLOGY"),
+        "t": time.time(),
     }
     with open(os.path.join(result_dir, f"started-{tag}-restart{restart}-pid{os.getpid()}.json"), "w") as f:
         json.dump(report, f)
