@@ -140,7 +140,9 @@ class OpExecutor:
             except LivenessLapsed as lapse:
                 # The others may have dropped this node: it must be alive again before it writes
                 # itself into a group (and the answer it then gets is checked by its caller).
-                logger.warning("The node '%s' beats again before it writes: %s.", self._node, lapse)
+                # The message, not the error: a log record kept (by a test's log capture, say) must
+                # not hold the error's frames, and with them this node's backend.
+                logger.warning("The node '%s' beats again before it writes: %s.", self._node, str(lapse))
                 self.beat()
                 synced = False
                 continue

@@ -92,24 +92,28 @@ class EtcdLiveness(Liveness):
         return self._run.viewed(lambda view, floor: view.alive(node_keys, floor), from_etcd, self._floor)
 
     def held_since(self, node_key: str, token: Token, since: float) -> bool:
-        """From revisions: the node's liveness key, as this node's floor (which covers the state
-        it read) or etcd now shows it, was created at or before the write of ``token`` and is
-        still on the lease the node beats: it existed from that write until now."""
+        """From revisions: the node's liveness key, as the run's view at ``token`` or later (or
+        etcd now) shows it, was created at or before the write of ``token`` and is still on the
+        lease the node beats: it existed from that write until the revision looked at, to which
+        this node's floor is raised (what it has seen)."""
+        if not isinstance(token, int):
+            return False
         key = self._run.keys.alive_key(node_key)
 
-        def from_etcd() -> tuple[int, int] | None:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[int, int] | None]:
+        def from_etcd() -> tuple[tuple[int, int] | None, int]:
+            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[tuple[int, int] | None, int]]:
                 response = client.get_response(key)
-                if not response.kvs:
-                    return Seen(None)
-                kv = response.kvs[0]
-                return Seen((kv.create_revision, kv.lease), kv.mod_revision)
+                kv = response.kvs[0] if response.kvs else None
+                found = (kv.create_revision, kv.lease) if kv is not None else None
+                return Seen((found, kv.mod_revision if kv is not None else 0))
 
             return self._run.read(get, self._floor)
 
-        found = self._run.viewed(lambda view, floor: view.liveness_of(node_key, floor), from_etcd, self._floor)
-        lease_id = self._leases.get(node_key)
-        return isinstance(token, int) and found is not None and found[0] <= token and found[1] == lease_id
+        found, at = self._run.viewed(
+            lambda view, floor: view.liveness_of(node_key, max(floor, token)), from_etcd, self._floor
+        )
+        self._floor.raise_to(max(token, at))
+        return found is not None and found[0] <= token and found[1] == self._leases.get(node_key)
 
     def member_compare(self, node_key: str) -> tuple[bytes, etcd3.transactions.BaseCompare]:
         """The node's liveness key and the compare that holds while it is on the lease the node

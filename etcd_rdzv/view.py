@@ -150,10 +150,11 @@ class RunView:
         with self._caught_up(floor):
             return self._live.keys() & set(node_keys)
 
-    def liveness_of(self, node_key: str, floor: int) -> tuple[int, int] | None:
-        """``(create_revision, lease)`` of the node's liveness key, or ``None`` if it has none."""
+    def liveness_of(self, node_key: str, floor: int) -> tuple[tuple[int, int] | None, int]:
+        """``(create_revision, lease)`` of the node's liveness key (``None`` if it has none), and
+        the revision the view is at."""
         with self._caught_up(floor):
-            return self._live.get(node_key)
+            return self._live.get(node_key), self._applied
 
     def quarantine_entry(self, key: bytes, floor: int) -> Any | None:
         """The KeyValue of a quarantine key, or ``None`` if there is none."""

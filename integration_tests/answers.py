@@ -2,15 +2,20 @@
 
 The invariant checker (``invariants.InvariantChecker``) judges what etcd stores. A node can still
 be handed something the store never said, or an old round again after a retried write; so the
-fault tests also log every answer a node got from ``next_rendezvous`` (``record_rendezvous``) and
-every close (``record_close``), and ``check`` judges that history:
+fault tests also log every answer a node got from ``next_rendezvous`` (``record_rendezvous``),
+from torchrun's monitor call ``num_nodes_waiting`` (``record_waiting``) and every close
+(``record_close``), and ``check`` judges that history:
 
 * per round: one world size, unique ranks below it (exactly ``0..n-1`` once all ``n`` answered),
   one bootstrap store address;
 * per node: the rounds of its successive answers strictly increase;
 * with ``completed_groups`` (round -> {node: rank}, e.g. ``InvariantChecker.groups``): each answer
   matches the group stored for its round;
-* no answer returns later than ``grace`` seconds after the run was closed.
+* no answer returns later than ``grace`` seconds after the run was closed;
+* with ``states`` (every stored version of the state, ``InvariantChecker.states``): fencing, no
+  node is told a round in which the state stored at the newest revision it had seen when it was
+  told (its backend's floor: what its own liveness check covered) does not list it, with that rank;
+  and on the monitor path, no node reports more waiting nodes than the state it read holds.
 
 ``check_worker_results`` does the same for torchrun workers' result files, which know no round:
 they are grouped by the bootstrap store (``master``) they were given.
@@ -18,13 +23,19 @@ they are grouped by the bootstrap store (``master``) they were given.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Answer", "AnswerLog", "Closed", "check", "check_worker_results", "record_close", "record_rendezvous"]
+from rdzv_common.state import RendezvousState
+
+__all__ = [
+    "Answer", "AnswerLog", "Closed", "Waiting", "check", "check_worker_results", "record_close",
+    "record_rendezvous", "record_waiting",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,17 @@ class Answer:
     rank: int
     world_size: int
     store: str
+    t: float
+    revision: int = 0  # the newest revision of the run the node had seen when it was told (0: unknown)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """One ``num_nodes_waiting`` answer, from the stored state with ``token`` (etcd's revision)."""
+
+    node: str
+    count: int
+    token: int | None
     t: float
 
 
@@ -53,16 +75,20 @@ class AnswerLog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: list[Answer | Closed] = []
+        self._events: list[Answer | Waiting | Closed] = []
 
-    def add(self, event: Answer | Closed) -> None:
+    def add(self, event: Answer | Waiting | Closed) -> None:
         with self._lock:
             self._events.append(event)
 
     @property
-    def events(self) -> list[Answer | Closed]:
+    def events(self) -> list[Answer | Waiting | Closed]:
         with self._lock:
             return list(self._events)
+
+    @property
+    def waiting(self) -> list[Waiting]:
+        return [e for e in self.events if isinstance(e, Waiting)]
 
     @property
     def answers(self) -> list[Answer]:
@@ -77,6 +103,8 @@ def record_rendezvous(handler, log: AnswerLog):
     info = handler.next_rendezvous()
     t = time.monotonic()
     store_info = info.bootstrap_store_info
+    # An etcd backend's floor: the newest revision the node had seen, its own liveness check included.
+    floor = getattr(getattr(handler, "_backend", None), "floor", None)
     log.add(
         Answer(
             node=handler.node.key,
@@ -85,9 +113,18 @@ def record_rendezvous(handler, log: AnswerLog):
             world_size=info.world_size,
             store=f"{store_info.master_addr}:{store_info.master_port}",
             t=t,
+            revision=floor.revision if floor is not None else 0,
         )
     )
     return info
+
+
+def record_waiting(handler, log: AnswerLog) -> int:
+    """``handler.num_nodes_waiting()`` as torchrun's monitor loop calls it, logged with the token
+    of the state it answered from; returns the count."""
+    count = handler.num_nodes_waiting()
+    log.add(Waiting(handler.node.key, count, handler._holder.token, time.monotonic()))
+    return count
 
 
 def record_close(handler, log: AnswerLog) -> bool:
@@ -114,9 +151,10 @@ def _ranks_problems(where: str, ranks: Mapping[str, int], world_size: int) -> li
 
 
 def check(
-    log: AnswerLog | Iterable[Answer | Closed],
+    log: AnswerLog | Iterable[Answer | Waiting | Closed],
     completed_groups: Mapping[int, object] | None = None,
     grace: float = 1.0,
+    states: Sequence[tuple[int, RendezvousState | None]] | None = None,
 ) -> list[str]:
     """Every violation in the logged history (see the module docstring); empty when it is sound.
 
@@ -124,6 +162,7 @@ def check(
         completed_groups: round -> {node key: rank}, or -> an object with such a ``ranks``
             attribute (``invariants.Group``).
         grace: how long after a close an answer already on its way may still return.
+        states: every stored version of the state as ``(mod revision, state)``, oldest first.
     """
     events = log.events if isinstance(log, AnswerLog) else list(log)
     answers = sorted((e for e in events if isinstance(e, Answer)), key=lambda a: a.t)
@@ -176,6 +215,10 @@ def check(
                         f"stored group has {len(ranks)}"
                     )
 
+    if states is not None:
+        problems += _fencing_problems(answers, states)
+        problems += _waiting_problems([e for e in events if isinstance(e, Waiting)], states)
+
     if closes:
         first = min(closes, key=lambda c: c.t)
         for answer in answers:
@@ -184,6 +227,45 @@ def check(
                     f"node {answer.node}: answered round {answer.round} {answer.t - first.t:.2f}s after "
                     f"{first.node} closed the run"
                 )
+    return problems
+
+
+def _stored_at(states: Sequence[tuple[int, RendezvousState | None]], revision: int) -> tuple[int, RendezvousState | None]:
+    """The newest stored version at or before ``revision`` (``(0, None)``: none yet)."""
+    index = bisect.bisect_right([r for r, _ in states], revision)
+    return states[index - 1] if index else (0, None)
+
+
+def _fencing_problems(answers: list[Answer], states: Sequence[tuple[int, RendezvousState | None]]) -> list[str]:
+    problems = []
+    for answer in answers:
+        if not answer.revision:
+            continue
+        at, stored = _stored_at(states, answer.revision)
+        members = {n.key: r for n, r in stored.participants.items()} if stored is not None else {}
+        if stored is None or stored.round != answer.round or not stored.complete or members.get(answer.node) != answer.rank:
+            where = "no state" if stored is None else f"round {stored.round} complete={stored.complete} with {members}"
+            problems.append(
+                f"node {answer.node}: told round {answer.round} rank {answer.rank} having seen revision "
+                f"{answer.revision}, where the stored state (rev {at}) is {where}"
+            )
+    return problems
+
+
+def _waiting_problems(waiting: list[Waiting], states: Sequence[tuple[int, RendezvousState | None]]) -> list[str]:
+    problems = []
+    by_revision = dict(states)
+    for answer in waiting:
+        stored = by_revision.get(answer.token)
+        if answer.token is None or stored is None:
+            if answer.count:
+                problems.append(f"node {answer.node}: num_nodes_waiting() said {answer.count} with no state")
+            continue
+        if answer.count > len(stored.wait_list):
+            problems.append(
+                f"node {answer.node}: num_nodes_waiting() said {answer.count} from the state of rev "
+                f"{answer.token}, whose wait list is {sorted(n.key for n in stored.wait_list)}"
+            )
     return problems
 
 

@@ -5,6 +5,8 @@ process-cluster tests (``test_faults_etcd``) and the container-cluster tests (``
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,8 +16,12 @@ from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.plugin import create_handler
 from integration_tests.answers import AnswerLog, check, record_rendezvous
 from integration_tests.invariants import InvariantChecker, wait_until
+from rdzv_common.codec import decode_state
 
-__all__ = ["FAST", "STEP", "Run", "assert_group", "ordered_endpoint", "wait_for_participants"]
+__all__ = [
+    "FAST", "STEP", "Run", "assert_group", "lapse_inside_the_completing_write", "ordered_endpoint",
+    "wait_for_participants",
+]
 
 FAST = {
     "join_timeout": 40,
@@ -109,3 +115,31 @@ def wait_for_participants(checker: InvariantChecker, count: int) -> None:
         lambda: any(s and len(s.participants) == count for _, s in list(checker.states)),
         STEP, 0.05, f"{count} participants",
     )
+
+
+def lapse_inside_the_completing_write(handler, seconds: float, heartbeat_lag: float = 0.0) -> threading.Event:
+    """Stall ``handler``'s process, its heartbeats included, for ``seconds`` at its first write that
+    completes a round, after its liveness checks and before the compare-and-set (a long GC pause,
+    a swapping host): with ``seconds`` past its liveness TTL, it lapses inside its own write. Its
+    heartbeats resume ``heartbeat_lag`` seconds after the write. The event is set once the stall
+    is over."""
+    backend = handler._backend
+    set_state, beat = backend.set_state, backend.liveness.beat
+    stalled, over = threading.Event(), threading.Event()
+
+    def stalling_set_state(state, *args, **kwargs):
+        if not stalled.is_set() and decode_state(state).complete:
+            stalled.set()
+            time.sleep(seconds)
+            over.set()
+        return set_state(state, *args, **kwargs)
+
+    def stalling_beat(*args, **kwargs):
+        if stalled.is_set() and not over.is_set():
+            over.wait()
+            time.sleep(heartbeat_lag)
+        return beat(*args, **kwargs)
+
+    backend.set_state = stalling_set_state
+    backend.liveness.beat = stalling_beat
+    return over

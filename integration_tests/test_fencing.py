@@ -12,8 +12,6 @@ stored when it was given.
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -24,6 +22,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from c10d_rdzv.backend import C10dRendezvousBackend
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.plugin import create_handler as create_etcd_handler
+from integration_tests.faultrun import lapse_inside_the_completing_write
 from integration_tests.invariants import etcd_client
 from rdzv_common import create_handler, ops
 from rdzv_common.codec import decode_state
@@ -38,7 +37,7 @@ CONF = {
     "read_timeout": 10,
 }
 STALL_SECONDS = 5.0  # longer than the 3 s liveness TTL
-HEARTBEAT_LAG = 1.5
+HEARTBEAT_LAG = 1.5  # the heartbeat thread is scheduled after the writer
 
 
 class Etcd:
@@ -90,39 +89,13 @@ def world(request):
     made.close()
 
 
-def stall_inside_the_completing_write(handler, monkeypatch) -> threading.Event:
-    """Stall ``handler``'s process (its compare-and-set and its heartbeats) for ``STALL_SECONDS``
-    at its first write that completes a round, after its liveness checks; set the returned event
-    once the stall is over. Its heartbeats resume ``HEARTBEAT_LAG`` seconds after its write."""
-    backend = handler._backend
-    set_state, beat = backend.set_state, backend.liveness.beat
-    stalled, over = threading.Event(), threading.Event()
-
-    def stalling_set_state(state, *args, **kwargs):
-        if not over.is_set() and decode_state(state).complete:
-            stalled.set()
-            time.sleep(STALL_SECONDS)
-            over.set()
-        return set_state(state, *args, **kwargs)
-
-    def stalling_beat(*args, **kwargs):
-        if stalled.is_set() and not over.is_set():
-            over.wait()
-            time.sleep(HEARTBEAT_LAG)  # the heartbeat thread is scheduled after the writer
-        return beat(*args, **kwargs)
-
-    monkeypatch.setattr(backend, "set_state", stalling_set_state)
-    monkeypatch.setattr(backend.liveness, "beat", stalling_beat)
-    return over
-
-
 def test_a_node_whose_liveness_lapsed_inside_its_completing_write_is_told_no_round_it_is_not_in(world, monkeypatch):
     # Only the first in line completes the round within the test: the others' turns come 30 s
     # after the last call (so B cannot complete it while A stalls).
     monkeypatch.setattr(ops, "COMPLETE_STEP", 30.0)
     a, b = world.handler(), world.handler()
     assert a.node < b.node  # a is first in the state's order, so first in line
-    over = stall_inside_the_completing_write(a, monkeypatch)
+    over = lapse_inside_the_completing_write(a, STALL_SECONDS, HEARTBEAT_LAG)
     told: dict[str, tuple] = {}
 
     def rendezvous(handler):

@@ -32,8 +32,8 @@ from torch.distributed.elastic.utils.store import barrier
 from etcd_rdzv.client import REQUIRE_LEADER
 from etcd_rdzv.embedded import EtcdCluster, find_etcdctl
 from etcd_rdzv.factory import create_backend
-from integration_tests.answers import check, record_close, record_rendezvous
-from integration_tests.faultrun import STEP, Run, assert_group, wait_for_participants
+from integration_tests.answers import check, record_close, record_rendezvous, record_waiting
+from integration_tests.faultrun import STEP, Run, assert_group, lapse_inside_the_completing_write, wait_for_participants
 from integration_tests.invariants import etcd_client, wait_until
 from integration_tests.nemesis import Proxy
 
@@ -369,11 +369,17 @@ def test_leader_hung_behind_its_proxy_mid_rendezvous_the_round_still_completes(c
 
 CHURN_SECONDS = 35.0
 SLOTS = 6
+# The share of the churn's handlers whose process stalls inside its first write that completes a
+# round, for longer than the run's liveness TTL (2 s): the fence must keep them out of that group.
+LAPSE_SHARE = 0.3
+LAPSE_SECONDS = 3.0
 
 
 class Churn:
-    """Agent slots in threads that join, re-rendezvous, leave and die at random, on a run whose
-    connections go through ``proxies``; what every call ended with is counted in ``outcomes``."""
+    """Agent slots in threads that join, train (polling ``num_nodes_waiting`` as torchrun's agent
+    does, and re-rendezvousing when it is above 0), re-rendezvous, leave and die at random, on a
+    run whose connections go through ``proxies``; what every call ended with is counted in
+    ``outcomes``. Some of the handlers lapse inside their own completing write."""
 
     def __init__(self, run: Run, orders: list[str], seed: int) -> None:
         self.run = run
@@ -391,19 +397,35 @@ class Churn:
         try:
             record_rendezvous(handler, self.run.answers)
         except RendezvousError as exc:
-            with self.lock:
-                self.outcomes[type(exc).__name__] += 1
-                if type(exc) is RendezvousError:
-                    self.unclear.append(f"{handler.node.key}: {exc!r}")
-            return False
+            return self._failed(handler, exc)
         except Exception as exc:  # noqa: BLE001 - anything but a RendezvousError is a finding
-            with self.lock:
-                self.outcomes[type(exc).__name__] += 1
-                self.unclear.append(f"{handler.node.key}: {type(exc).__name__}: {exc}")
-            return False
+            return self._failed(handler, exc)
         with self.lock:
             self.outcomes["returned"] += 1
         return True
+
+    def _failed(self, handler, exc: BaseException) -> bool:
+        with self.lock:
+            self.outcomes[type(exc).__name__] += 1
+            if not isinstance(exc, RendezvousError) or type(exc) is RendezvousError:
+                self.unclear.append(f"{handler.node.key}: {type(exc).__name__}: {exc}")
+        return False
+
+    def _train(self, handler, rng: random.Random) -> bool:
+        """Train for a while as torchrun's agent does: poll ``num_nodes_waiting`` every 0.2 s;
+        return True to re-rendezvous at once (nodes wait), False when training ended by itself."""
+        until = time.monotonic() + rng.uniform(0, 2)
+        while time.monotonic() < until and not self.stop.is_set():
+            try:
+                if record_waiting(handler, self.run.answers) > 0:
+                    with self.lock:
+                        self.churn["monitor restart"] += 1
+                    return True
+            except Exception as exc:  # noqa: BLE001 - a monitor call must not fail under these faults
+                self._failed(handler, exc)
+                return False
+            self.stop.wait(0.2)
+        return False
 
     def slot(self, index: int) -> None:
         rng = random.Random(self.seed * 100 + index)
@@ -411,10 +433,14 @@ class Churn:
         while not self.stop.is_set():
             if handler is None:
                 handler = self.run.handler(self.orders[index % len(self.orders)])
+                lapses = rng.random() < LAPSE_SHARE
+                if lapses:
+                    lapse_inside_the_completing_write(handler, LAPSE_SECONDS, heartbeat_lag=0.5)
                 with self.lock:
                     self.live.add(handler)
                     self.churn["joined"] += 1
-            if not self._call(handler) or self.stop.wait(rng.uniform(0, 2)):
+                    self.churn["lapse injected"] += lapses
+            if not self._call(handler) or self._train(handler, rng) or self.stop.is_set():
                 continue
             fate = rng.choices(["again", "leave", "die"], weights=[6, 2, 2])[0]
             if fate == "again":
@@ -507,7 +533,7 @@ def churn_under_random_faults(target: str, seed: int) -> dict:
             for handler in churn.corpses:
                 handler._backend.close()
             checker.sync()
-        violations = check(run.answers, checker.groups) + checker.violations
+        violations = check(run.answers, checker.groups, states=checker.states) + checker.violations
         injected: collections.Counter[str] = collections.Counter()
         for proxy in proxies:
             injected.update(proxy.faults)
@@ -518,6 +544,7 @@ def churn_under_random_faults(target: str, seed: int) -> dict:
             "faults injected": dict(sorted(injected.items())),
             "rounds completed": len(checker.groups),
             "answers checked": len(run.answers.answers),
+            "monitor answers checked": len(run.answers.waiting),
             "violations": len(violations),
             "calls": dict(churn.outcomes),
             "churn": dict(churn.churn),

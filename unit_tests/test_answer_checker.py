@@ -189,3 +189,47 @@ def test_workers_different_world_sizes_in_one_store():
 def test_workers_wrong_sum():
     problems = check_worker_results([worker(0, 2), {**worker(1, 2), "sum": 6.0}])
     assert problems == [f"workers of store {S1}: rank 1 reduced 6.0 in a world of 2"]
+
+
+# Fencing and the monitor path: answers against the stored states.
+
+
+def _stored(round_: int, ranks: dict[str, int], complete: bool = True, waiting: tuple[str, ...] = ()):
+    from rdzv_common.state import NodeDesc, RendezvousState
+
+    def node(key: str) -> NodeDesc:
+        addr, pid, local_id = key.rsplit("_", 2)
+        return NodeDesc(addr, int(pid), int(local_id))
+
+    return RendezvousState(
+        round=round_,
+        complete=complete,
+        participants={node(k): r for k, r in ranks.items()},
+        wait_list={node(k) for k in waiting},
+        world_size=len(ranks) if complete else 0,
+    )
+
+
+def test_an_answer_the_state_stored_when_it_was_given_does_not_back_is_a_fencing_violation():
+    from integration_tests.answers import Waiting  # noqa: F401 - the log's other kind
+
+    states = [
+        (10, _stored(0, {"a_1_0": 0, "b_1_0": 1})),
+        # b saw a dead and dropped it from the group a was told: a's liveness lapsed.
+        (12, _stored(0, {"b_1_0": 1})),
+    ]
+    told_a = Answer("a_1_0", 0, 0, 2, S1, 1.0, revision=12)
+    told_b = Answer("b_1_0", 0, 1, 2, S1, 1.1, revision=11)
+    problems = check([told_a, told_b], states=states)
+    assert len(problems) == 1 and "a_1_0" in problems[0] and "rev 12" in problems[0], problems
+    assert check([told_b, Answer("a_1_0", 0, 0, 2, S1, 1.0, revision=11)], states=states) == []
+
+
+def test_a_monitor_answer_above_the_wait_list_it_read_is_a_violation():
+    from integration_tests.answers import Waiting
+
+    states = [(10, _stored(0, {"a_1_0": 0, "b_1_0": 1}, waiting=("c_1_0",)))]
+    assert check([Waiting("a_1_0", 1, 10, 1.0), Waiting("b_1_0", 0, 10, 1.0)], states=states) == []
+    problems = check([Waiting("a_1_0", 2, 10, 1.0)], states=states)
+    assert len(problems) == 1 and "num_nodes_waiting() said 2" in problems[0]
+    assert check([Waiting("a_1_0", 1, None, 1.0)], states=states) != []
