@@ -174,34 +174,38 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     since = time.monotonic()  # before any write that places this node
                     self._leave_and_join(deadline)
                     placed_at = self._executor.placed_at or time.monotonic()
-                    held = self._backend.liveness.held_since(self._node.key, self._holder.token, since)
+                    token = self._holder.token
                 state = self._holder.state
-                if not held:
-                    # Others may have seen this node dead since the round formed and dropped it
-                    # from the group: it leaves the round (its members then restart with it) and
-                    # joins the next one, alive again.
-                    logger.warning(
-                        "The liveness of the node '%s' lapsed while it joined round %d of the rendezvous "
-                        "'%s'; it leaves that round and joins the next.",
-                        self._node, state.round, self._config.run_id,
-                    )
-                    self._executor.beat()
-                    continue
                 rank, world_size = state.participants[self._node], state.world_size
                 round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
                 round_ = state.round
                 leader = next((node for node, r in state.participants.items() if r == 0), None)
+                store_info = None
                 if leader is not None:
                     store_info = self._trainer_store.publish(rank, round_store, lambda: self._group_stands(round_, leader))
-                    if store_info is not None:
-                        break
-                # Rank 0 left the group (its call failed, it restarted, or it died), maybe before it
-                # published the trainers' store: no trainer of this group can start with it, so
-                # this node joins the next round.
+                if store_info is None:
+                    # Rank 0 left the group (its call failed, it restarted, or it died), maybe before
+                    # it published the trainers' store: no trainer of this group can start with it,
+                    # so this node joins the next round.
+                    logger.warning(
+                        "Rank 0 of round %d of the rendezvous '%s' left its group; the node '%s' joins the next round.",
+                        round_, self._config.run_id, self._node,
+                    )
+                    continue
+                # Checked last, once nothing is left to wait for: a node whose liveness lapsed since
+                # the state it read (a wait for rank 0's store can be long) may have been dropped
+                # from the group by the others. It leaves the round (its members then restart with
+                # it) and joins the next one, alive again.
+                with self._lock:
+                    held = self._backend.liveness.held_since(self._node.key, token, since)
+                if held:
+                    break
                 logger.warning(
-                    "Rank 0 of round %d of the rendezvous '%s' left its group; the node '%s' joins the next round.",
-                    round_, self._config.run_id, self._node,
+                    "The liveness of the node '%s' lapsed while it joined round %d of the rendezvous "
+                    "'%s'; it leaves that round and joins the next.",
+                    self._node, round_, self._config.run_id,
                 )
+                self._executor.beat()
         except Exception as e:
             # The node is out of the rendezvous: its liveness lapses (or ends, below), as it did
             # before the call.

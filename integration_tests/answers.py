@@ -13,9 +13,9 @@ from torchrun's monitor call ``num_nodes_waiting`` (``record_waiting``) and ever
   matches the group stored for its round;
 * no answer returns later than ``grace`` seconds after the run was closed;
 * with ``states`` (every stored version of the state, ``InvariantChecker.states``): fencing, no
-  node is told a round in which the state stored at the newest revision it had seen when it was
-  told (its backend's floor: what its own liveness check covered) does not list it, with that rank;
-  and on the monitor path, no node reports more waiting nodes than the state it read holds.
+  node is told a round in which the state stored at the revision of the answer (etcd's when it
+  returned, or the newest the node had seen) does not list it, with that rank; and on the monitor
+  path, no node reports more waiting nodes than the state it read holds.
 
 ``check_worker_results`` does the same for torchrun workers' result files, which know no round:
 they are grouped by the bootstrap store (``master``) they were given.
@@ -27,7 +27,7 @@ import bisect
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rdzv_common.state import RendezvousState
@@ -98,13 +98,19 @@ class AnswerLog:
         return "\n".join(map(str, self.events))
 
 
-def record_rendezvous(handler, log: AnswerLog):
-    """``handler.next_rendezvous()``, with its answer logged; returns the ``RendezvousInfo``."""
+def record_rendezvous(handler, log: AnswerLog, now: Callable[[], int] | None = None):
+    """``handler.next_rendezvous()``, with its answer logged; returns the ``RendezvousInfo``.
+
+    Args:
+        now: etcd's current revision (read past any fault proxy): the answer is then judged
+            against the state stored when it was given. Without it, against the state at the
+            newest revision the node had seen (its etcd backend's floor), which its own liveness
+            check covered.
+    """
     info = handler.next_rendezvous()
+    revision = now() if now is not None else _seen(handler)
     t = time.monotonic()
     store_info = info.bootstrap_store_info
-    # An etcd backend's floor: the newest revision the node had seen, its own liveness check included.
-    floor = getattr(getattr(handler, "_backend", None), "floor", None)
     log.add(
         Answer(
             node=handler.node.key,
@@ -113,10 +119,17 @@ def record_rendezvous(handler, log: AnswerLog):
             world_size=info.world_size,
             store=f"{store_info.master_addr}:{store_info.master_port}",
             t=t,
-            revision=floor.revision if floor is not None else 0,
+            revision=revision,
         )
     )
     return info
+
+
+def _seen(handler) -> int:
+    """The newest revision of the run an etcd handler has seen (0 for other backends). Its floor
+    covers its own liveness check; a state read from the process's view may be newer than it."""
+    floor = getattr(getattr(handler, "_backend", None), "floor", None)
+    return max(floor.revision, handler._holder.token or 0) if floor is not None else 0
 
 
 def record_waiting(handler, log: AnswerLog) -> int:

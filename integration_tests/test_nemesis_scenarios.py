@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import etcd3.etcdrpc as rpc
 import grpc
@@ -36,6 +37,7 @@ from integration_tests.answers import check, record_close, record_rendezvous, re
 from integration_tests.faultrun import STEP, Run, assert_group, lapse_inside_the_completing_write, wait_for_participants
 from integration_tests.invariants import etcd_client, wait_until
 from integration_tests.nemesis import Proxy
+from rdzv_common import ops
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -371,8 +373,12 @@ CHURN_SECONDS = 35.0
 SLOTS = 6
 # The share of the churn's handlers whose process stalls inside its first write that completes a
 # round, for longer than the run's liveness TTL (2 s): the fence must keep them out of that group.
+# The participant next in line to complete a round steps in COMPLETE_STEP after the first: longer
+# than the stall, so that the stalled write is the one that lands (at 0.25 s, the next in line
+# completed the round during the stall and the stalled write always lost).
 LAPSE_SHARE = 0.3
 LAPSE_SECONDS = 3.0
+COMPLETE_STEP = 4.0
 
 
 class Churn:
@@ -392,10 +398,15 @@ class Churn:
         self.churn: collections.Counter[str] = collections.Counter()
         self.live: set = set()
         self.corpses: list = []
+        # etcd's current revision, read past the proxies: answers are judged at it.
+        self.admin = etcd_client(run.direct)
+
+    def now(self) -> int:
+        return self.admin.get_response(self.run.key).header.revision
 
     def _call(self, handler) -> bool:
         try:
-            record_rendezvous(handler, self.run.answers)
+            record_rendezvous(handler, self.run.answers, self.now)
         except RendezvousError as exc:
             return self._failed(handler, exc)
         except Exception as exc:  # noqa: BLE001 - anything but a RendezvousError is a finding
@@ -515,7 +526,7 @@ def churn_under_random_faults(target: str, seed: int) -> dict:
         name="churn-faults", daemon=True,
     )
     try:
-        with run.checker() as checker:
+        with run.checker() as checker, mock.patch.object(ops, "COMPLETE_STEP", COMPLETE_STEP):
             for thread in [*slots, faults]:
                 thread.start()
             faults.join(CHURN_SECONDS + run.read_timeout)
@@ -563,6 +574,7 @@ def churn_under_random_faults(target: str, seed: int) -> dict:
             proxy.close()
         churn.live.clear()
         churn.corpses.clear()
+        churn.admin.close()
 
 
 def _churn_handler(run: Run):
