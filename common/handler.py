@@ -21,7 +21,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from .backend import RendezvousBackend
-from .bootstrap import TrainerStoreHost, shared_store_enabled
+from .bootstrap import TrainerStoreAddressError, TrainerStoreHost, shared_store_enabled
 from .compat import TorchSettings, TorchStateHolderView, torch_settings
 from .events import HANDLER, record_event, report_failure, report_timings
 from .executor import OpExecutor
@@ -195,9 +195,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._stop_heartbeats()
             self._record("next_rendezvous", f"{type(e).__name__}: {e}", NodeState.FAILED)
             report_failure()
-            if isinstance(e, RendezvousTimeoutError):
+            if isinstance(e, (RendezvousTimeoutError, TrainerStoreAddressError)):
                 # A join another node folded in after this one gave up must not stand: with its
-                # liveness gone, the next write drops it.
+                # liveness gone, the next write drops it. A rank 0 that cannot serve the trainers'
+                # store leaves the same way, so that the other ranks stop waiting for it at once.
                 _end_liveness(self._backend, self._node.key)
             raise
 
