@@ -27,6 +27,7 @@ from .events import HANDLER, record_event, report_failure, report_timings
 from .executor import OpExecutor
 from .health import Admission
 from .holder import StateHolder
+from .logs import show_package_logs
 from .ops import close_op, exit_op, join_op, nodes_waiting, rejoin_op
 from .ranks import TOPOLOGY_ENV, check_topology
 from .settings import RendezvousSettings, settings_from_params
@@ -427,8 +428,10 @@ def create_handler_with(
 ) -> DynamicRendezvousHandler:
     """Build a backend with ``make_backend(params)`` and a handler over it (torchrun plugins).
 
-    The backend is closed again if the handler cannot be built (bad configuration).
+    The backend is closed again if the handler cannot be built (bad configuration). The package's
+    log lines go to stderr, as torchrun shows no one else's (``logs.py``).
     """
+    show_package_logs()
     settings_from_params(params)  # a bad configuration fails before the backend makes any request
     backend, store = make_backend(params)
     try:
