@@ -273,7 +273,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def num_nodes_waiting(self) -> int:
         def read() -> int:
             self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
-            return nodes_waiting(self._holder.state, self._config)
+            state = self._holder.state
+            if state.closed and state.stop_now:
+                # torchrun's agent asks only this while its workers are healthy: a waiting node
+                # makes it stop them and rendezvous again, which a closed run refuses.
+                logger.warning(
+                    "The rendezvous '%s' was closed with `close --now`: the node '%s' stops its workers "
+                    "and exits.", self._config.run_id, self._node,
+                )
+                return 1
+            return nodes_waiting(state, self._config)
 
         return self._guarded("num_nodes_waiting", read)
 

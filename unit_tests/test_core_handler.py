@@ -20,7 +20,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 import rdzv_common.handler as handler_mod
-from rdzv_common.codec import Announcement, decode_announcement, decode_state
+from rdzv_common.codec import Announcement, decode_announcement, decode_state, encode_state
 from rdzv_common.handler import DynamicRendezvousHandler
 from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.state import RendezvousState
@@ -428,6 +428,24 @@ def test_set_closed_propagates(cluster):
     assert cluster.state().closed
     a.set_closed()  # idempotent
     assert cluster.state().closed
+
+
+def test_a_run_closed_now_reports_a_waiting_node_so_that_torchrun_stops_its_workers(cluster):
+    """torchrun's agent asks only ``num_nodes_waiting`` while its workers are healthy; a plain close
+    leaves them training, ``close --now`` (``stop_now``) makes the agent stop them and rendezvous,
+    which the closed run refuses."""
+    a, b = cluster.make(2, 2, 2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    a.set_closed()
+    assert b.is_closed() and b.num_nodes_waiting() == 0
+    operator = MemoryBackend(cluster.mem, cluster.run_id)  # as `etcd-rdzv close --now` writes it
+    stored, token = operator.get_state()
+    state = decode_state(stored)
+    state.stop_now = True
+    assert operator.set_state(encode_state(state), token)[2]
+    assert a.num_nodes_waiting() == 1 and b.num_nodes_waiting() == 1
+    with pytest.raises(RendezvousClosedError):
+        b.next_rendezvous()
 
 
 def test_join_timeout_rolls_the_node_back_out(cluster):
