@@ -129,6 +129,9 @@ class RunWatcher:
             self.alive.add(node_key)
             return [f"node {node_key} is alive"]
         self.alive.discard(node_key)
+        if self.state is not None and self.state.closed:
+            # A closed run's nodes end their liveness as their agents exit.
+            return [f"node {node_key} exited{self._role(node_key)}: its liveness key is gone and the run is closed"]
         return [f"node {node_key} lost liveness{self._role(node_key)}"]
 
     def _role(self, node_key: str) -> str:
