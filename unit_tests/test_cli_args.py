@@ -199,3 +199,11 @@ def test_list_prints_a_header_and_columns():
     assert [header.index(c) for c in ("ROUND", "STATE", "REVISION")] == [first.index(" 12") + 1, first.index("complete"),
                                                                          first.index("4711")]
     assert corrupt.startswith("b  ") and "CORRUPT" in corrupt and "reset b --yes" in corrupt
+
+
+def test_the_watcher_says_a_closed_runs_nodes_exited_not_lost():
+    state = RendezvousState(complete=True, closed=True, participants={A: 0}, world_size=1)
+    watcher = RunWatcher(RunSnapshot(RunKeys("/p", "r"), 10, encode_state(state), alive={A.key: 7}))
+    assert watcher.on_liveness(A.key, False) == [
+        f"node {A.key} exited (participant, rank 0): its liveness key is gone and the run is closed"
+    ]
