@@ -527,6 +527,27 @@ def test_rank_0_that_cannot_serve_at_its_local_addr_fails_at_once_naming_it(clus
     assert "local_addr" in message and FOREIGN_ADDR in message and "--local-addr" in message, message
 
 
+def test_the_other_ranks_stop_waiting_for_a_rank_0_that_cannot_serve(cluster):
+    """A rank 0 that cannot listen at its local_addr leaves at once (its liveness ends), so the
+    other ranks stop waiting for its store address and go on to the next round."""
+    from rdzv_common.settings import RendezvousSettings
+    from rdzv_common.state import NodeDesc
+
+    # A liveness TTL of 10 s: the other rank must not learn of rank 0's leaving by its lapse.
+    settings = RendezvousSettings(cluster.run_id, 2, 2, rank_order="topology", **{**FAST, "keep_alive_max_attempt": 100})
+    foreign, local = (
+        DynamicRendezvousHandler(NodeDesc(addr, 1000 + i, 0), settings, "memory", cluster.client(),
+                                 MemoryBackend(cluster.mem, cluster.run_id), topology=label)
+        for i, (addr, label) in enumerate([(FOREIGN_ADDR, "a"), (ADDR, None)])  # labelled nodes rank first
+    )
+    cluster.handlers += [foreign, local]
+    waiting = cluster.start(local.next_rendezvous)
+    assert isinstance(_in_thread(foreign.next_rendezvous, timeout=10), RendezvousError)
+    wait_until(lambda: cluster.state().round == 1, timeout=5, what="the other rank going on to round 1")
+    assert local.node in cluster.state().nodes() and foreign.node not in cluster.state().nodes()
+    assert not waiting.done.is_set()  # it waits for a partner in round 1, not for rank 0's store
+
+
 def test_a_rank_that_gives_up_on_rank_0s_store_says_how_long_it_waited(cluster):
     """Bug: the other ranks wait for rank 0's store address in steps of a second; when the store's
     timeout ran out, the error was the last step's ("wait timeout after 486ms" after minutes).
