@@ -206,8 +206,30 @@ def write_markdown(path: Path, doc: dict) -> None:
     path.write_text(markdown(doc))
 
 
+# Each backend its own marker and line style, so that lines lying on each other stay apart (ours
+# solid with filled markers, torch's broken with hollow ones), and its points shifted a little
+# along N so that equal times do not hide each other.
+STYLES = {
+    "etcd_rdzv": dict(marker="o", linestyle="-", fill=True),
+    "c10d_rdzv": dict(marker="s", linestyle="--", fill=True),
+    "etcd-v2": dict(marker="^", linestyle=":", fill=False),
+    "c10d": dict(marker="D", linestyle="-.", fill=False),
+}
+DODGE = 0.045  # of an octave of N, per backend
+
+
+def _dodged(n: int, index: int, count: int) -> float:
+    return n * 2 ** (DODGE * (index - (count - 1) / 2))
+
+
 def write_plot(path: Path, doc: dict) -> str | None:
-    """Time vs N, log-log, one line per backend and a panel per scenario. Returns why not, if not."""
+    """Time vs N, log-log, one line per backend and a panel per scenario; points that hit the cap
+    are marked x at the cap, points that failed with no time ▼ at the panel's foot. Returns why
+    not, if not: a scenario measured at one N only gets no plot (its table says it all)."""
+    agg = aggregate(doc["runs"])
+    scenarios = [sc for sc in doc["settings"]["scenarios"] if len({k[2] for k in agg if k[1] == sc}) > 1]
+    if not scenarios:
+        return "no plot: no scenario was measured at more than one N"
     try:
         import matplotlib
 
@@ -216,48 +238,87 @@ def write_plot(path: Path, doc: dict) -> str | None:
         import matplotlib.ticker
     except ImportError as e:
         return f"no plot: {e} (pip install matplotlib)"
-    agg = aggregate(doc["runs"])
-    scenarios = [sc for sc in doc["settings"]["scenarios"] if any(k[1] == sc for k in agg)]
-    if not scenarios:
-        return "no plot: no runs"
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(max(7.5, 6.0 * len(scenarios)), 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(max(7.5, 6.0 * len(scenarios)), 6.0), squeeze=False)
+    backends = [b for b in BACKENDS if any(k[0] == b for k in agg)]
     for ax, scenario in zip(axes[0], scenarios):
-        for i, b in enumerate(BACKENDS):
+        failed_marks = []
+        for i, b in enumerate(backends):
             points = sorted((k[2], e) for k, e in agg.items() if k[0] == b and k[1] == scenario)
-            ok = [(n, e["median"]) for n, e in points if "median" in e and e["status"] == "ok"]
-            capped = [(n, e["cap"]) for n, e in points if e["status"] == "timeout"]
-            if not ok and not capped:
+            ok = [(_dodged(n, i, len(backends)), e["median"]) for n, e in points if "median" in e and e["status"] == "ok"]
+            capped = [(_dodged(n, i, len(backends)), e["cap"]) for n, e in points if e["status"] == "timeout"]
+            failed = [_dodged(n, i, len(backends)) for n, e in points if e["status"] == "error"]
+            if not ok and not capped and not failed:
                 continue
-            style = "-" if BACKENDS[b].ours else "--"
-            line = ax.plot([n for n, _ in ok], [t for _, t in ok], style, marker="o", label=LABELS[b])[0]
+            style = STYLES.get(b, dict(marker="o", linestyle="-", fill=True))
+            line = ax.plot([n for n, _ in ok], [t for _, t in ok], linestyle=style["linestyle"], marker=style["marker"],
+                           markersize=7, linewidth=1.8, label=LABELS[b])[0]
+            color = line.get_color()
+            if not style["fill"]:
+                line.set_markerfacecolor("white")
             if capped:
                 ax.plot([n for n, _ in capped], [t for _, t in capped], linestyle="none", marker="x",
-                        markersize=10, markeredgewidth=2, color=line.get_color(),
-                        label=f"{LABELS[b]}: timed out at cap")
+                        markersize=11, markeredgewidth=2.2, color=color, label=f"{LABELS[b]}: timed out at cap")
                 if ok:  # join the last finished point to the cap marker
-                    ax.plot([ok[-1][0], capped[0][0]], [ok[-1][1], capped[0][1]], ":", color=line.get_color())
+                    ax.plot([ok[-1][0], capped[0][0]], [ok[-1][1], capped[0][1]], ":", color=color)
+            if failed:
+                failed_marks.append((failed, color, LABELS[b]))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         # Whole decades with plain 1-2-5 labels: readable even when the points span a narrow range.
         ys = [y for line in ax.get_lines() for y in line.get_ydata()]
         if ys:
             ax.set_ylim(10 ** math.floor(math.log10(min(ys) * 0.8)), 10 ** math.ceil(math.log10(max(ys) * 1.25)))
+        for xs, color, label in failed_marks:
+            # A failed point has no time: marked at the panel's foot, in axes coordinates along y.
+            ax.plot(xs, [0.03] * len(xs), linestyle="none", marker="v", markersize=11, color=color,
+                    transform=ax.get_xaxis_transform(), clip_on=False, label=f"{label}: failed (no time)")
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ns = sorted({k[2] for k in agg if k[1] == scenario})
         ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlim(ns[0] / 2 ** 0.35, ns[-1] * 2 ** 0.35)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("nodes N")
         ax.set_ylabel("seconds until all returned")
         ax.set_title(SCENARIO_SHORT.get(scenario, scenario), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend for all panels, below them, where it covers no point.
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8.5,
+               frameon=False)
     m, st = doc["machine"], doc["settings"]
-    fig.suptitle(f"Rendezvous time vs N ({doc['name']}), median of {st['repeat']} trial(s); x = timed out at cap\n"
+    fig.suptitle(f"Rendezvous time vs N ({doc['name']}), median of {st['repeat']} trial(s); "
+                 "x = timed out at cap, ▼ = failed\n"
                  f"{m['cpu_count']} CPUs ({m['cpu_model'] or '?'}), {m.get('memory_gib')} GiB, torch {m['torch']}, "
-                 f"nodes as threads in {st['procs']} process(es)", fontsize=10)
-    fig.tight_layout()
+                 f"nodes as threads in {st['procs']} process(es), code {m.get('git', '?')}", fontsize=10)
+    rows = math.ceil(len(handles) / min(4, len(handles)))
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report RESULT.json...``: write each result's ``.md`` and ``.png`` again
+    from its JSON (after a change to the report, or to the files' names)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.split("\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results/<name>.json")
+    args = parser.parse_args(argv)
+    for path in args.results:
+        doc = json.loads(path.read_text())
+        write_markdown(path.with_suffix(".md"), doc)
+        problem = write_plot(path.with_suffix(".png"), doc)
+        if problem is not None:
+            path.with_suffix(".png").unlink(missing_ok=True)
+        print(f"{path.with_suffix('.md')}" + (f"; {problem}" if problem else f", {path.with_suffix('.png')}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

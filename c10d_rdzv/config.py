@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
+from rdzv_common.settings import warn_unknown_keys
+
 DEFAULT_PORT = 29400
 DEFAULT_READ_TIMEOUT = 60
 STORE_TYPES = ("tcp", "file")
+# The ``--rdzv-conf`` keys this backend reads.
+C10D_KEYS = frozenset({"store_type", "read_timeout", "is_host"})
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,13 @@ def config_from_params(params: RendezvousParameters) -> C10dConfig:
     the endpoint (``host[:port]``, default port 29400; for ``file`` the file's path, whose
     directory must exist).
 
+    Unknown ``--rdzv-conf`` keys are logged as warnings (the core and torch read keys of their own
+    from the same dictionary).
+
     Raises:
         ValueError: for an invalid option or endpoint, naming it and its value.
     """
+    warn_unknown_keys(params, C10D_KEYS, "c10d_rdzv")
     raw_type = params.get("store_type", "tcp")
     store_type = raw_type.strip().lower() if isinstance(raw_type, str) else raw_type
     if store_type not in STORE_TYPES:

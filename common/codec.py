@@ -11,7 +11,9 @@ Format (version 3), UTF-8 JSON object::
      "redundancy_list": [...],
      "previous_ranks": [{"addr": ..., "pid": ..., "local_id": ..., "rank": 1}, ...]}
 
-A node entry carries ``topology`` only if the node announced a label. Version rules: a release
+A node entry carries ``topology`` only if the node announced a label. A closed run whose running
+group an operator asked to stop at once (``etcd-rdzv close --now``) carries ``"stop_now": true``;
+the field is absent otherwise, and releases that do not know it ignore it. Version rules: a release
 writes one version and reads every version it can read without losing a field; a version 1
 state (before topology labels and ``previous_ranks``) reads as one with neither, and is
 rewritten as version 3 by the next write. A version it does not know is refused, never guessed:
@@ -80,6 +82,8 @@ def encode_state(state: RendezvousState) -> bytes:
         "redundancy_list": [_node_to_json(n, labels.get(n)) for n in sorted(state.redundancy_list)],
         "previous_ranks": [{**_node_to_json(n), "rank": r} for n, r in sorted(state.previous_ranks.items())],
     }
+    if state.stop_now:
+        doc["stop_now"] = True
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -219,6 +223,8 @@ def _parse_state(data: bytes, where: str) -> RendezvousState:
         cursor=_field(doc, "cursor", int, where),
         world_size=_field(doc, "world_size", int, where),
     )
+    if "stop_now" in doc:
+        state.stop_now = _field(doc, "stop_now", bool, where)
     if "deadline" not in doc:
         raise _fail(where, "field 'deadline' is missing")
     deadline = doc["deadline"]

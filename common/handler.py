@@ -21,12 +21,13 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from .backend import RendezvousBackend
-from .bootstrap import TrainerStoreHost, shared_store_enabled
+from .bootstrap import TrainerStoreAddressError, TrainerStoreHost, shared_store_enabled
 from .compat import TorchSettings, TorchStateHolderView, torch_settings
 from .events import HANDLER, record_event, report_failure, report_timings
 from .executor import OpExecutor
 from .health import Admission
 from .holder import StateHolder
+from .logs import show_package_logs
 from .ops import close_op, exit_op, join_op, nodes_waiting, rejoin_op
 from .ranks import TOPOLOGY_ENV, check_topology
 from .settings import RendezvousSettings, settings_from_params
@@ -212,9 +213,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._stop_heartbeats()
             self._record("next_rendezvous", f"{type(e).__name__}: {e}", NodeState.FAILED)
             report_failure()
-            if isinstance(e, RendezvousTimeoutError):
+            if isinstance(e, (RendezvousTimeoutError, TrainerStoreAddressError)):
                 # A join another node folded in after this one gave up must not stand: with its
-                # liveness gone, the next write drops it.
+                # liveness gone, the next write drops it. A rank 0 that cannot serve the trainers'
+                # store leaves the same way, so that the other ranks stop waiting for it at once.
                 _end_liveness(self._backend, self._node.key)
             raise
 
@@ -288,7 +290,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def num_nodes_waiting(self) -> int:
         def read() -> int:
             self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
-            return nodes_waiting(self._holder.state, self._config)
+            state = self._holder.state
+            if state.closed and state.stop_now:
+                # torchrun's agent asks only this while its workers are healthy: a waiting node
+                # makes it stop them and rendezvous again, which a closed run refuses.
+                logger.warning(
+                    "The rendezvous '%s' was closed with `close --now`: the node '%s' stops its workers "
+                    "and exits.", self._config.run_id, self._node,
+                )
+                return 1
+            return nodes_waiting(state, self._config)
 
         return self._guarded("num_nodes_waiting", read)
 
@@ -443,8 +454,10 @@ def create_handler_with(
 ) -> DynamicRendezvousHandler:
     """Build a backend with ``make_backend(params)`` and a handler over it (torchrun plugins).
 
-    The backend is closed again if the handler cannot be built (bad configuration).
+    The backend is closed again if the handler cannot be built (bad configuration). The package's
+    log lines go to stderr, as torchrun shows no one else's (``logs.py``).
     """
+    show_package_logs()
     settings_from_params(params)  # a bad configuration fails before the backend makes any request
     backend, store = make_backend(params)
     try:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from .ranks import RANK_ORDERS
+
+logger = logging.getLogger(__name__)
 
 # Configuration keys the core reads from ``--rdzv-conf``, with their defaults (seconds or counts).
 CORE_KEYS: dict[str, float] = {
@@ -25,6 +29,10 @@ CORE_KEYS: dict[str, float] = {
 }
 # Every key the core reads: the numbers above and the options of rank order and admission.
 CORE_OPTIONS = frozenset(CORE_KEYS) | {"rank_order", "stable_ranks", "health_check"}
+# Keys torch's launcher puts into the configuration itself (``timeout``: launcher/api.py;
+# ``rank``: run.py for static rendezvous) or that its other backends document and a user may carry
+# over when switching backends; none deserves a warning.
+TORCH_KEYS = frozenset({"timeout", "rank", "is_host", "store_type", "local_addr"})
 # The environment variable that names the health check when ``health_check`` is not set
 # (``--rdzv-conf`` cannot carry a value with a comma).
 HEALTH_CHECK_ENV = "TORCH_RDZV_HEALTH_CHECK"
@@ -175,3 +183,22 @@ def settings_from_params(
         health_check_timeout=_positive(params, "health_check_timeout", False),
         health_cooldown=_positive(params, "health_cooldown", False),
     )
+
+
+def warn_unknown_keys(params: RendezvousParameters, backend_keys: Iterable[str], backend: str) -> None:
+    """Log a warning for each ``--rdzv-conf`` key that neither ``backend`` (whose own keys are
+    ``backend_keys``), the core nor torch reads, with the known key it is closest to: a typo must
+    not pass silently, and need not be hunted for."""
+    known = frozenset(backend_keys) | CORE_OPTIONS
+    for key in sorted(set(params.config) - known - TORCH_KEYS):
+        closest = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" Did you mean '{closest[0]}'?" if closest else ""
+        logger.warning(
+            "The rendezvous configuration option '%s' is not known to the %s backend and is ignored.%s "
+            "Known options: %s.",
+            key,
+            backend,
+            hint,
+            ", ".join(sorted(known)),
+        )
+

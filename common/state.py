@@ -63,6 +63,8 @@ class RendezvousState:
         deadline: wall-clock time (UNIX seconds) at which a round that reached ``min_nodes``
             completes, or ``None`` while it has fewer.
         closed: whether the run accepts no more rounds.
+        stop_now: set with ``closed`` by an operator (``etcd-rdzv close --now``): the running group
+            is to stop its workers now, not when they finish (``num_nodes_waiting``).
         participants: the nodes of the current round with their ranks (0 until complete).
         wait_list: nodes that arrived after completion and want the next round.
         redundancy_list: nodes beyond ``max_nodes`` that wait for a free place.
@@ -81,6 +83,7 @@ class RendezvousState:
     complete: bool = False
     deadline: float | None = None
     closed: bool = False
+    stop_now: bool = False
     participants: dict[NodeDesc, int] = field(default_factory=dict)
     wait_list: set[NodeDesc] = field(default_factory=set)
     redundancy_list: set[NodeDesc] = field(default_factory=set)

@@ -4,7 +4,6 @@ before anything touches the network."""
 from __future__ import annotations
 
 import ipaddress
-import logging
 import math
 import os
 import re
@@ -13,9 +12,7 @@ from dataclasses import dataclass, field
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from rdzv_common.settings import CORE_OPTIONS
-
-logger = logging.getLogger(__name__)
+from rdzv_common.settings import warn_unknown_keys
 
 DEFAULT_PORT = 2379
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
@@ -36,11 +33,6 @@ ETCD_KEYS = frozenset(
         "ttl",
     }
 )
-# Keys torch's launcher puts into the configuration itself (``timeout``: launcher/api.py;
-# ``rank``: run.py for static rendezvous) or that its other backends document and a user may carry
-# over when switching backends; none deserves a warning.
-TORCH_KEYS = frozenset({"timeout", "rank", "is_host", "store_type", "local_addr"})
-
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 
@@ -167,17 +159,6 @@ def _existing_file(params: RendezvousParameters, key: str) -> str | None:
     return path
 
 
-def _warn_unknown_keys(params: RendezvousParameters) -> None:
-    known = ETCD_KEYS | TORCH_KEYS | CORE_OPTIONS
-    for key in sorted(set(params.config) - known):
-        logger.warning(
-            "The rendezvous configuration option '%s' is not known to the etcd backend and is "
-            "ignored; known options: %s.",
-            key,
-            ", ".join(sorted(ETCD_KEYS | CORE_OPTIONS)),
-        )
-
-
 def config_from_params(params: RendezvousParameters) -> EtcdConfig:
     """Read and validate the etcd backend's options from ``params``.
 
@@ -241,5 +222,5 @@ def config_from_params(params: RendezvousParameters) -> EtcdConfig:
         key_prefix=key_prefix.rstrip("/"),
         ttl=_seconds(params, "ttl", DEFAULT_TTL),
     )
-    _warn_unknown_keys(params)
+    warn_unknown_keys(params, ETCD_KEYS, "etcd")
     return config

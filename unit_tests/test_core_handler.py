@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import datetime, timedelta
@@ -12,13 +13,14 @@ import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousConnectionError,
+    RendezvousError,
     RendezvousGracefulExitError,
     RendezvousInfo,
     RendezvousTimeoutError,
 )
 
 import rdzv_common.handler as handler_mod
-from rdzv_common.codec import Announcement, decode_announcement, decode_state
+from rdzv_common.codec import Announcement, decode_announcement, decode_state, encode_state
 from rdzv_common.handler import DynamicRendezvousHandler
 from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.state import RendezvousState
@@ -459,6 +461,24 @@ def test_set_closed_propagates(cluster):
     assert cluster.state().closed
 
 
+def test_a_run_closed_now_reports_a_waiting_node_so_that_torchrun_stops_its_workers(cluster):
+    """torchrun's agent asks only ``num_nodes_waiting`` while its workers are healthy; a plain close
+    leaves them training, ``close --now`` (``stop_now``) makes the agent stop them and rendezvous,
+    which the closed run refuses."""
+    a, b = cluster.make(2, 2, 2)
+    _check_group(_infos(cluster.rendezvous([a, b])), 2)
+    a.set_closed()
+    assert b.is_closed() and b.num_nodes_waiting() == 0
+    operator = MemoryBackend(cluster.mem, cluster.run_id)  # as `etcd-rdzv close --now` writes it
+    stored, token = operator.get_state()
+    state = decode_state(stored)
+    state.stop_now = True
+    assert operator.set_state(encode_state(state), token)[2]
+    assert a.num_nodes_waiting() == 1 and b.num_nodes_waiting() == 1
+    with pytest.raises(RendezvousClosedError):
+        b.next_rendezvous()
+
+
 def test_join_timeout_rolls_the_node_back_out(cluster):
     (a,) = cluster.make(1, 2, 3, join_timeout=0.5)
     started = time.monotonic()
@@ -498,6 +518,85 @@ def test_bootstrap_info_uses_local_addr_and_rank0_server(cluster):
     assert {i.bootstrap_store_info.master_addr for i in infos} == {ADDR}
     assert {i.bootstrap_store_info.master_port for i in infos} == {server.port}
     assert all(h._trainer_store.server is None for h in handlers if h is not rank0)
+
+
+# TEST-NET-1 (RFC 5737): documentation only, never an address of this machine.
+FOREIGN_ADDR = "192.0.2.7"
+
+
+def _in_thread(fn, timeout: float):
+    """``fn()``'s result or exception, or ``None`` if it is still running after ``timeout`` (on a
+    daemon thread, which the old code's retries must not keep the test process alive for)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else None
+
+
+def test_rank_0_that_cannot_serve_at_its_local_addr_fails_at_once_naming_it(cluster):
+    """Bug (the README's library example, local_addr="10.0.0.7" on a machine without it): rank 0
+    started a TCPStore there, whose own client then retried the address for the store's timeout
+    (300 s) with only torch's socket error. It now fails at once, naming local_addr and the fix."""
+    store = cluster.client()
+    backend = MemoryBackend(cluster.mem, cluster.run_id)
+    node = DynamicRendezvousHandler.from_backend(cluster.run_id, store, backend, 1, 1, local_addr=FOREIGN_ADDR, **FAST)
+    cluster.handlers.append(node)
+    started = time.monotonic()
+    error = _in_thread(node.next_rendezvous, timeout=10)
+    assert error is not None, "rank 0 was still trying to serve the trainers' store after 10 s"
+    assert time.monotonic() - started < 10
+    assert isinstance(error, RendezvousError), error
+    message = str(error)
+    assert "local_addr" in message and FOREIGN_ADDR in message and "--local-addr" in message, message
+
+
+def test_the_other_ranks_stop_waiting_for_a_rank_0_that_cannot_serve(cluster):
+    """A rank 0 that cannot listen at its local_addr leaves at once (its liveness ends), so the
+    other ranks stop waiting for its store address and go on to the next round."""
+    from rdzv_common.settings import RendezvousSettings
+    from rdzv_common.state import NodeDesc
+
+    # A liveness TTL of 10 s: the other rank must not learn of rank 0's leaving by its lapse.
+    settings = RendezvousSettings(cluster.run_id, 2, 2, rank_order="topology", **{**FAST, "keep_alive_max_attempt": 100})
+    foreign, local = (
+        DynamicRendezvousHandler(NodeDesc(addr, 1000 + i, 0), settings, "memory", cluster.client(),
+                                 MemoryBackend(cluster.mem, cluster.run_id), topology=label)
+        for i, (addr, label) in enumerate([(FOREIGN_ADDR, "a"), (ADDR, None)])  # labelled nodes rank first
+    )
+    cluster.handlers += [foreign, local]
+    waiting = cluster.start(local.next_rendezvous)
+    assert isinstance(_in_thread(foreign.next_rendezvous, timeout=10), RendezvousError)
+    wait_until(lambda: cluster.state().round == 1, timeout=5, what="the other rank going on to round 1")
+    assert local.node in cluster.state().nodes() and foreign.node not in cluster.state().nodes()
+    assert not waiting.done.is_set()  # it waits for a partner in round 1, not for rank 0's store
+
+
+def test_a_rank_that_gives_up_on_rank_0s_store_says_how_long_it_waited(cluster):
+    """Bug: the other ranks wait for rank 0's store address in steps of a second; when the store's
+    timeout ran out, the error was the last step's ("wait timeout after 486ms" after minutes).
+    It now states the time actually waited."""
+    from rdzv_common.bootstrap import TrainerStoreHost
+
+    store = cluster.client()
+    store.set_timeout(timedelta(seconds=2.5))
+    started = time.monotonic()
+    error = _in_thread(
+        lambda: TrainerStoreHost(ADDR).publish(1, dist.PrefixStore(f"{cluster.run_id}/r0", store), lambda: True),
+        timeout=20,
+    )
+    waited = time.monotonic() - started
+    assert isinstance(error, Exception), error
+    stated = [float(v) / (1000 if unit == "ms" else 1) for v, unit in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s)\b", str(error))]
+    assert stated, f"no time in {error}"
+    assert all(abs(s - waited) < 0.5 for s in stated), (stated, waited, str(error))
 
 
 def test_disabled_shared_store(cluster, monkeypatch):

@@ -152,12 +152,22 @@ def test_unknown_keys_are_warned_about_and_known_ones_are_not(caplog):
         "read_timeout": "60",
         "ttl": "100",
     }
-    with caplog.at_level(logging.WARNING, logger="etcd_rdzv.config"):
+    with caplog.at_level(logging.WARNING, logger="rdzv_common.settings"):
         config_from_params(_params(**known))
         assert caplog.records == []
         config_from_params(_params(**known, cacert="/etc/ca.pem", read_timout="5"))
     warned = sorted(r.getMessage().split("'")[1] for r in caplog.records)
     assert warned == ["cacert", "read_timout"]
+
+
+def test_an_unknown_key_is_told_the_known_key_it_is_closest_to(caplog):
+    with caplog.at_level(logging.WARNING):
+        config_from_params(_params(cacert="/etc/ca.pem", read_timout="5", join_timeuot="60", colour="blue"))
+    said = {r.getMessage().split("'")[1]: r.getMessage() for r in caplog.records}
+    assert "Did you mean 'ca_cert'?" in said["cacert"]
+    assert "Did you mean 'read_timeout'?" in said["read_timout"]
+    assert "Did you mean 'join_timeout'?" in said["join_timeuot"]  # a core key, read by the handler
+    assert "Did you mean" not in said["colour"] and "ignored" in said["colour"]
 
 
 def test_rejection_happens_before_any_network_traffic(monkeypatch):

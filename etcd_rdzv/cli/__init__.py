@@ -3,11 +3,13 @@
 Subcommands::
 
     etcd-rdzv status RUN_ID [--json]        one run: round, members, liveness, pending joins
-    etcd-rdzv watch RUN_ID [--timeout S] [--count N]
+    etcd-rdzv watch RUN_ID [--json] [--timeout S] [--count N]
                                             print each change to the run as it happens
     etcd-rdzv list [--json]                 every run under the key prefix, one line each
-    etcd-rdzv close RUN_ID                  mark the run closed, so that its agents exit
-    etcd-rdzv reset RUN_ID --yes            delete every key of the run (the fix for a corrupt state)
+    etcd-rdzv close RUN_ID [--now]          no node joins the run any more; with --now its
+                                            running group stops its workers and exits too
+    etcd-rdzv reset RUN_ID --yes [--force]  delete every key of the run (the fix for a corrupt
+                                            state); --force while nodes of it are alive
     etcd-rdzv quarantine RUN_ID [--add HOST --for 10m | --remove HOST]
                                             keep a host out of the run, let it back in, or list
     etcd-rdzv exporter [--listen HOST:PORT]  serve Prometheus metrics of every run at /metrics

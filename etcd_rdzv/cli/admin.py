@@ -20,17 +20,17 @@ from ..keys import RunKeys, prefix_range
 from ..quarantine import EtcdQuarantine
 from ..registry import registry
 from ..run import EtcdRun, Floor
-from .options import CliError, RunNotFound, UsageError
+from .options import PROG, CliError, RunNotFound, UsageError
 from .output import clock, emit, emit_all
 
 # How long ``close`` keeps trying while agents keep winning the state's compare-and-set.
 CLOSE_SECONDS = 10.0
 
 
-def close_run(run: EtcdRun) -> tuple[RendezvousState, bool]:
-    """Mark the run closed by compare-and-set on the state key's revision, retried while other
-    writers win; return the closed state and whether this call closed it (``False``: it already
-    was).
+def close_run(run: EtcdRun, now: bool = False) -> tuple[RendezvousState, bool]:
+    """Mark the run closed (with ``now``, also ask its running group to stop its workers at once)
+    by compare-and-set on the state key's revision, retried while other writers win; return the
+    state written and whether this call changed it (``False``: it already was so).
 
     Raises:
         RunNotFound: the run has no state.
@@ -46,10 +46,12 @@ def close_run(run: EtcdRun) -> tuple[RendezvousState, bool]:
             last[:] = [None]
             return None
         state = decode_state(value, where=where)
-        last[:] = [(state, not state.closed)]
-        if state.closed:
+        done = state.closed and (state.stop_now or not now)
+        last[:] = [(state, not done)]
+        if done:
             return None
         state.closed = True
+        state.stop_now = state.stop_now or now
         return encode_state(state)
 
     try:
@@ -62,22 +64,35 @@ def close_run(run: EtcdRun) -> tuple[RendezvousState, bool]:
 
 
 def cmd_close(etcd: EtcdClient, args: argparse.Namespace) -> int:
-    """Close a run so that its agents exit."""
+    """Close a run: no node joins it any more; with ``--now`` its running group stops too."""
     run = registry.acquire(etcd.config, args.run_id)
     try:
-        state, changed = close_run(run)
+        state, changed = close_run(run, now=args.now)
     finally:
         registry.release(run)
-    if changed:
-        emit(f"run '{args.run_id}' closed at round {state.round}; its agents exit at their next check")
+    name = f"run '{args.run_id}'"
+    if not changed:
+        emit(f"{name} was already closed{' with --now' if state.stop_now else ''} (round {state.round})")
+    elif args.now:
+        emit_all([
+            f"{name} closed at round {state.round}, with --now: each torchrun agent of its running group "
+            "stops its workers within its monitor interval (and a second), then exits (status 1, "
+            "RendezvousClosedError in its log); new agents are refused.",
+        ])
     else:
-        emit(f"run '{args.run_id}' was already closed (round {state.round})")
+        emit_all([
+            f"{name} closed at round {state.round}: new agents are refused, and no new round forms. A running "
+            "group trains on until its workers exit; an agent whose workers finish exits as usual, one whose "
+            "workers fail, or that would restart them for a new node, exits instead of rejoining.",
+            f"To stop the running group now: {PROG} close {args.run_id} --now",
+        ])
     return 0
 
 
 @dataclass(frozen=True)
 class ResetPlan:
-    """What ``reset`` deletes: the state key (if present) and the keys of two ranges."""
+    """What ``reset`` deletes: the state key (if present) and the keys of two ranges; and how many
+    of the run's nodes are alive (have a liveness key)."""
 
     state_key: str
     state_present: bool
@@ -85,6 +100,7 @@ class ResetPlan:
     run_keys: int
     store_range: str
     store_keys: int
+    live_nodes: int = 0
 
     @property
     def empty(self) -> bool:
@@ -93,7 +109,8 @@ class ResetPlan:
     def lines(self) -> list[str]:
         return [
             f"  state key {self.state_key} ({'present' if self.state_present else 'absent'})",
-            f"  {self.run_keys} key(s) under {self.run_range} (announcements, liveness, receipts)",
+            f"  {self.run_keys} key(s) under {self.run_range} (announcements, liveness, receipts; "
+            f"{self.live_nodes} live node(s))",
             f"  {self.store_keys} key(s) under {self.store_range} (the agents' store)",
         ]
 
@@ -109,17 +126,24 @@ def plan_reset(etcd: EtcdClient, run_id: str) -> ResetPlan:
     present = bool(etcd.request(lambda c: c.get_response(layout.state, count_only=True)).count)
     stores = _count(etcd, layout.store)
     others = _count(etcd, layout.root) - stores - int(present)
-    return ResetPlan(layout.state, present, layout.root, others, layout.store, stores)
+    return ResetPlan(layout.state, present, layout.root, others, layout.store, stores, _count(etcd, layout.alive))
 
 
 def cmd_reset(etcd: EtcdClient, args: argparse.Namespace) -> int:
-    """Delete every key of a run (``EtcdRendezvousBackend.delete_run``), only with ``--yes``."""
+    """Delete every key of a run (``EtcdRendezvousBackend.delete_run``), only with ``--yes``, and
+    while nodes of it are alive only with ``--force`` too."""
     plan = plan_reset(etcd, args.run_id)
     if plan.empty:
         raise RunNotFound(f"run '{args.run_id}' not found: it has no keys to delete")
     if not args.yes:
         emit_all([f"reset would delete from etcd at {etcd.config.describe_endpoints()}:", *plan.lines()])
         raise UsageError(f"refusing to delete run '{args.run_id}' without --yes")
+    if plan.live_nodes and not args.force:
+        raise UsageError(
+            f"refusing to delete run '{args.run_id}': {plan.live_nodes} of its nodes are alive, and their agents "
+            f"would write it again. End them first (`{PROG} close {args.run_id} --now` stops a running group), "
+            "or pass --force to delete it anyway"
+        )
     run = registry.acquire(etcd.config, args.run_id)
     backend = EtcdRendezvousBackend(run, name="etcd_rdzv", release=registry.release)
     try:

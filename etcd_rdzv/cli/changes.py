@@ -31,6 +31,21 @@ def summarize_state(state: RendezvousState) -> str:
     )
 
 
+def state_summary(state: RendezvousState) -> dict[str, Any]:
+    """The state's fields for ``watch --json``: node ids as strings, ranks by node."""
+    return {
+        "round": state.round,
+        "complete": state.complete,
+        "closed": state.closed,
+        "stop_now": state.stop_now,
+        "world_size": state.world_size,
+        "deadline": state.deadline,
+        "participants": {node.key: (rank if state.complete else None) for node, rank in sorted(state.participants.items())},
+        "wait_list": sorted(node.key for node in state.wait_list),
+        "redundancy_list": sorted(node.key for node in state.redundancy_list),
+    }
+
+
 def _changes(old: RendezvousState, new: RendezvousState) -> list[str]:
     r = new.round
     lines = [f"round {r} started"] if new.round != old.round else []
@@ -45,7 +60,9 @@ def _changes(old: RendezvousState, new: RendezvousState) -> list[str]:
     if completed:
         ranks = ", ".join(f"{n}={rank}" for n, rank in sorted(new.participants.items(), key=lambda i: i[1]))
         lines.append(f"round {r} complete: world size {new.world_size} ({ranks})")
-    if new.closed != old.closed:
+    if new.stop_now and not old.stop_now:
+        lines.append("closed with --now: the running group's agents stop their workers and exit")
+    elif new.closed != old.closed:
         lines.append("closed" if new.closed else "reopened")
     return lines
 
@@ -112,6 +129,9 @@ class RunWatcher:
             self.alive.add(node_key)
             return [f"node {node_key} is alive"]
         self.alive.discard(node_key)
+        if self.state is not None and self.state.closed:
+            # A closed run's nodes end their liveness as their agents exit.
+            return [f"node {node_key} exited{self._role(node_key)}: its liveness key is gone and the run is closed"]
         return [f"node {node_key} lost liveness{self._role(node_key)}"]
 
     def _role(self, node_key: str) -> str:

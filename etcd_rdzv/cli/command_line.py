@@ -69,14 +69,33 @@ def _positive_seconds(text: str) -> float:
 Command = Callable[[EtcdClient, argparse.Namespace], int]
 
 
+# One example per command, shown in its --help and, all together, in the command's own.
+EXAMPLES = {
+    "status": f"{PROG} --endpoints 10.0.0.5:2379 status my-job --json | jq -r '.participants[].node'",
+    "list": f"{PROG} --endpoints 10.0.0.5:2379 list",
+    "watch": f"{PROG} --endpoints 10.0.0.5:2379 watch my-job --json --timeout 600 > my-job.events",
+    "close": f"{PROG} --endpoints 10.0.0.5:2379 close my-job --now",
+    "quarantine": f"{PROG} --endpoints 10.0.0.5:2379 quarantine my-job --add 10.0.0.7 --for 10m",
+    "reset": f"{PROG} --endpoints 10.0.0.5:2379 reset my-job --yes",
+    "exporter": f"{PROG} --endpoints 10.0.0.5:2379 exporter --listen 0.0.0.0:9464",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``etcd-rdzv`` command line; each subcommand's namespace carries its ``handler``."""
     parent = _connection_parent()
-    parser = _Parser(prog=PROG, parents=[parent], description="Inspect and repair rendezvous runs in etcd.")
+    examples = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES.values())
+    parser = _Parser(
+        prog=PROG, parents=[parent], description="Inspect and repair rendezvous runs in etcd.", epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Command, text: str, run: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[parent], help=text, description=text)
+        sub = commands.add_parser(
+            name, parents=[parent], help=text, description=text, epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if run:
             sub.add_argument("run_id", metavar="RUN_ID", help="the run id (torchrun's --rdzv-id)")
         sub.set_defaults(handler=handler)
@@ -85,13 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "Show a run: round, members with ranks and liveness, lists, pending joins.").add_argument(
         "--json", action="store_true", help="print a JSON document with stable keys"
     )
-    add("list", cmd_list, "List the runs under the key prefix, one line each.", run=False).add_argument(
+    add("list", cmd_list, "List the runs under the key prefix, one line each under a header.", run=False).add_argument(
         "--json", action="store_true", help="print a JSON document with stable keys"
     )
     watch = add("watch", cmd_watch, "Print each change to a run as it happens; Ctrl-C stops.")
+    watch.add_argument("--json", action="store_true", help="print one JSON object a line: the change, the state after it")
     watch.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", help="stop after this long")
     watch.add_argument("--count", type=_positive_int, metavar="N", help="stop after N changes")
-    add("close", cmd_close, "Mark a run closed so that its agents exit.")
+    add("close", cmd_close, "Close a run: no node joins it any more, and no new round forms; a running group "
+        "trains on until its workers exit, unless --now.").add_argument(
+        "--now", action="store_true",
+        help="also make the running group's agents stop their workers now and exit (status 1)",
+    )
     quarantine = add("quarantine", cmd_quarantine, "Keep a host out of a run for a while, or let it back in; "
                      "without --add or --remove, list the quarantined hosts.")
     which = quarantine.add_mutually_exclusive_group()
@@ -99,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--remove", metavar="HOST", help="end HOST's quarantine now")
     quarantine.add_argument("--for", dest="duration", type=parse_duration, metavar="DURATION",
                             help="how long, with --add: 90, 90s, 10m, 2h or 1d")
-    add("reset", cmd_reset, "Delete every key of a run (its state, joins, liveness and store).").add_argument(
-        "--yes", action="store_true", help="really delete; without it, only show what would go"
-    )
+    reset = add("reset", cmd_reset, "Delete every key of a run (its state, joins, liveness and store).")
+    reset.add_argument("--yes", action="store_true", help="really delete; without it, only show what would go")
+    reset.add_argument("--force", action="store_true", help="delete even while nodes of the run are alive")
     add("exporter", cmd_exporter, "Serve Prometheus metrics of every run under the key prefix at /metrics.",
         run=False).add_argument("--listen", type=parse_listen, default=parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT",
                                 help=f"where to serve /metrics (default {DEFAULT_LISTEN}; port 0 picks a free one)")

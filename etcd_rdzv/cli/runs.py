@@ -102,10 +102,10 @@ def _run_entry(run_id: str, kv: Any, alive: int) -> dict[str, Any]:
     try:
         state = decode_state(kv.value, where=f"key '{kv.key.decode()}'")
     except RendezvousStateError as exc:
-        return {**entry, "round": None, "complete": None, "closed": None, "participants": None,
+        return {**entry, "round": None, "complete": None, "closed": None, "stop_now": None, "participants": None,
                 "world_size": None, "error": str(exc)}
     return {**entry, "round": state.round, "complete": state.complete, "closed": state.closed,
-            "participants": len(state.participants), "world_size": state.world_size, "error": None}
+            "stop_now": state.stop_now, "participants": len(state.participants), "world_size": state.world_size, "error": None}
 
 
 def list_runs(etcd: EtcdClient) -> list[dict[str, Any]]:
@@ -130,14 +130,31 @@ def list_runs(etcd: EtcdClient) -> list[dict[str, Any]]:
     return [_run_entry(run_id, states[run_id], alive.get(run_id, 0)) for run_id in sorted(states)]
 
 
-def _run_line(entry: Mapping[str, Any]) -> str:
+LIST_COLUMNS = ("RUN", "ROUND", "STATE", "OPEN", "PARTICIPANTS", "ALIVE", "REVISION")
+
+
+def _run_cells(entry: Mapping[str, Any]) -> list[str]:
     if entry["error"] is not None:
-        return f"{entry['run_id']}  CORRUPT (reset it with `{PROG} reset {entry['run_id']} --yes`): {entry['error']}"
-    return (
-        f"{entry['run_id']}  round {entry['round']}  participants {entry['participants']}  "
-        f"alive {entry['alive']}  {'complete' if entry['complete'] else 'forming'}  "
-        f"{'closed' if entry['closed'] else 'open'}  rev {entry['mod_revision']}"
-    )
+        return [entry["run_id"], f"CORRUPT (reset it with `{PROG} reset {entry['run_id']} --yes`): {entry['error']}"]
+    return [
+        entry["run_id"],
+        str(entry["round"]),
+        "complete" if entry["complete"] else "forming",
+        "closed" if entry["closed"] else "open",
+        str(entry["participants"]),
+        str(entry["alive"]),
+        str(entry["mod_revision"]),
+    ]
+
+
+def list_lines(runs: list[Mapping[str, Any]]) -> list[str]:
+    """``list``'s text: a header, then a line per run, in columns (``ALIVE``: nodes with a liveness
+    key; ``REVISION``: the state key's last write)."""
+    rows = [list(LIST_COLUMNS), *(_run_cells(entry) for entry in runs)]
+    # A corrupt run's line is its id and the problem: it sets no column's width but the first.
+    whole = [row for row in rows if len(row) == len(LIST_COLUMNS)]
+    widths = [max(len(row[0]) for row in rows), *(max(len(row[i]) for row in whole) for i in range(1, len(LIST_COLUMNS)))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 def cmd_list(etcd: EtcdClient, args: argparse.Namespace) -> int:
@@ -148,5 +165,5 @@ def cmd_list(etcd: EtcdClient, args: argparse.Namespace) -> int:
     elif not runs:
         emit(f"no runs under {etcd.config.key_prefix}")
     else:
-        emit_all(_run_line(entry) for entry in runs)
+        emit_all(list_lines(runs))
     return 0

@@ -26,7 +26,8 @@ def _node_doc(node: NodeDesc, keys: RunSnapshot, ttls: Mapping[int, int], state:
         "local_id": node.local_id,
         "topology": state.topology.get(node),
         "alive": ttl is not None and ttl > 0,
-        "lease_id": lease,
+        # A 64-bit id: as a JSON number, jq and JavaScript round it. Hex, as etcdctl takes it.
+        "lease_id": f"{lease:x}" if lease is not None else None,
         "lease_ttl": ttl,
     }
 
@@ -34,8 +35,9 @@ def _node_doc(node: NodeDesc, keys: RunSnapshot, ttls: Mapping[int, int], state:
 def status_document(run_id: str, keys: RunSnapshot, state: RendezvousState, ttls: Mapping[int, int]) -> dict[str, Any]:
     """The run's status with stable keys (``status --json``).
 
-    Nodes carry ``alive`` (their liveness key exists on an unexpired lease), ``lease_id`` and
-    ``lease_ttl`` (seconds left; ``None`` without a liveness key) and ``topology`` (their label,
+    Nodes carry ``alive`` (their liveness key exists on an unexpired lease), ``lease_id`` (a hex
+    string, as ``etcdctl lease timetolive`` takes it) and ``lease_ttl`` (seconds left; ``None``
+    without a liveness key) and ``topology`` (their label,
     ``None`` without one). ``quarantined`` lists the hosts kept out of the run, with the time their
     cool-down ends (``until``, UNIX time), ``seconds_left`` and ``reason``. Participants carry ``rank``,
     ``None`` until the round is complete. etcd keeps no timestamps: the last change is the state
@@ -53,6 +55,7 @@ def status_document(run_id: str, keys: RunSnapshot, state: RendezvousState, ttls
         "round": state.round,
         "complete": state.complete,
         "closed": state.closed,
+        "stop_now": state.stop_now,
         "world_size": state.world_size,
         "deadline": state.deadline,
         "participants": [
@@ -71,25 +74,35 @@ def status_document(run_id: str, keys: RunSnapshot, state: RendezvousState, ttls
     }
 
 
-def _liveness_text(node: Mapping[str, Any]) -> str:
+def _liveness_text(node: Mapping[str, Any], closed: bool) -> str:
     if node["alive"]:
-        return f"alive (lease {node['lease_id']:x}, {node['lease_ttl']}s left)"
-    if node["lease_id"] is None:
-        return "DEAD (no liveness key)"
-    return f"DEAD (lease {node['lease_id']:x} expired)"
+        return f"alive (lease {node['lease_id']}, {node['lease_ttl']}s left)"
+    if node["lease_id"] is not None:
+        return f"DEAD (lease {node['lease_id']} expired)"
+    # A node's liveness key goes when it shuts down, when its process exits, and when its lease
+    # lapses after it died: which one, etcd does not say.
+    if closed:
+        return "exited (no liveness key; the run is closed)"
+    return "gone (no liveness key: it exited, or died and its lease lapsed; the next write drops it)"
 
 
-def _node_line(node: Mapping[str, Any]) -> str:
+def _node_line(node: Mapping[str, Any], closed: bool) -> str:
     rank = node.get("rank")
     where = f"addr={node['addr']} pid={node['pid']} local_id={node['local_id']}"
     if node["topology"] is not None:
         where += f" topology={node['topology']}"
     prefix = f"rank {rank if rank is not None else '-'}  " if "rank" in node else ""
-    return f"  {prefix}{node['node']}  {where}  {_liveness_text(node)}"
+    return f"  {prefix}{node['node']}  {where}  {_liveness_text(node, closed)}"
 
 
-def _section(title: str, nodes: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [f"{title + ':':<18}{len(nodes)}", *(_node_line(n) for n in nodes)]
+def _section(title: str, nodes: Sequence[Mapping[str, Any]], closed: bool) -> list[str]:
+    return [f"{title + ':':<18}{len(nodes)}", *(_node_line(n, closed) for n in nodes)]
+
+
+def _openness(doc: Mapping[str, Any]) -> str:
+    if not doc["closed"]:
+        return "open"
+    return "CLOSED (--now: running agents stop their workers)" if doc["stop_now"] else "CLOSED"
 
 
 def render_status(doc: Mapping[str, Any]) -> list[str]:
@@ -97,7 +110,7 @@ def render_status(doc: Mapping[str, Any]) -> list[str]:
     progress = "complete" if doc["complete"] else "forming"
     lines = [
         f"{'run:':<18}{doc['run_id']}  (key {doc['state_key']})",
-        f"{'round:':<18}{doc['round']}, {progress}, {'CLOSED' if doc['closed'] else 'open'}, "
+        f"{'round:':<18}{doc['round']}, {progress}, {_openness(doc)}, "
         f"world size {doc['world_size']}",
         f"{'last change:':<18}revision {doc['mod_revision']} (write #{doc['version']} of the state "
         f"key; etcd is at revision {doc['revision']}; etcd records no wall-clock time)",
@@ -105,9 +118,9 @@ def render_status(doc: Mapping[str, Any]) -> list[str]:
     if doc["deadline"] is not None:
         left = doc["deadline"] - time.time()
         lines.append(f"{'last call:':<18}round completes by {clock(doc['deadline'])} ({left:+.0f}s)")
-    lines += _section("participants", doc["participants"])
-    lines += _section("wait list", doc["wait_list"])
-    lines += _section("redundancy list", doc["redundancy_list"])
+    lines += _section("participants", doc["participants"], doc["closed"])
+    lines += _section("wait list", doc["wait_list"], doc["closed"])
+    lines += _section("redundancy list", doc["redundancy_list"], doc["closed"])
     lines.append(f"{'pending joins:':<18}{doc['pending_joins']} announcement(s) not yet folded into the state")
     if doc["alive_unlisted"]:
         lines.append(f"{'alive, unlisted:':<18}{', '.join(doc['alive_unlisted'])}")

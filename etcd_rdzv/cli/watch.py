@@ -1,9 +1,10 @@
 """``watch``: follow a run's keys with an etcd watch and print each change until a count, a timeout
-or Ctrl-C."""
+or Ctrl-C; as text for a person, or (``--json``) one JSON object a line for a program."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 from concurrent import futures
@@ -16,7 +17,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 from ..client import EtcdClient
 from ..keys import prefix_range
 from ..watch import Watch, WatchCanceled, WatchCompacted
-from .changes import RunWatcher
+from .changes import RunWatcher, state_summary
 from .options import CliError
 from .output import emit, emit_all
 from .runs import read_run
@@ -30,12 +31,33 @@ def _stamp(revision: int, line: str) -> str:
 
 
 @dataclass
+class Printer:
+    """Prints ``watch``'s lines: stamped text, or with ``as_json`` one JSON object per line with
+    the change's text, the run's state after it (``None`` while there is none, or it is corrupt)
+    and the nodes with a liveness key."""
+
+    run_id: str
+    as_json: bool
+
+    def __call__(self, revision: int, lines: list[str], watcher: RunWatcher) -> None:
+        if not self.as_json:
+            emit_all(_stamp(revision, line) for line in lines)
+            return
+        state = state_summary(watcher.state) if watcher.state is not None else None
+        for line in lines:
+            doc = {"time": round(time.time(), 3), "revision": revision, "run_id": self.run_id, "change": line,
+                   "state": state, "alive": sorted(watcher.alive)}
+            emit(json.dumps(doc))
+
+
+@dataclass
 class WatchLimits:
     """When ``watch`` stops: after ``count`` changes, at monotonic time ``deadline``, or on ``stop``
     (from another thread), which also cancels the watch stream in progress (``watch``)."""
 
     count: int | None
     deadline: float
+    printer: Printer
     seen: int = 0
     stopped: threading.Event = field(default_factory=threading.Event)
     watch: Watch | None = None
@@ -57,10 +79,10 @@ class WatchLimits:
         return None if self.deadline == float("inf") else max(0.0, self.deadline - time.monotonic())
 
 
-def _report(revision: int, lines: list[str], limits: WatchLimits) -> None:
+def _report(revision: int, lines: list[str], limits: WatchLimits, watcher: RunWatcher) -> None:
     """Print ``lines`` as one change; they count toward ``--count`` once, if there are any."""
     if lines:
-        emit_all(_stamp(revision, line) for line in lines)
+        limits.printer(revision, lines, watcher)
         limits.seen += 1
 
 
@@ -85,7 +107,7 @@ def follow(client: etcd3.MultiEndpointEtcd3Client, watcher: RunWatcher, limits: 
             for event in reply.events:
                 if limits.done():
                     break
-                _report(event.kv.mod_revision, watcher.on_event(event), limits)
+                _report(event.kv.mod_revision, watcher.on_event(event), limits, watcher)
             if limits.done():
                 break
         return True
@@ -114,11 +136,11 @@ def watch_run(etcd: EtcdClient, run_id: str, limits: WatchLimits) -> None:
     """Print how the run looks, then each change to it, until ``limits`` are reached."""
     keys = read_run(etcd, run_id)
     watcher = RunWatcher(keys)
-    emit(_stamp(keys.revision, f"watching run '{run_id}': {watcher.describe()}"))
+    limits.printer(keys.revision, [f"watching run '{run_id}': {watcher.describe()}"], watcher)
     while not limits.done():
         if not _follow_with_retries(etcd, watcher, limits):
             keys = read_run(etcd, run_id)
-            _report(keys.revision, watcher.on_snapshot(keys), limits)
+            _report(keys.revision, watcher.on_snapshot(keys), limits, watcher)
 
 
 def cmd_watch(etcd: EtcdClient, args: argparse.Namespace) -> int:
@@ -130,7 +152,7 @@ def cmd_watch(etcd: EtcdClient, args: argparse.Namespace) -> int:
     ends the watch by cancelling it.
     """
     deadline = time.monotonic() + args.timeout if args.timeout is not None else float("inf")
-    limits = WatchLimits(args.count, deadline)
+    limits = WatchLimits(args.count, deadline, Printer(args.run_id, args.json))
     with ThreadPoolExecutor(1, thread_name_prefix="etcd-rdzv-watch") as pool:
         watching = pool.submit(watch_run, etcd, args.run_id, limits)
         try:
