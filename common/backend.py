@@ -142,6 +142,11 @@ class RendezvousBackend(ABC):
     the current state and its token come back, with ``has_set`` telling whether this call wrote.
     """
 
+    # Whether the run's state outlives a time when the server cannot be reached (etcd, all of its
+    # members down a while): torchrun's monitoring calls then answer from the last state known
+    # until it is back (``outage.py``). A store that dies with its host never comes back.
+    survives_outages = False
+
     @property
     @abstractmethod
     def name(self) -> str:

@@ -20,13 +20,16 @@ from .run import EtcdRun, Floor, Seen
 
 
 class EtcdRendezvousBackend(RendezvousBackend):
-    """One run's state in etcd, compare-and-set by transaction and waited on by watch.
+    """One run's state in etcd, compare-and-set by transaction and waited on by watch. etcd keeps
+    it, and its leases, through an outage of every member.
 
     Args:
         run: the process's run object; the backend holds one use of it and ``release``s it on
             ``close`` (``registry.release`` by default).
         name: the rendezvous backend name torchrun was asked for (``etcd-v2`` or ``etcd_rdzv``).
     """
+
+    survives_outages = True
 
     def __init__(self, run: EtcdRun, name: str = "etcd-v2", release: Any = None) -> None:
         self._run = run
