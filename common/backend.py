@@ -153,8 +153,13 @@ class RendezvousBackend(ABC):
         """The backend's name, as torchrun was asked for it."""
 
     @abstractmethod
-    def get_state(self) -> tuple[bytes, Token] | None:
+    def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
         """Return the state and its fencing token, or ``None`` if the run has no state yet.
+
+        Args:
+            timeout: give up after about this many seconds, where the server is slow to answer
+                (torchrun's monitoring calls, which poll); ``None``: the backend's own timeout.
+                A backend whose calls fail within seconds anyway may ignore it.
 
         Raises:
             RendezvousConnectionError: the server could not be reached.

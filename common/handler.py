@@ -278,13 +278,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _monitored(self, method: str, answer: Callable[[RendezvousState], T]) -> T:
         """torchrun's monitoring calls: ``answer`` from the state read at most
-        ``MONITOR_CACHE_SECONDS`` ago, or, while the backend cannot be reached, from the last state
-        known (``outage.py``)."""
+        ``MONITOR_CACHE_SECONDS`` ago (within ``heartbeat_timeout``), or, while the backend cannot
+        be reached, from the last state known (``outage.py``)."""
 
         def read() -> T:
             if not self._outage.active:
                 try:
-                    self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
+                    # A poll, like a heartbeat: it waits for the backend no longer than one.
+                    self._holder.sync(max_age=MONITOR_CACHE_SECONDS, timeout=self._config.heartbeat_timeout)
                 except RendezvousConnectionError as e:
                     if not self._outage.unreachable(method, e, self._holder.state):
                         raise

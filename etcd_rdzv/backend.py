@@ -65,8 +65,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
     def location(self) -> str:
         return self._run.describe()
 
-    def get_state(self) -> tuple[bytes, Token] | None:
-        """The state from the process's run view when it can vouch for it, else from etcd."""
+    def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
+        """The state from the process's run view when it can vouch for it, else from etcd (within
+        ``timeout`` seconds, if given)."""
         key = self._run.keys.state
 
         def from_etcd() -> tuple[bytes, Token] | None:
@@ -77,7 +78,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 kv = response.kvs[0]
                 return Seen((kv.value, kv.mod_revision), kv.mod_revision)
 
-            return self._run.read(get, self._floor, shared="state")
+            return self._run.read(get, self._floor, shared=("state", timeout), budget=timeout)
 
         return self._run.viewed(lambda view, floor: view.state(floor), from_etcd, self._floor)
 

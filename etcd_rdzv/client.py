@@ -9,6 +9,7 @@ refuses, missing permissions) fails at once. Either way the caller sees torch's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +37,8 @@ T = TypeVar("T")
 # After a failure an endpoint rests this long before it is tried again; the other endpoints are
 # tried meanwhile. etcd3's default (300 s) would leave a single-endpoint client dead for minutes.
 ENDPOINT_REST_SECONDS = 1.0
+# The shortest a request's budget makes one of its attempts (``EtcdClient.request``).
+MIN_ATTEMPT_SECONDS = 1.0
 # etcd's default --max-txn-ops: the most operations one transaction may carry.
 MAX_TXN_OPS = 128
 # gRPC's default 4 MiB receive limit is below the largest state the codec accepts.
@@ -251,6 +254,7 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
     def __init__(self, *args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> None:
         """``options``: the gRPC options of the endpoints' channels, for the channels ``redial``
         makes."""
+        self._attempt_timeout = threading.local()
         super().__init__(*args, **kwargs)
         self._options = list(options)
         self.hearing = Hearing()
@@ -259,6 +263,30 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
         self._dial_lock = threading.Lock()
         self._redialled_at: dict[str, float] = {}
         self.keep_alive = KeepAliveStream(self)
+
+    @property
+    def timeout(self) -> float | None:
+        """How long one call may take: the client's attempt timeout, or less within
+        ``attempt_limit`` on this thread (etcd3's methods read it at each call)."""
+        return getattr(self._attempt_timeout, "seconds", self._timeout)
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._timeout = seconds
+
+    @contextmanager
+    def attempt_limit(self, seconds: float) -> Iterator[None]:
+        """Within the block, calls of this thread take at most ``seconds`` (if that is less than
+        the client's attempt timeout)."""
+        before = getattr(self._attempt_timeout, "seconds", None)
+        self._attempt_timeout.seconds = seconds if self._timeout is None else min(self._timeout, seconds)
+        try:
+            yield
+        finally:
+            if before is None:
+                del self._attempt_timeout.seconds
+            else:
+                self._attempt_timeout.seconds = before
 
     def refresh_lease(self, lease_id: int, ttl: float | None = None) -> list[etcd3.etcdrpc.LeaseKeepAliveResponse]:
         """Renew ``lease_id`` once, on the client's one keep-alive stream (etcd3 opens a stream,
@@ -520,10 +548,15 @@ class EtcdClient:
             RendezvousConnectionError: the request failed for good.
         """
 
+        # An attempt takes no longer than the request may (a heartbeat's attempt, no longer than
+        # heartbeat_timeout: well within the node's liveness TTL), nor than a quarter of
+        # read_timeout; a single attempt (budget 0), the latter.
+        limit = max(MIN_ATTEMPT_SECONDS, budget) if budget else None
+
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> T:
             self._check_open()
             try:
-                with self._gate.passage(), pinned_endpoint(client) as label:
+                with self._gate.passage(), pinned_endpoint(client) as label, self._attempt_limit(limit):
                     if self._token_expired and self.config.username is not None:
                         self._authenticate()
                         self._token_expired = False
@@ -560,6 +593,9 @@ class EtcdClient:
             return policy(attempt, self.raw)
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
+
+    def _attempt_limit(self, seconds: float | None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if seconds is None else self.raw.attempt_limit(seconds)
 
     def _check_open(self) -> None:
         if self._closed:
