@@ -210,6 +210,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 _end_liveness(self._backend, self._node.key)
             raise
 
+        self._outage.reached()
         finished = time.monotonic()
         self.last_timings = RendezvousTimings(
             round=state.round,
@@ -282,7 +283,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         be reached, from the last state known (``outage.py``)."""
 
         def read() -> T:
-            if not self._outage.active:
+            # During an outage the heartbeats find out when the backend is back; the monitoring
+            # calls only ask it themselves when no heartbeat runs.
+            if not (self._outage.active and self._heartbeat is not None):
                 try:
                     # A poll, like a heartbeat: it waits for the backend no longer than one.
                     self._holder.sync(max_age=MONITOR_CACHE_SECONDS, timeout=self._config.heartbeat_timeout)
