@@ -9,12 +9,11 @@ refuses, missing permissions) fails at once. Either way the caller sees torch's
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, NoReturn, TypeVar
 
 import etcd3
@@ -594,8 +593,8 @@ class EtcdClient:
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
 
-    def _attempt_limit(self, seconds: float | None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if seconds is None else self.raw.attempt_limit(seconds)
+    def _attempt_limit(self, seconds: float | None) -> AbstractContextManager:
+        return nullcontext() if seconds is None else self.raw.attempt_limit(seconds)
 
     def _check_open(self) -> None:
         if self._closed:
