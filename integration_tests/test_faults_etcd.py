@@ -207,7 +207,7 @@ def test_torchrun_job_trains_through_an_etcd_outage_and_exits_0(etcd_server, tmp
     server = etcd_server()
     conf = {**FAST_CONF, "read_timeout": "5"}
     with etcd_agent_group(tmp_path, server.endpoint, f"outage-{uuid.uuid4().hex[:8]}", nnodes="2", conf=conf) as job:
-        job.env = {"TRAIN_SECONDS": "30"}
+        job.env = {"TRAIN_SECONDS": "20"}
         job.start("train.py")
         job.start("train.py")
         job.wait_for_started(world_size=2, count=2, timeout=90)
