@@ -62,9 +62,9 @@ class Session:
             if lease_id is None:
                 continue
             try:
-                # Within one tick: a renewal whose connection went silent is sent again on a
-                # new one (``silence.py``) before the next tick is due.
-                alive = self._etcd.request(lambda c: refresh(c, lease_id, self._ttl), budget=self._ttl / 3)
+                # One attempt: a renewal whose connection went silent has the client dial a new
+                # one (``silence.py``), on which the next tick renews, with the TTL to spare.
+                alive = self._etcd.request(lambda c: refresh(c, lease_id, self._ttl), budget=0)
             except RendezvousConnectionError as exc:
                 if self._stop.is_set():
                     return  # closed (with its client) while renewing
