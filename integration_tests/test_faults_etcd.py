@@ -1,6 +1,7 @@
 """etcd faults: the leader of a 3-member cluster killed mid-rendezvous, a single etcd restarted
-from its data directory mid-run, and one that stays down. Handlers run in threads, each with its
-own backend; ``InvariantChecker`` watches the state throughout."""
+from its data directory mid-run, one that stays down, every member down while a formed group
+trains (handlers, and real torchrun agents), and an etcd that was never there. Handlers run in
+threads, each with its own backend; ``InvariantChecker`` watches the state throughout."""
 
 from __future__ import annotations
 
