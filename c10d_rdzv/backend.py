@@ -100,7 +100,8 @@ class C10dRendezvousBackend(RendezvousBackend):
     def quarantine(self) -> Quarantine:
         return self._quarantine
 
-    def get_state(self) -> tuple[bytes, Token] | None:
+    def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
+        # ``timeout`` is not needed: the store's calls fail within seconds once it is gone.
         stored = self._calls.peek(self._keys.state)
         return None if stored is None else (self._decode(stored), stored)
 

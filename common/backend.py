@@ -168,14 +168,24 @@ class RendezvousBackend(ABC):
     the current state and its token come back, with ``has_set`` telling whether this call wrote.
     """
 
+    # Whether the run's state outlives a time when the server cannot be reached (etcd, all of its
+    # members down a while): torchrun's monitoring calls then answer from the last state known
+    # until it is back (``outage.py``). A store that dies with its host never comes back.
+    survives_outages = False
+
     @property
     @abstractmethod
     def name(self) -> str:
         """The backend's name, as torchrun was asked for it."""
 
     @abstractmethod
-    def get_state(self) -> tuple[bytes, Token] | None:
+    def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
         """Return the state and its fencing token, or ``None`` if the run has no state yet.
+
+        Args:
+            timeout: give up after about this many seconds, where the server is slow to answer
+                (torchrun's monitoring calls, which poll); ``None``: the backend's own timeout.
+                A backend whose calls fail within seconds anyway may ignore it.
 
         Raises:
             RendezvousConnectionError: the server could not be reached.

@@ -9,10 +9,12 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.distributed as dist
 from torch.distributed.elastic.events import NodeState
 from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
     RendezvousError,
     RendezvousHandler,
     RendezvousInfo,
@@ -29,11 +31,14 @@ from .health import Admission
 from .holder import StateHolder
 from .logs import show_package_logs
 from .ops import close_op, exit_op, join_op, nodes_waiting, rejoin_op
+from .outage import Outage
 from .ranks import TOPOLOGY_ENV, check_topology
 from .settings import RendezvousSettings, settings_from_params
-from .state import NodeDesc, NodeDescGenerator
+from .state import NodeDesc, NodeDescGenerator, RendezvousState
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _node_desc_generator = NodeDescGenerator()
 
@@ -94,6 +99,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # node's liveness never rests on the thread that is busy rejoining (see ``_heartbeat_loop``).
         self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
         self._beats_failing = False
+        # Whether the backend is unreachable now, as this node's calls found it.
+        self._outage = Outage(settings, node, backend.survives_outages)
         self._trainer_store = TrainerStoreHost(node.addr)
         self.last_timings: RendezvousTimings | None = None
         self._torch_settings = torch_settings(settings)
@@ -211,6 +218,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             # The node is out of the rendezvous: its liveness lapses (or ends, below), as it did
             # before the call.
             self._stop_heartbeats()
+            if isinstance(e, RendezvousConnectionError):
+                self._outage.unreachable("next_rendezvous", e)
             self._record("next_rendezvous", f"{type(e).__name__}: {e}", NodeState.FAILED)
             report_failure()
             if isinstance(e, (RendezvousTimeoutError, TrainerStoreAddressError)):
@@ -220,6 +229,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 _end_liveness(self._backend, self._node.key)
             raise
 
+        self._outage.reached()
         finished = time.monotonic()
         self.last_timings = RendezvousTimings(
             round=state.round,
@@ -278,38 +288,64 @@ class DynamicRendezvousHandler(RendezvousHandler):
             raise
 
     def is_closed(self) -> bool:
-        def read() -> bool:
-            self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
-            return self._holder.state.closed
-
-        return self._guarded("is_closed", read)
+        return self._monitored("is_closed", lambda state: state.closed)
 
     def set_closed(self) -> None:
         self._guarded("set_closed", self._close)
 
     def num_nodes_waiting(self) -> int:
-        def read() -> int:
-            self._holder.sync(max_age=MONITOR_CACHE_SECONDS)
-            state = self._holder.state
-            if state.closed and state.stop_now:
-                # torchrun's agent asks only this while its workers are healthy: a waiting node
-                # makes it stop them and rendezvous again, which a closed run refuses.
-                logger.warning(
-                    "The rendezvous '%s' was closed with `close --now`: the node '%s' stops its workers "
-                    "and exits.", self._config.run_id, self._node,
-                )
-                return 1
-            return nodes_waiting(state, self._config)
+        return self._monitored("num_nodes_waiting", self._waiting)
 
-        return self._guarded("num_nodes_waiting", read)
+    def _waiting(self, state: RendezvousState) -> int:
+        if state.closed and state.stop_now:
+            # torchrun's agent asks only this while its workers are healthy: a waiting node makes
+            # it stop them and rendezvous again, which a closed run refuses.
+            logger.warning(
+                "The rendezvous '%s' was closed with `close --now`: the node '%s' stops its workers "
+                "and exits.", self._config.run_id, self._node,
+            )
+            return 1
+        return nodes_waiting(state, self._config)
+
+    def _monitored(self, method: str, answer: Callable[[RendezvousState], T]) -> T:
+        """torchrun's monitoring calls: ``answer`` from the state read at most
+        ``MONITOR_CACHE_SECONDS`` ago (within ``heartbeat_timeout``), or, while the backend cannot
+        be reached, from the last state known (``outage.py``)."""
+
+        def read() -> T:
+            # During an outage the heartbeats find out when the backend is back; the monitoring
+            # calls only ask it themselves when no heartbeat runs.
+            if not (self._outage.active and self._heartbeat is not None):
+                try:
+                    # A poll, like a heartbeat: it waits for the backend no longer than one.
+                    self._holder.sync(max_age=MONITOR_CACHE_SECONDS, timeout=self._config.heartbeat_timeout)
+                except RendezvousConnectionError as e:
+                    if not self._outage.unreachable(method, e, self._holder.state):
+                        raise
+                else:
+                    self._outage.reached()
+            return answer(self._holder.state)
+
+        return self._guarded(method, read)
 
     def get_run_id(self) -> str:
         return self._config.run_id
 
     def shutdown(self) -> bool:
-        """Close the run, end this node's liveness and release the backend; see torch's contract."""
+        """Close the run, end this node's liveness and release the backend; see torch's contract.
+
+        While the backend is unreachable (torchrun shuts down right after a ``next_rendezvous``
+        that could not reach it), the run is left open: closing it would wait out the backend's
+        timeout once more, for nothing."""
         self._stop_heartbeats()
+        unreachable = self._outage.active
         try:
+            if unreachable:
+                logger.warning(
+                    "The node '%s' leaves the rendezvous '%s' open: its backend did not answer just "
+                    "now, and closing the run would wait for it once more.", self._node, self._config.run_id,
+                )
+                return False
             with self._lock:
                 self._close()
             return True
@@ -319,10 +355,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
         finally:
             self._trainer_store.stop()
             self._abandoned.detach()
-            try:
-                self._backend.liveness.forget(self._node.key)
-            except RendezvousError as ex:
-                logger.warning("The node '%s' could not end its liveness: %s", self._node, ex)
+            if unreachable:
+                _end_liveness(self._backend, self._node.key)
+            else:
+                try:
+                    self._backend.liveness.forget(self._node.key)
+                except RendezvousError as ex:
+                    logger.warning("The node '%s' could not end its liveness: %s", self._node, ex)
             self._backend.close()
 
     def _close(self) -> None:
@@ -341,9 +380,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
         try:
             self._executor.beat(self._config.heartbeat_timeout)
         except RendezvousError as ex:
-            self._report_failure("_keep_alive", "send a keep-alive heartbeat to", ex, log=not self._beats_failing)
+            # An outage is reported once, by ``Outage``, in place of this warning.
+            outage = isinstance(ex, RendezvousConnectionError) and self._outage.unreachable(
+                "_keep_alive", ex, self._holder.state
+            )
+            self._report_failure(
+                "_keep_alive", "send a keep-alive heartbeat to", ex, log=not (self._beats_failing or outage)
+            )
             self._beats_failing = True
             return False
+        self._outage.reached()
         if self._beats_failing:
             logger.info("The node '%s' sends keep-alive heartbeats again.", self._node)
         self._beats_failing = False

@@ -132,11 +132,12 @@ class StateHolder:
         """Have the next ``sync`` write the local state (as changed by the caller) back."""
         self._dirty = True
 
-    def sync(self, max_age: float = 0.0) -> bool | None:
+    def sync(self, max_age: float = 0.0, timeout: float | None = None) -> bool | None:
         """Read the shared state, or write the local one if it is dirty.
 
         Args:
             max_age: a clean read may be skipped if the last sync is younger than this.
+            timeout: a read gives up after about this many seconds (``RendezvousBackend.get_state``).
 
         Returns:
             ``None`` for a read, else whether the write won.
@@ -175,7 +176,7 @@ class StateHolder:
         else:
             # A change made on a stale state (after a failed write) is dropped, not written: its
             # caller decides again from what this read returns.
-            response = self._backend.get_state()
+            response = self._backend.get_state() if timeout is None else self._backend.get_state(timeout)
             if response is not None and response[1] == self._token and not self._stale and not self._dropped_unwritten:
                 # Unchanged since the last read, which dropped nobody: the local state is the stored
                 # one, and only the others' liveness may have changed. A node waiting in a long

@@ -164,7 +164,7 @@ class MemoryBackend(RendezvousBackend):
     def name(self) -> str:
         return self._name
 
-    def get_state(self) -> tuple[bytes, Token] | None:
+    def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
         with self._store.changed:
             return self._store.states.get(self._run_id)
 

@@ -20,13 +20,16 @@ from .run import EtcdRun, Floor, Seen
 
 
 class EtcdRendezvousBackend(RendezvousBackend):
-    """One run's state in etcd, compare-and-set by transaction and waited on by watch.
+    """One run's state in etcd, compare-and-set by transaction and waited on by watch. etcd keeps
+    it, and its leases, through an outage of every member.
 
     Args:
         run: the process's run object; the backend holds one use of it and ``release``s it on
             ``close`` (``registry.release`` by default).
         name: the rendezvous backend name torchrun was asked for (``etcd-v2`` or ``etcd_rdzv``).
     """
+
+    survives_outages = True
 
     def __init__(self, run: EtcdRun, name: str = "etcd-v2", release: Any = None) -> None:
         self._run = run
@@ -62,8 +65,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
     def location(self) -> str:
         return self._run.describe()
 
-    def get_state(self) -> tuple[bytes, Token] | None:
-        """The state from the process's run view when it can vouch for it, else from etcd."""
+    def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
+        """The state from the process's run view when it can vouch for it, else from etcd (within
+        ``timeout`` seconds, if given)."""
         key = self._run.keys.state
 
         def from_etcd() -> tuple[bytes, Token] | None:
@@ -74,7 +78,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 kv = response.kvs[0]
                 return Seen((kv.value, kv.mod_revision), kv.mod_revision)
 
-            return self._run.read(get, self._floor, shared="state")
+            return self._run.read(get, self._floor, shared=("state", timeout), budget=timeout)
 
         return self._run.viewed(lambda view, floor: view.state(floor), from_etcd, self._floor)
 

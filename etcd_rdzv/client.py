@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, NoReturn, TypeVar
 
 import etcd3
@@ -24,6 +25,8 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from .config import EtcdConfig
 from .keepalive import KeepAliveFailed, KeepAliveStream
+from .outage import Unanswered
+from .silence import Hearing, silent_after
 from .status import RpcStatus
 
 logger = logging.getLogger(__name__)
@@ -33,14 +36,19 @@ T = TypeVar("T")
 # After a failure an endpoint rests this long before it is tried again; the other endpoints are
 # tried meanwhile. etcd3's default (300 s) would leave a single-endpoint client dead for minutes.
 ENDPOINT_REST_SECONDS = 1.0
+# The shortest a request's budget makes one of its attempts (``EtcdClient.request``).
+MIN_ATTEMPT_SECONDS = 1.0
 # etcd's default --max-txn-ops: the most operations one transaction may carry.
 MAX_TXN_OPS = 128
 # gRPC's default 4 MiB receive limit is below the largest state the codec accepts.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# gRPC keepalive pings find a dead connection (a half-open TCP connection, a host gone) that would
-# otherwise look like a quiet one; etcd refuses pings more often than every 5 s by default.
-KEEPALIVE_SECONDS = 10
-KEEPALIVE_TIMEOUT_SECONDS = 5
+# gRPC keepalive pings, sent after this long without a word from the server, find a dead
+# connection (a half-open TCP connection, a host gone) that would otherwise look like a quiet one:
+# well inside the shortest TTL a package default gives a lease (10 s, the session's). etcd refuses
+# pings more often than every 5 s by default. (gRPC took far longer than this to act on a silent
+# connection here; the client's own check, ``silence.py``, is what leaves one in time.)
+KEEPALIVE_SECONDS = 5
+KEEPALIVE_TIMEOUT_SECONDS = 3
 # etcd's require-leader metadata: a member without a leader refuses requests and cancels watches
 # instead of serving a view that may be stale or never move again.
 REQUIRE_LEADER = ("hasleader", "true")
@@ -50,10 +58,14 @@ REQUIRE_LEADER = ("hasleader", "true")
 _TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
+# The failures of an attempt that found no endpoint answering (``outage.py``).
+_UNANSWERED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # gRPC reports a refused TLS handshake as UNAVAILABLE, like an unreachable server: no status tells
 # the two apart, so only here the text decides. (etcd 3.4 refuses a client without a certificate
 # with a TSI error that names no certificate.)
 _TLS_DETAILS = ("ssl", "tls", "handshake", "certificate", "tsi_")
+# How a gRPC client without TLS fails against a TLS port: the server closes the connection.
+_PLAIN_TO_TLS_DETAILS = ("socket closed", "http1")
 # etcd's back-pressure ("etcdserver: too many requests": it applies entries more than 5,000 behind
 # what it committed) is RESOURCE_EXHAUSTED on most calls, but reached a client as UNKNOWN with the
 # same text (4,096 nodes over 16 processes on 2 cores): a reason to back off and retry, whatever
@@ -100,13 +112,38 @@ def is_transient(exc: BaseException | None) -> bool:
     return rpc is not None and _BACK_PRESSURE in (rpc.details() or "")
 
 
+def _on_abandoned_channel(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a call because the client closed its channel, on an open client: the
+    connection went silent and was left for a new one (``FailoverClient.redial``). gRPC cancels
+    the calls in flight, and refuses new ones with a ``ValueError``."""
+    if isinstance(exc, ValueError):
+        return "closed channel" in str(exc)
+    rpc = rpc_error(exc)
+    return rpc is not None and rpc.code() == grpc.StatusCode.CANCELLED and rpc.details() == "Channel closed!"
+
+
 def _is_tls_failure(exc: BaseException) -> bool:
     rpc = rpc_error(exc)
     return rpc is not None and any(d in (rpc.details() or "").lower() for d in _TLS_DETAILS)
 
 
-def connection_error(config: EtcdConfig, exc: BaseException) -> RendezvousConnectionError:
-    """Translate a failed request into a ``RendezvousConnectionError`` that says what to fix."""
+def _looks_like_a_tls_server(exc: BaseException) -> bool:
+    """Whether a plain-text client's failure looks like a TLS server's answer: it accepted the
+    connection and closed it (etcd's TLS port does so when the HTTP/2 preface comes in clear)."""
+    rpc = rpc_error(exc)
+    details = (rpc.details() or "").lower() if rpc is not None else ""
+    return any(sign in details for sign in _PLAIN_TO_TLS_DETAILS)
+
+
+def connection_error(
+    config: EtcdConfig, exc: BaseException, waited: float | None = None, budget: float | None = None
+) -> RendezvousConnectionError:
+    """Translate a failed request into a ``RendezvousConnectionError`` that says what to fix.
+
+    Args:
+        waited: how long the request tried, for a failure retrying did not cure.
+        budget: how long it was allowed to (``read_timeout`` by default).
+    """
     where = f"etcd at {config.protocol}://{config.describe_endpoints()}"
     rpc = rpc_error(exc)
     details = (rpc.details() or "") if rpc is not None else ""
@@ -127,8 +164,13 @@ def connection_error(config: EtcdConfig, exc: BaseException) -> RendezvousConnec
             "against the server's certificate and its --client-cert-auth setting"
         )
     elif is_transient(exc):
-        problem = f"it could not be reached within read_timeout={config.read_timeout:g}s (last error {_details(exc)})"
-        if config.protocol == "http":
+        if waited is None:
+            problem = f"it could not be reached (last error {_details(exc)})"
+        elif budget is None or budget == config.read_timeout:
+            problem = f"it could not be reached within read_timeout={config.read_timeout:g}s (tried for {waited:.1f}s; last error {_details(exc)})"
+        else:
+            problem = f"it could not be reached in {waited:.1f}s of trying (last error {_details(exc)})"
+        if config.protocol == "http" and _looks_like_a_tls_server(exc):
             problem += "; if the server uses TLS, set protocol=https"
     else:
         problem = f"the request failed ({_details(exc)})"
@@ -161,7 +203,7 @@ def retrying(
         # the last error a server (or the network) actually gave instead.
         if rpc_error(exc) is None:
             exc = last_rpc_failure() or exc
-        raise connection_error(config, exc) from exc
+        raise connection_error(config, exc, state.seconds_since_start, budget) from exc
 
     def log_and_prepare(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception()
@@ -208,18 +250,89 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
     ``integration_tests/test_nemesis_scenarios.py``'s stalled-connection scenario).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> None:
+        """``options``: the gRPC options of the endpoints' channels, for the channels ``redial``
+        makes."""
+        self._attempt_timeout = threading.local()
         super().__init__(*args, **kwargs)
+        self._options = list(options)
+        self.hearing = Hearing()
+        for label in self.endpoints:
+            self.hearing.heard(label)  # a new channel has its first silence counted from now
+        self._dial_lock = threading.Lock()
+        self._redialled_at: dict[str, float] = {}
         self.keep_alive = KeepAliveStream(self)
 
-    def refresh_lease(self, lease_id: int) -> list[etcd3.etcdrpc.LeaseKeepAliveResponse]:
-        """Renew ``lease_id`` once, on the client's one keep-alive stream (etcd3 opens a stream,
-        and gRPC a thread, per renewal)."""
+    @property
+    def timeout(self) -> float | None:
+        """How long one call may take: the client's attempt timeout, or less within
+        ``attempt_limit`` on this thread (etcd3's methods read it at each call)."""
+        return getattr(self._attempt_timeout, "seconds", self._timeout)
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._timeout = seconds
+
+    @contextmanager
+    def attempt_limit(self, seconds: float) -> Iterator[None]:
+        """Within the block, calls of this thread take at most ``seconds`` (if that is less than
+        the client's attempt timeout)."""
+        before = getattr(self._attempt_timeout, "seconds", None)
+        self._attempt_timeout.seconds = seconds if self._timeout is None else min(self._timeout, seconds)
         try:
-            ttl = self.keep_alive.renew(lease_id, self.timeout)
+            yield
+        finally:
+            if before is None:
+                del self._attempt_timeout.seconds
+            else:
+                self._attempt_timeout.seconds = before
+
+    def refresh_lease(self, lease_id: int, ttl: float | None = None) -> list[etcd3.etcdrpc.LeaseKeepAliveResponse]:
+        """Renew ``lease_id`` once, on the client's one keep-alive stream (etcd3 opens a stream,
+        and gRPC a thread, per renewal). ``ttl``: the lease's TTL, which bounds how long the
+        renewal waits on a connection that went silent (``silence.py``) before it is sent again on
+        a new one."""
+        try:
+            granted = self.keep_alive.renew(lease_id, self.timeout, silent_after(ttl, self.timeout))
         except KeepAliveFailed as failed:
+            if failed.abandoned:
+                raise Retryable(failed.error.details()) from failed.error
             fail_over(self, failed.error, failed.endpoint)
-        return [etcd3.etcdrpc.LeaseKeepAliveResponse(ID=lease_id, TTL=ttl)]
+        return [etcd3.etcdrpc.LeaseKeepAliveResponse(ID=lease_id, TTL=granted)]
+
+    def redial(self, label: str, channel: grpc.Channel, why: str) -> None:
+        """Leave ``channel``, the channel of endpoint ``label``, for a new connection: the calls on
+        it end (renewals and requests are retried, the run view's watch reopens), and the next
+        calls to the endpoint go out on a TCP connection of their own. With other endpoints to
+        use, this one also rests, as after any failure. Nothing happens if ``channel`` was left
+        already."""
+        endpoint = self.endpoints[label]
+        now = time.monotonic()
+        with self._dial_lock:
+            if endpoint.channel is not channel:
+                return
+            endpoint.channel = _dial(endpoint, self._options)
+            if label == self._current_endpoint_label:
+                self._clear_old_stubs()
+            if len(self.endpoints) > 1:
+                endpoint.fail()
+            # A connection dialled last time that never heard a word: the member itself is silent
+            # (hung), and a warning at every new connection to it would flood the log.
+            again = self.hearing.quiet_for(label) >= now - self._redialled_at.get(label, float("-inf"))
+            self._redialled_at[label] = now
+            self.hearing.heard(label)
+        (logger.debug if again else logger.warning)(
+            "The connection to etcd at %s went silent (%s); a new connection was dialled.", label, why
+        )
+        self.keep_alive.abandon(channel, RpcStatus(grpc.StatusCode.UNAVAILABLE, f"the connection went silent ({why})"))
+        channel.close()
+
+    def _redial_if_silent(self, label: str) -> None:
+        """A call on endpoint ``label`` timed out: if its channel heard nothing for as long as an
+        attempt lasts, the connection is silent, not etcd slow (``silence.py``)."""
+        quiet = self.hearing.quiet_for(label)
+        if label in self.endpoints and self.timeout is not None and quiet >= self.timeout:
+            self.redial(label, self.endpoints[label].channel, f"a call timed out after {quiet:.1f}s without a word on it")
 
     def close(self) -> None:
         self.keep_alive.stop()
@@ -227,6 +340,8 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
 
     def _manage_grpc_errors(self, exc: grpc.RpcError) -> NoReturn:
         label = getattr(_attempt, "label", None)
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._redial_if_silent(label or self._current_endpoint_label)
         if label is None or label == self._current_endpoint_label or label not in self.endpoints:
             super()._manage_grpc_errors(exc)
         # The client has left this call's endpoint already: bench that one, keep the current.
@@ -236,6 +351,15 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
         if exception is None:
             raise exc
         raise exception() from exc
+
+
+def _dial(endpoint: etcd3.Endpoint, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+    """A new channel to ``endpoint``, as etcd3 makes one (its options must include
+    ``grpc.use_local_subchannel_pool``, or gRPC hands it the connection of the channel it
+    replaces)."""
+    if endpoint.secure:
+        return grpc.secure_channel(endpoint.netloc, endpoint.credentials, options=options)
+    return grpc.insecure_channel(endpoint.netloc, options=options)
 
 
 # etcd3's own tables (``etcd3.client``): the statuses that bench an endpoint, and its exceptions.
@@ -361,6 +485,9 @@ class EtcdClient:
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+            # A connection of the channel's own: gRPC shares one between channels to an address,
+            # so a channel dialled to leave a silent connection (``redial``) would get it back.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         endpoints = [
             etcd3.Endpoint(
@@ -373,7 +500,7 @@ class EtcdClient:
             )
             for host, port in config.endpoints
         ]
-        self.raw = FailoverClient(endpoints, timeout=attempt_timeout(config), failover=True)
+        self.raw = FailoverClient(endpoints, timeout=attempt_timeout(config), failover=True, options=options)
         self.raw.metadata = (REQUIRE_LEADER,)
         # Set when etcd dropped the auth token; the next attempt authenticates again first.
         self._token_expired = False
@@ -384,6 +511,9 @@ class EtcdClient:
         # The retry policy of each budget asked for. A policy keeps its per-call state in
         # thread-locals, so threads share one; building one per request cost more than the request.
         self._policies: dict[float | None, tenacity.Retrying] = {}
+        self._unanswered = Unanswered(
+            f"etcd at {config.protocol}://{config.describe_endpoints()}", f"read_timeout={config.read_timeout:g}s"
+        )
         self._closed = False
         if config.username is not None:
             try:
@@ -417,15 +547,22 @@ class EtcdClient:
             RendezvousConnectionError: the request failed for good.
         """
 
+        # An attempt takes no longer than the request may (a heartbeat's attempt, no longer than
+        # heartbeat_timeout: well within the node's liveness TTL), nor than a quarter of
+        # read_timeout; a single attempt (budget 0), the latter.
+        limit = max(MIN_ATTEMPT_SECONDS, budget) if budget else None
+
         def attempt(client: etcd3.MultiEndpointEtcd3Client) -> T:
             self._check_open()
             try:
-                with self._gate.passage(), pinned_endpoint(client):
+                with self._gate.passage(), pinned_endpoint(client) as label, self._attempt_limit(limit):
                     if self._token_expired and self.config.username is not None:
                         self._authenticate()
                         self._token_expired = False
                     result = op(client)
+                client.hearing.heard(label)
                 self._rpc_failure = None
+                self._unanswered.answered()
                 return result
             except etcd3.exceptions.NoServerAvailableError:
                 # Every endpoint rests after a failure. If the last one (of any request of this
@@ -434,12 +571,17 @@ class EtcdClient:
                 refused = self._rpc_failure
                 if refused is not None and _is_tls_failure(refused):
                     raise connection_error(self.config, refused) from refused
+                self._unanswered.failed(_details(refused) if refused is not None else "every endpoint rests after a failure")
                 raise
             except Exception as exc:
                 self._check_open()  # closed meanwhile: gRPC says only "Channel closed!"
+                if _on_abandoned_channel(exc):
+                    raise Retryable("the request's connection went silent and was left for a new one") from exc
                 rpc = rpc_error(exc)
                 if rpc is not None:
                     self._rpc_failure = RpcStatus.of(rpc)
+                    if rpc.code() in _UNANSWERED_CODES and not _is_tls_failure(rpc):
+                        self._unanswered.failed(_details(rpc))
                 raise
 
         policy = self._policies.get(budget)
@@ -450,6 +592,9 @@ class EtcdClient:
             return policy(attempt, self.raw)
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
+
+    def _attempt_limit(self, seconds: float | None) -> AbstractContextManager:
+        return nullcontext() if seconds is None else self.raw.attempt_limit(seconds)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -27,4 +27,8 @@ def create_backend(params: RendezvousParameters, name: str = "etcd-v2") -> tuple
     config = config_from_params(params)
     run = registry.acquire(config, params.run_id)
     store = EtcdStore(registry.acquire(config, params.run_id), release=registry.release_soon)
-    return EtcdRendezvousBackend(run, name=name, release=registry.release_soon), store
+    # The backend is closed by a call (a handler's shutdown, or the thread an abandoned handler's
+    # finalizer starts), never by a finalizer itself: it releases at once, so that once close()
+    # returns, the session, view and connection it was the last user of are gone. A store's
+    # release runs from its finalizer, on whatever thread collected it: ``release_soon``.
+    return EtcdRendezvousBackend(run, name=name, release=registry.release), store

@@ -12,6 +12,9 @@ has applied every entry committed before it: while the run is being written to, 
 for the next apply. On one stream, 255 nodes of a process that renewed at once (a re-rendezvous)
 waited 1.2 s for the median reply. So a lease is renewed on one of ``STREAMS`` streams (chosen by
 its id, so that one lease's renewals stay in order), which wait for the apply side by side.
+
+A renewal that gets no reply while its channel hears nothing else either finds the connection
+silent (``silence.py``): it has the client dial a new one, and fails so as to be sent again there.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 
 import etcd3
 import grpc
-from etcd3.etcdrpc import LeaseKeepAliveRequest
+from etcd3.etcdrpc import LeaseKeepAliveRequest, LeaseStub
 
 from .status import RpcStatus
 
@@ -34,12 +37,14 @@ STREAMS = 8
 
 class KeepAliveFailed(Exception):
     """A renewal failed: ``error`` is the stream's gRPC error, ``endpoint`` the label of the
-    endpoint the stream was on (the one to bench)."""
+    endpoint the stream was on (the one to bench). ``abandoned``: the connection went silent and
+    the client dialled a new one, so the renewal is to be sent again at once, there."""
 
-    def __init__(self, error: RpcStatus, endpoint: str | None) -> None:
+    def __init__(self, error: RpcStatus, endpoint: str | None, abandoned: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.endpoint = endpoint
+        self.abandoned = abandoned
 
 
 class _Renewal:
@@ -66,9 +71,12 @@ class _Stream:
         self._requests: queue.SimpleQueue[LeaseKeepAliveRequest | None] = queue.SimpleQueue()
         self._waiting: dict[int, collections.deque[_Renewal]] = collections.defaultdict(collections.deque)
         self.failure: RpcStatus | None = None  # never raised itself: each renewal gets a copy
-        client.channel  # noqa: B018 - moves off a benched endpoint before the stream opens
+        # The channel itself, not the client's cached stub: a stub made before a redial would open
+        # the stream on the connection just abandoned.
+        self.channel = client.channel  # moves off a benched endpoint first
         self.endpoint = client._current_endpoint_label
-        self._call = client.leasestub.LeaseKeepAlive(
+        self._hearing = client.hearing
+        self._call = LeaseStub(self.channel).LeaseKeepAlive(
             self._feed(), credentials=client.call_credentials, metadata=client.metadata
         )
         self._reader = threading.Thread(target=self._read, name="etcd-rdzv-keepalive", daemon=True)
@@ -91,6 +99,7 @@ class _Stream:
     def _read(self) -> None:
         try:
             for reply in self._call:
+                self._hearing.heard(self.endpoint)
                 with self._lock:
                     waiting = self._waiting.get(reply.ID)
                     renewal = waiting.popleft() if waiting else None
@@ -134,12 +143,18 @@ class KeepAliveStream:
         self._streams: list[_Stream | None] = [None] * streams
         self._stopped = False
 
-    def renew(self, lease_id: int, timeout: float) -> int:
+    def renew(self, lease_id: int, timeout: float, silent_after: float | None = None) -> int:
         """Renew ``lease_id`` once; return the TTL etcd gave it (0: the lease no longer exists).
+
+        Args:
+            timeout: how long to wait for the reply.
+            silent_after: once the reply is this many seconds late and the channel heard nothing
+                else for as long, the connection is silent: the client dials a new one
+                (``redial``) and the renewal fails as ``abandoned``.
 
         Raises:
             KeepAliveFailed: the stream failed, or gave no reply within ``timeout`` (it is then
-                dropped: the next renewal on it opens another).
+                dropped: the next renewal on it opens another), or its connection went silent.
         """
         slot = lease_id % len(self._streams)
         with self._lock:
@@ -149,13 +164,36 @@ class KeepAliveStream:
             if stream is None or stream.failure is not None:
                 stream = self._streams[slot] = _Stream(self._client)
         renewal = stream.send(lease_id)
-        if not renewal.wait(timeout):
-            silent = RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, f"no lease keep-alive reply within {timeout:g}s")
-            stream.cancel(silent)
-            raise KeepAliveFailed(RpcStatus.of(silent), stream.endpoint)
+        end = time.monotonic() + timeout
+        wait = timeout if silent_after is None else min(silent_after, timeout)
+        while not renewal.wait(wait):
+            if silent_after is not None:
+                quiet = self._client.hearing.quiet_for(stream.endpoint)
+                if quiet >= silent_after:
+                    why = f"no reply on it for {quiet:.1f}s, not even to a lease renewal"
+                    self._client.redial(stream.endpoint, stream.channel, why)
+                    gone = RpcStatus(grpc.StatusCode.UNAVAILABLE, f"the connection went silent ({why})")
+                    raise KeepAliveFailed(gone, stream.endpoint, abandoned=True)
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                silent = RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, f"no lease keep-alive reply within {timeout:g}s")
+                stream.cancel(silent)
+                raise KeepAliveFailed(RpcStatus.of(silent), stream.endpoint)
+            # The channel heard something lately: etcd is slow, not gone. Look again once it
+            # could have been quiet for ``silent_after``.
+            wait = remaining if silent_after is None else min(remaining, max(0.05, silent_after - quiet))
         if renewal.error is not None:
             raise KeepAliveFailed(renewal.error, stream.endpoint)
         return renewal.ttl
+
+    def abandon(self, channel: object, why: RpcStatus) -> None:
+        """Cancel the streams on ``channel`` (its connection was abandoned); their renewals fail
+        with ``why``, and the next renewals open streams on the endpoint's new channel."""
+        with self._lock:
+            streams = [s for s in self._streams if s is not None and s.channel is channel]
+            self._streams = [None if s in streams else s for s in self._streams]
+        for stream in streams:
+            stream.cancel(why)
 
     def pause(self, timeout: float) -> None:
         """Close the streams and wait for their threads (before a ``fork()``); renewals in flight

@@ -19,9 +19,11 @@ from .client import EtcdClient, Retryable, rpc_error
 logger = logging.getLogger(__name__)
 
 
-def refresh(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> bool:
-    """Renew the lease once; ``False`` if it no longer exists (expired or revoked)."""
-    responses = list(client.refresh_lease(lease_id))
+def refresh(client: etcd3.MultiEndpointEtcd3Client, lease_id: int, ttl: float | None = None) -> bool:
+    """Renew the lease once; ``False`` if it no longer exists (expired or revoked). ``ttl``: the
+    lease's TTL, when the caller knows it: a renewal on a connection that went silent is then sent
+    again on a new one well before the lease would lapse (``silence.py``)."""
+    responses = list(client.refresh_lease(lease_id, ttl) if ttl is not None else client.refresh_lease(lease_id))
     return bool(responses) and responses[0].TTL > 0
 
 

@@ -50,7 +50,7 @@ class EtcdLiveness(Liveness):
         lease_id = self._leases.get(node_key)
 
         def renew(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[bool]:
-            return Seen(lease_id is not None and refresh(client, lease_id))
+            return Seen(lease_id is not None and refresh(client, lease_id, ttl))
 
         if self._run.write(renew, self._floor, timeout):
             return

@@ -109,15 +109,20 @@ class EtcdRun:
         return seen.value
 
     def read(
-        self, op: Callable[[etcd3.MultiEndpointEtcd3Client], Seen[T]], floor: Floor, shared: Hashable | None = None
+        self,
+        op: Callable[[etcd3.MultiEndpointEtcd3Client], Seen[T]],
+        floor: Floor,
+        shared: Hashable | None = None,
+        budget: float | None = None,
     ) -> T:
-        """Run ``op(client)`` as a request that reads the run's keys from etcd; raise ``floor`` to
-        what it saw. With ``shared`` (a name for all that ``op`` reads, whoever calls it), the
-        request is shared with the process's other readers of it (``SharedReads``)."""
+        """Run ``op(client)`` as a request that reads the run's keys from etcd, for up to ``budget``
+        seconds (``read_timeout`` by default); raise ``floor`` to what it saw. With ``shared`` (a
+        name for all that ``op`` reads, whoever calls it, and within what budget), the request is
+        shared with the process's other readers of it (``SharedReads``)."""
         if shared is None:
-            seen = self.etcd.request(op)
+            seen = self.etcd.request(op, budget)
         else:
-            seen = self._shared.read(shared, lambda: self.etcd.request(op))
+            seen = self._shared.read(shared, lambda: self.etcd.request(op, budget))
         floor.raise_to(seen.revision)
         return seen.value
 

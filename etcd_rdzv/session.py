@@ -62,7 +62,9 @@ class Session:
             if lease_id is None:
                 continue
             try:
-                alive = self._etcd.request(lambda c: refresh(c, lease_id), budget=0)
+                # One attempt: a renewal whose connection went silent has the client dial a new
+                # one (``silence.py``), on which the next tick renews, with the TTL to spare.
+                alive = self._etcd.request(lambda c: refresh(c, lease_id, self._ttl), budget=0)
             except RendezvousConnectionError as exc:
                 if self._stop.is_set():
                     return  # closed (with its client) while renewing
@@ -74,9 +76,10 @@ class Session:
                 self.lost(lease_id)
 
     def _report(self, failing: bool, message: str) -> None:
+        # Not a warning: a renewal fails only with etcd out of reach, which the client warns of.
         if failing != self._failing:
             self._failing = failing
-            (logger.warning if failing else logger.info)(message)
+            logger.info(message)
 
     def close(self) -> None:
         """Stop renewing and revoke the lease. Idempotent."""

@@ -82,12 +82,16 @@ class Watch:
         channel = client.channel
         # A failure of the stream benches the endpoint it runs on, not the one current by then.
         self._endpoint = getattr(client, "_current_endpoint_label", None)
+        # Every reply tells the client the connection is alive (``silence.py``).
+        self._hearing = getattr(client, "hearing", None)
         self._call = rpc.WatchStub(channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
 
     def __iter__(self) -> Iterator[Any]:
         try:
             for reply in self._call:
                 self.heard_at = time.monotonic()
+                if self._hearing is not None:
+                    self._hearing.heard(self._endpoint)
                 if reply.compact_revision:
                     raise WatchCompacted(f"revision {reply.compact_revision} is compacted")
                 if reply.canceled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -146,6 +147,29 @@ def test_unreachable_etcd_fails_within_read_timeout(etcd_run):
     finally:
         backend.close()
     assert time.monotonic() - started < 3
+
+
+def test_a_failure_states_the_time_its_request_waited(etcd_server):
+    """A heartbeat (its own budget: heartbeat_timeout) that meets an etcd gone down says how long
+    it tried, not "within read_timeout=60s" three seconds into the outage; and a refused connection
+    gets no hint that the server might speak TLS."""
+    server = etcd_server()
+    params = RendezvousParameters("etcd_rdzv", server.endpoint, "waited-run", 1, 1, read_timeout=30)
+    backend, _ = create_backend(params)
+    try:
+        backend.liveness.beat("node-a", 10)
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RendezvousConnectionError) as failure:
+            backend.liveness.beat("node-a", 10, timeout=2)
+        took = time.monotonic() - started
+        message = str(failure.value)
+        assert "read_timeout" not in message, message
+        waited = float(re.search(r"could not be reached in ([0-9.]+)s of trying", message).group(1))
+        assert 1 <= waited <= took + 0.05, (waited, took)  # printed to a tenth
+        assert "Connection refused" in message and "protocol=https" not in message, message
+    finally:
+        backend.close()
 
 
 def test_fails_over_from_a_dead_endpoint(etcd_run):

@@ -207,3 +207,35 @@ def test_the_watcher_says_a_closed_runs_nodes_exited_not_lost():
     assert watcher.on_liveness(A.key, False) == [
         f"node {A.key} exited (participant, rank 0): its liveness key is gone and the run is closed"
     ]
+@pytest.mark.timeout(30)
+def test_a_ctrl_c_as_the_watch_starts_ends_it(monkeypatch):
+    """A Ctrl-C that lands as ``watch`` hands the watch to its worker thread, before the main
+    thread waits for it, must still stop it: it left the watch running, and the process waiting
+    for it for ever (``integration_tests/test_cli.py::test_watch_exits_cleanly_on_ctrl_c``, on a
+    loaded machine)."""
+    import argparse
+    import threading
+
+    import etcd_rdzv.cli.watch as watch_cli
+
+    stopped = threading.Event()
+
+    def watch_run(etcd, run_id, limits) -> None:
+        # Follows the run until stopped; gives up after a while so that a failure cannot hang.
+        if limits.stopped.wait(5):
+            stopped.set()
+
+    class InterruptedPool(watch_cli.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            super().submit(*args, **kwargs)
+            raise KeyboardInterrupt  # the signal, acted on as submit returns
+
+    monkeypatch.setattr(watch_cli, "watch_run", watch_run)
+    monkeypatch.setattr(watch_cli, "ThreadPoolExecutor", InterruptedPool)
+    args = argparse.Namespace(timeout=None, count=None, run_id="run", json=False)
+    try:
+        code = watch_cli.cmd_watch(None, args)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped watch after its worker had followed the run to its own end")
+    assert code == 0
+    assert stopped.is_set(), "the watch ran on after the Ctrl-C"

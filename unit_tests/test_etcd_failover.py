@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import etcd3
+import etcd3.etcdrpc
 import etcd3.exceptions
 import grpc
 import pytest
@@ -176,3 +179,111 @@ def test_a_failed_keep_alive_stream_leaves_no_thread_behind():
         assert [t.name for t in threading.enumerate() if t.ident not in before] == []
     finally:
         raw.close()
+
+
+def test_a_connection_error_states_the_time_its_request_waited():
+    """A heartbeat gives up after its own budget (heartbeat_timeout), a session renewal after one
+    tick: their messages said "could not be reached within read_timeout=60s" 3 s into an outage."""
+    from etcd_rdzv.client import connection_error
+
+    config = EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=60.0)
+    refused = Detailed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused")
+    short = str(connection_error(config, refused, waited=4.96, budget=5.0))
+    assert "in 5.0s of trying" in short and "read_timeout" not in short
+    full = str(connection_error(config, refused, waited=59.7, budget=60.0))
+    assert "within read_timeout=60s (tried for 59.7s;" in full
+
+
+def test_the_tls_hint_comes_only_with_a_failure_that_looks_like_a_tls_server():
+    """A refused connection is no TLS server: the hint to set protocol=https misled. A TLS port
+    that closes the connection on a plain-text client is one."""
+    from etcd_rdzv.client import connection_error
+
+    config = EtcdConfig(endpoints=(("127.0.0.1", 9),))
+    refused = Detailed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: Failed to connect to remote host: Connection refused")
+    closed = Detailed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Socket closed")
+    assert "protocol=https" not in str(connection_error(config, refused, 60.0))
+    assert "protocol=https" in str(connection_error(config, closed, 60.0))
+    secure = EtcdConfig(endpoints=(("127.0.0.1", 9),), protocol="https")
+    assert "protocol=https" not in str(connection_error(secure, closed, 60.0))
+
+
+def test_a_call_cut_off_by_a_redial_is_retried():
+    """A connection that went silent is closed and dialled anew (``FailoverClient.redial``): the
+    calls on it end with gRPC's CANCELLED "Channel closed!", or a ValueError for one that starts on
+    it just then; either is retried on the new connection, not a failure of the request."""
+    etcd = EtcdClient(EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=2.0))
+    calls = []
+
+    def op(client):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Detailed(grpc.StatusCode.CANCELLED, "Channel closed!")
+        if len(calls) == 2:
+            raise ValueError("Cannot invoke RPC on closed channel!")
+        return "answered"
+
+    try:
+        assert etcd.request(op) == "answered" and len(calls) == 3
+    finally:
+        etcd.close()
+
+
+def test_a_redial_opens_a_connection_of_its_own_and_ends_the_calls_on_the_old_one():
+    """gRPC shares a connection between channels to one address (another client of the process to
+    the same endpoint, say) unless told not to: a channel dialled to leave a silent connection
+    would have been handed that same connection, kept open by the other channel."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)  # held open, never answered: a silent server
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    config = EtcdConfig(endpoints=(("127.0.0.1", port),), read_timeout=2.0)
+    etcd, other = EtcdClient(config), EtcdClient(config)
+
+    def call(raw, outcome: dict) -> None:
+        try:
+            raw.kvstub.Range(etcd3.etcdrpc.RangeRequest(key=b"k"), timeout=30)
+        except grpc.RpcError as exc:
+            outcome["code"] = exc.code()
+
+    def connections(count: int) -> int:
+        deadline = time.monotonic() + 10
+        while len(accepted) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # and no more than that
+        return len(accepted)
+
+    try:
+        old, cut = etcd.raw.channel, {}
+        waiter = threading.Thread(target=call, args=(etcd.raw, cut))
+        waiter.start()
+        threading.Thread(target=call, args=(other.raw, {}), daemon=True).start()
+        assert connections(2) == 2  # each client on a connection of its own
+        etcd.raw.redial(f"127.0.0.1:{port}", old, "a test")
+        waiter.join(10)
+        assert cut.get("code") == grpc.StatusCode.CANCELLED, cut
+        assert etcd.raw.channel is not old
+        threading.Thread(target=call, args=(etcd.raw, {}), daemon=True).start()
+        assert connections(3) == 3, "the new channel got the old connection back"
+        etcd.raw.redial(f"127.0.0.1:{port}", old, "again")  # left already: nothing happens
+        assert etcd.raw.channel is not old and connections(3) == 3
+    finally:
+        etcd.close()
+        other.close()
+        listener.close()
+        for conn in accepted:
+            conn.close()

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from etcd_rdzv.keepalive import KeepAliveFailed, KeepAliveStream
+from etcd_rdzv.silence import Hearing
 
 
 class _Call:
@@ -39,12 +40,14 @@ def _client(stalled: set[int], opened: list[_Call]) -> SimpleNamespace:
         opened.append(_Call(requests, stalled))
         return opened[-1]
 
+    # A channel as etcd3's ``LeaseStub`` uses it: only its keep-alive stream is ever opened here.
+    channel = SimpleNamespace(stream_stream=lambda *a, **k: open_call, unary_unary=lambda *a, **k: None)
     return SimpleNamespace(
-        channel=None,
+        channel=channel,
         _current_endpoint_label="127.0.0.1:2379",
         call_credentials=None,
         metadata=None,
-        leasestub=SimpleNamespace(LeaseKeepAlive=open_call),
+        hearing=Hearing(),
     )
 
 

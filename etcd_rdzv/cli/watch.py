@@ -154,11 +154,15 @@ def cmd_watch(etcd: EtcdClient, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout is not None else float("inf")
     limits = WatchLimits(args.count, deadline, Printer(args.run_id, args.json))
     with ThreadPoolExecutor(1, thread_name_prefix="etcd-rdzv-watch") as pool:
-        watching = pool.submit(watch_run, etcd, args.run_id, limits)
+        watching = None
+        # From before the watch starts: a Ctrl-C that came before this thread reached its wait
+        # left the watch running, and the pool's exit waited for it for ever.
         try:
+            watching = pool.submit(watch_run, etcd, args.run_id, limits)
             while not watching.done():
                 futures.wait([watching], timeout=SIGNAL_CHECK_SECONDS)
         except KeyboardInterrupt:
             limits.stop()
-        watching.result()
+        if watching is not None:
+            watching.result()
     return 0
