@@ -112,7 +112,7 @@ def _client_classes() -> list[tuple[type, str, object]]:
     """The client choke points of the backends that are importable here."""
     points = []
     try:
-        from etcd_rdzv.client import EtcdClient
+        from etcd_rdzv.run import EtcdClient
 
         points.append((EtcdClient, "request", _request_wrapper))
     except ImportError:

@@ -1,10 +1,9 @@
 """Prometheus metrics of every run under a key prefix, kept current by one watch of the prefix.
 
-``RunsMirror`` reads the whole key prefix once at one revision, then follows it with one
-``Watch`` from the next revision, so a scrape reads memory and never etcd: the cost to etcd is one
-stream, whatever the number of runs or scrapers. After a compaction, a stalled stream or a lost
-connection it reads the prefix again and goes on. ``RunsCollector`` turns the mirror into metric
-families for ``prometheus_client`` (``etcd-rdzv exporter`` serves them).
+``RunsMirror`` keeps the whole key prefix in one ``Cache`` (the process's copy of a run is the same
+class), so a scrape reads memory and never etcd: the cost to etcd is one stream, whatever the
+number of runs or scrapers. ``RunsCollector`` turns the mirror into metric families for
+``prometheus_client`` (``etcd-rdzv exporter`` serves them).
 
 etcd keeps no wall-clock times, so the rounds completed and the time since the last completion
 count what the exporter itself saw: from its start, not from the run's.
@@ -12,15 +11,12 @@ count what the exporter itself saw: from its start, not from the run's.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import tenacity
-from etcd3.etcdrpc import kv_pb2
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from torch.distributed.elastic.rendezvous import RendezvousStateError
@@ -28,18 +24,11 @@ from torch.distributed.elastic.rendezvous import RendezvousStateError
 from rdzv_common.codec import decode_state
 from rdzv_common.state import RendezvousState
 
-from .client import EtcdClient
-from .keys import RunKeys, prefix_range, run_of_key, run_of_state_key
+from .keys import RunKeys, parse
 from .quarantine import decode_entry
-from .watch import Watch
-
-logger = logging.getLogger(__name__)
+from .run import Cache, EtcdClient
 
 PREFIX = "torch_rdzv_"
-# How often the stream asks etcd for progress (the revision metric moves with it even on a quiet
-# cluster), and after how long without any reply it is reopened.
-PROGRESS_EVERY_SECONDS = 5.0
-STALL_AFTER_SECONDS = 15.0
 
 
 @dataclass
@@ -76,156 +65,70 @@ class RunMirror:
 
 
 class RunsMirror:
-    """Every run under ``etcd``'s key prefix, mirrored by one watch; ``start`` it, ``close`` it."""
+    """Every run under ``etcd``'s key prefix, one ``Cache`` of the prefix; ``start``, ``close``."""
 
     def __init__(self, etcd: EtcdClient, clock: Any = time.time) -> None:
-        self._etcd = etcd
-        self._prefix = etcd.config.key_prefix
-        self._clock = clock
-        self._lock = threading.Lock()
+        self._etcd, self._prefix, self._clock = etcd, etcd.config.key_prefix, clock
         self._runs: dict[str, RunMirror] = {}
-        self.revision = 0  # the newest etcd revision seen, from a read, an event or a progress reply
-        self.current = False  # whether the watch is open on a loaded mirror
-        self._closed = threading.Event()
-        self._watch: Watch | None = None
-        self._thread = threading.Thread(target=self._run, name="etcd-rdzv-exporter", daemon=True)
+        self._cache: Cache | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._cache = Cache(self._etcd, (self._prefix + "/").encode(), self._bucket_of, on_change=self._changed,
+                            name="etcd-rdzv-exporter")
 
     def close(self) -> None:
-        self._closed.set()
-        with self._lock:
-            watch = self._watch
-        if watch is not None:
-            watch.cancel()
-        self._thread.join(timeout=5)
+        if self._cache is not None:
+            self._cache.close()
 
     @property
     def lock(self) -> threading.Lock:
-        """Held while the watch changes the mirror; hold it around ``runs`` and what it returns."""
-        return self._lock
+        """Held while the stream changes the mirror; hold it around ``runs`` and what it returns."""
+        return self._cache._lock
+
+    @property
+    def revision(self) -> int:
+        """The newest etcd revision seen."""
+        return self._cache.applied if self._cache is not None else 0
+
+    @property
+    def current(self) -> bool:
+        """Whether the watch is open on a loaded mirror."""
+        return self._cache is not None and self._cache.healthy
 
     def runs(self) -> list[tuple[str, RunMirror]]:
-        """The runs that have a state key (a corrupt one included), by run id."""
+        """The runs that have a state key (a corrupt one included), by run id, with their keys."""
+        cache = self._cache
+        for run_id, run in self._runs.items():
+            run.alive = set(cache.ids((run_id, "alive")))
+            run.joins = {kv.key: kv.create_revision for kv in cache.items((run_id, "joins"))}
+            run.quarantine = {}
+            for kv in cache.items((run_id, "quarantine")):
+                try:
+                    entry = decode_entry(kv)
+                except RendezvousStateError:
+                    entry = None  # not an entry: `etcd-rdzv status` names it; it keeps no host out
+                if entry is not None:
+                    run.quarantine[kv.key] = entry.until
         return sorted((rid, run) for rid, run in self._runs.items() if run.state is not None or run.corrupt)
 
-    # The watch.
-
-    def _run(self) -> None:
-        retrying = tenacity.Retrying(
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
-            retry=tenacity.retry_if_exception(lambda exc: not self._closed.is_set()),
-            before_sleep=lambda state: logger.warning("The exporter's watch restarts: %s", state.outcome.exception()),
-        )
-        try:
-            retrying(self._follow)
-        except Exception:
-            pass  # only reached once closed: the stream was cancelled on purpose
-
-    def _follow(self) -> None:
-        try:
-            start, end = prefix_range(self._prefix + "/")
-            response = self._etcd.request(lambda c: c.get_range_response(start, end))
-            self._load(response)
-            watch = Watch(
-                self._etcd.raw,
-                start,
-                end,
-                response.header.revision + 1,
-                progress_every=PROGRESS_EVERY_SECONDS,
-                stall_after=STALL_AFTER_SECONDS,
-            )
-            with self._lock:
-                self._watch = watch
-                self.current = True
-            if self._closed.is_set():
-                watch.cancel()
-            for reply in watch:
-                self._apply(reply)
-            if not self._closed.is_set():
-                raise ConnectionError("the exporter's watch stream ended")
-        finally:
-            with self._lock:
-                self._watch = None
-                self.current = False
-
-    def _load(self, response: Any) -> None:
-        """Replace the mirror by the prefix as read; a run's counters carry over."""
-        now = self._clock()
-        with self._lock:
-            previous, self._runs = self._runs, {}
-            states: dict[str, bytes] = {}
-            for kv in response.kvs:
-                run = self._route(kv.key, previous)
-                if run is not None and self._is_state(kv.key):
-                    states[run.keys.run_id] = kv.value
-                elif run is not None:
-                    self._put(run, kv)
-            for run_id, run in self._runs.items():
-                run.set_state(states.get(run_id), now)
-            self.revision = max(self.revision, response.header.revision)
-
-    def _is_state(self, raw_key: bytes) -> bool:
-        return run_of_state_key(self._prefix, raw_key.decode(errors="replace")) is not None
-
-    def _route(self, raw_key: bytes, previous: dict[str, RunMirror]) -> RunMirror | None:
-        """The mirror of the run whose directory holds ``raw_key``, made on first sight."""
-        run_id = run_of_key(self._prefix, raw_key.decode(errors="replace"))
-        if run_id is None:
+    def _bucket_of(self, key: bytes) -> tuple[tuple[str, str], Hashable] | None:
+        parsed = parse(self._prefix, key)
+        if parsed is None or parsed[1] not in ("state", "alive", "joins", "quarantine"):
             return None
-        if run_id not in self._runs:
-            old = previous.get(run_id)
-            self._runs[run_id] = RunMirror(
-                RunKeys(self._prefix, run_id),
-                state=old.state if old else None,
-                corrupt=old.corrupt if old else False,
-                rounds_completed=old.rounds_completed if old else 0,
-                last_completed_at=old.last_completed_at if old else None,
-            )
-        return self._runs[run_id]
+        run_id, kind, rest = parsed
+        return (run_id, kind), (rest if kind == "alive" else key)
 
-    def _put(self, run: RunMirror, kv: Any) -> None:
-        key, keys = kv.key, run.keys
-        if key.startswith(keys.alive.encode()):
-            node = keys.node_of(key)
-            if node is not None:
-                run.alive.add(node)
-        elif key.startswith(keys.joins.encode()):
-            run.joins[key] = kv.create_revision
-        elif key.startswith(keys.quarantine.encode()):
-            try:
-                entry = decode_entry(kv)
-            except RendezvousStateError:
-                entry = None  # not an entry: `etcd-rdzv status` names it; it keeps no host out
-            if entry is not None:
-                run.quarantine[key] = entry.until
-
-    def _delete(self, run: RunMirror, key: bytes) -> None:
-        keys = run.keys
-        if key.startswith(keys.alive.encode()):
-            run.alive.discard(keys.node_of(key))
-        run.joins.pop(key, None)
-        run.quarantine.pop(key, None)
-
-    def _apply(self, reply: Any) -> None:
-        now = self._clock()
-        with self._lock:
-            for event in reply.events:
-                key = event.kv.key
-                run = self._route(key, {})
-                if run is None:
-                    continue
-                put = event.type != kv_pb2.Event.DELETE
-                if self._is_state(key):
-                    run.set_state(event.kv.value if put else None, now, created=put and event.kv.version == 1)
-                elif put:
-                    self._put(run, event.kv)
-                else:
-                    self._delete(run, key)
-                if not put and run.state is None and not run.corrupt and not (run.alive or run.joins or run.quarantine):
-                    del self._runs[run.keys.run_id]  # the run was reset or its keys expired
-            self.revision = max(self.revision, reply.header.revision)
+    def _changed(self, bucket: tuple[str, str], key: Hashable, kv: Any, loaded: bool) -> None:
+        run_id, kind = bucket
+        if kind != "state":
+            return
+        run = self._runs.get(run_id)
+        if run is None:
+            run = self._runs[run_id] = RunMirror(RunKeys(self._prefix, run_id))
+        # A state found complete at a load was not seen completing.
+        run.set_state(None if kv is None else kv.value, self._clock(), created=not loaded and kv is not None and kv.version == 1)
+        if kv is None and not run.corrupt:
+            del self._runs[run_id]  # the run was reset, or its keys expired
 
 
 def _family(kind: type, name: str, doc: str, labels: tuple[str, ...] = ("run_id",)) -> Any:

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from . import run
 from .backend import EtcdRendezvousBackend
 from .config import config_from_params
-from .registry import registry
 from .store import EtcdStore
 
 
 def create_backend(params: RendezvousParameters, name: str = "etcd-v2") -> tuple[EtcdRendezvousBackend, EtcdStore]:
-    """Create the backend of run ``params.run_id`` and its agents' store.
+    """The backend of run ``params.run_id`` (reporting ``name``) and its agents' store.
 
-    Both use the process's one ``EtcdRun`` of the run (``registry``), and each holds it until it
-    is closed (the backend) or collected (the store), so the store keeps working after the
-    handler's ``shutdown`` (torch's agents still read it then).
-
-    Args:
-        name: the backend name torchrun was asked for, which the handler must report.
+    Both use the process's one ``EtcdRun`` of the run, each holding a use of it until it is closed
+    (the backend, by a call: once ``close`` returns, what it was the last user of is gone) or
+    collected (the store, which torch's agents still read after the handler's shutdown).
 
     Raises:
-        ValueError: an option is invalid (see ``config_from_params``); raised before any request.
-        RendezvousConnectionError: etcd refused the configured credentials or could not be reached.
+        ValueError: an option is invalid (``config_from_params``), before any request.
+        RendezvousConnectionError: etcd refused the credentials or could not be reached.
     """
     config = config_from_params(params)
-    run = registry.acquire(config, params.run_id)
-    store = EtcdStore(registry.acquire(config, params.run_id), release=registry.release_soon)
-    # The backend is closed by a call (a handler's shutdown, or the thread an abandoned handler's
-    # finalizer starts), never by a finalizer itself: it releases at once, so that once close()
-    # returns, the session, view and connection it was the last user of are gone. A store's
-    # release runs from its finalizer, on whatever thread collected it: ``release_soon``.
-    return EtcdRendezvousBackend(run, name=name, release=registry.release), store
+    store = EtcdStore(run.acquire(config, params.run_id), release=run.release_soon)
+    return EtcdRendezvousBackend(run.acquire(config, params.run_id), name=name, release=run.release), store

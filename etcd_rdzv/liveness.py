@@ -10,114 +10,75 @@ import threading
 import time
 from collections.abc import Collection
 
-import etcd3
-import etcd3.etcdrpc
-import etcd3.transactions
-
 from rdzv_common.backend import Liveness, LivenessLapsed, Token
 
-from .keys import prefix_range
-from .lease import refresh, revoke
-from .run import EtcdRun, Floor, Seen
-
-
-class _LeaseIs(etcd3.transactions.BaseCompare):
-    """A transaction's compare on the lease a key is attached to (etcd3 offers none); a key that
-    does not exist is attached to lease 0."""
-
-    def build_compare(self, compare: etcd3.etcdrpc.Compare) -> None:
-        compare.target = etcd3.etcdrpc.Compare.LEASE
-        compare.lease = int(self.value)
+from .keys import node_of, prefix_range
+from .run import EtcdRun, Floor
+from .runtime.cache import ViewBehind
+from .runtime.lessor import refresh, revoke
+from .runtime.txn import Delete, Get, Put, Txn
 
 
 class EtcdLiveness(Liveness):
-    """``<run>/alive/<node_key>`` exists while ``node_key`` beats.
-
-    The first ``beat`` grants a lease of ``ceil(ttl)`` seconds and puts the key on it; later beats
-    only renew the lease, so a beat costs one keep-alive and no write. Once beats stop, etcd deletes
-    the key when the lease expires (etcd rounds very short TTLs up to about two seconds).
-    Beats also count as the run's activity for the run's lease, so a run that trains for days
-    between rendezvous rounds keeps its keys.
-    """
+    """``<run>/alive/<node_key>`` exists while the node beats. Its first beat grants a lease of
+    ``ceil(ttl)`` seconds and puts the key on it; later beats only renew the lease (no write), and
+    count as the run's activity for the run's lease. Once beats stop, etcd deletes the key with
+    the lease (it rounds very short TTLs up to about two seconds)."""
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
-        self._run = run
-        self._floor = floor
+        self._run, self._floor = run, floor
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}
 
     def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
-        lease_id = self._leases.get(node_key)
-
-        def renew(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[bool]:
-            return Seen(lease_id is not None and refresh(client, lease_id, ttl))
-
-        if self._run.write(renew, self._floor, timeout):
+        run, lease_id = self._run, self._leases.get(node_key)
+        if lease_id is not None and run.etcd.request(lambda c: run.lease.current(c) and refresh(c, lease_id, ttl), timeout):
             return
-        key = self._run.keys.alive_key(node_key)
-        value = json.dumps(
-            {"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-        )
-
-        def grant_and_put(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[int]:
-            # A retry after a failed put grants afresh; the orphaned lease lapses on its own.
-            new_id = client.lease(max(1, math.ceil(ttl))).id
-            revision = client.put(key, value, lease=new_id).header.revision
-            return Seen(new_id, revision)
-
-        new_id = self._run.write(grant_and_put, self._floor, timeout)
+        new_id = run.etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id, timeout)
+        value = json.dumps({"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+        run.txn(Txn(then=[Put(run.keys.alive_key(node_key).encode(), value.encode(), new_id)]), self._floor, timeout)
         with self._lock:
             self._leases[node_key] = new_id
 
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
-        """Which nodes have a liveness key, from the process's run view when it can vouch for it
-        and ``current`` is not asked for, else from etcd.
-
-        A node beats before it announces itself, so a view that holds a node's announcement (this
-        node's floor covers every record it read) holds its liveness key too. A view may still
-        trail the deletes of other nodes' keys (a lapse is no write of this node's); ``current``
-        reads etcd itself."""
-        start, end = prefix_range(self._run.keys.alive)
+        """Which nodes have a liveness key: from the cache when it can vouch for this node's floor
+        and ``current`` is not asked for, else from etcd. A node beats before it announces, so a
+        cache that holds its announcement holds its key; it may trail another node's lapse, which
+        ``current`` reads from etcd itself."""
+        request = Txn(then=[Get(*prefix_range(self._run.keys.alive), keys_only=True)])
+        prefix = len(self._run.keys.alive)
 
         def from_etcd() -> set[str]:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[set[str]]:
-                response = client.get_range_response(start, end, keys_only=True)
-                present = {self._run.keys.node_of(kv.key) for kv in response.kvs} - {None}
-                return Seen(present, max((kv.mod_revision for kv in response.kvs), default=0))
-
-            return self._run.read(get, self._floor, shared="alive").intersection(node_keys)
+            found = self._run.cache.fetch(request, self._floor, "alive").kvs(0)
+            return {node_of(kv.key[prefix:]) for kv in found} - {None}
 
         if current:
-            return from_etcd()
-        return self._run.viewed(lambda view, floor: view.alive(node_keys, floor), from_etcd, self._floor)
+            return from_etcd().intersection(node_keys)
+        return self._run.cache.answer(lambda cache: cache.ids("alive") & set(node_keys),
+                                      lambda: from_etcd().intersection(node_keys), self._floor)
 
     def held_since(self, node_key: str, token: Token, since: float) -> bool:
-        """From revisions: the node's liveness key, as the run's view at ``token`` or later (or
-        etcd now) shows it, was created at or before the write of ``token`` and is still on the
-        lease the node beats: it existed from that write until the revision looked at, to which
-        this node's floor is raised (what it has seen)."""
+        """From revisions: the node's key, as the cache at ``token`` or later (or etcd) shows it,
+        was created at or before the write of ``token`` and is on the lease the node beats, so it
+        existed from that write until then; this node's floor is raised to what it looked at."""
         if not isinstance(token, int):
             return False
-        key = self._run.keys.alive_key(node_key)
+        key = self._run.keys.alive_key(node_key).encode()
 
-        def from_etcd() -> tuple[tuple[int, int] | None, int]:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[tuple[int, int] | None, int]]:
-                response = client.get_response(key)
-                kv = response.kvs[0] if response.kvs else None
-                found = (kv.create_revision, kv.lease) if kv is not None else None
-                return Seen((found, kv.mod_revision if kv is not None else 0))
+        def from_etcd() -> tuple[object, int]:
+            kv = self._run.txn(Txn(then=[Get(key)]), self._floor).kv(0)
+            return kv, kv.mod_revision if kv is not None else 0
 
-            return self._run.read(get, self._floor)
-
-        found, at = self._run.viewed(
-            lambda view, floor: view.liveness_of(node_key, max(floor, token)), from_etcd, self._floor
-        )
+        try:
+            kv, at = self._run.cache.read(max(self._floor.revision, token), lambda c: (c.get("alive", node_key), c.applied))
+        except ViewBehind:
+            kv, at = from_etcd()
         self._floor.raise_to(max(token, at))
-        return found is not None and found[0] <= token and found[1] == self._leases.get(node_key)
+        return kv is not None and kv.create_revision <= token and kv.lease == self._leases.get(node_key)
 
-    def member_compare(self, node_key: str) -> tuple[bytes, etcd3.transactions.BaseCompare]:
-        """The node's liveness key and the compare that holds while it is on the lease the node
-        beats: a write carrying it lands only while the node is alive.
+    def member_lease(self, node_key: str) -> tuple[bytes, int]:
+        """The node's liveness key and the lease it beats: a write comparing the one to the other
+        lands only while the node is alive.
 
         Raises:
             LivenessLapsed: the node has no liveness (it never beat, or it lapsed).
@@ -125,12 +86,11 @@ class EtcdLiveness(Liveness):
         lease_id = self._leases.get(node_key)
         if lease_id is None:
             raise LivenessLapsed(f"the node '{node_key}' has no liveness in run '{self._run.run_id}'")
-        key = self._run.keys.alive_key(node_key).encode()
-        return key, _LeaseIs(key) == lease_id
+        return self._run.keys.alive_key(node_key).encode(), lease_id
 
     def lapsed(self, node_key: str, lease_id: int) -> None:
-        """Forget ``lease_id``, found gone or no longer on the node's key: the next beat grants a
-        new lease and puts the key again (renewing it would leave the node without a key)."""
+        """Forget ``lease_id``, gone or no longer on the node's key: the next beat grants a new
+        lease and puts the key again."""
         with self._lock:
             if self._leases.get(node_key) == lease_id:
                 del self._leases[node_key]
@@ -139,13 +99,7 @@ class EtcdLiveness(Liveness):
         """Delete the node's key, so the whole process sees it gone at once, and revoke its lease."""
         with self._lock:
             lease_id = self._leases.pop(node_key, None)
-        key = self._run.keys.alive_key(node_key)
-
-        def delete(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[None]:
-            response = client.delete(key, return_response=True)
-            return Seen(None, response.header.revision if response.deleted else 0)
-
-        self._run.write(delete, self._floor)
+        self._run.txn(Txn(then=[Delete(self._run.keys.alive_key(node_key).encode())]), self._floor)
         if lease_id is not None:
             revoke(self._run.etcd, lease_id)
 

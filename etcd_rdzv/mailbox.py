@@ -5,100 +5,67 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-import etcd3
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousStateError
 
 from rdzv_common.backend import Mailbox, Record
 
-from .client import MAX_TXN_OPS, Retryable
 from .keys import prefix_range
-from .lease import is_lease_missing
-from .run import EtcdRun, Floor, Seen
-from .view import Announcement
+from .run import EtcdRun, Floor
+from .runtime.client import MAX_TXN_OPS
+from .runtime.txn import Delete, Get, Put, Txn, absent, exists, mod_below
 
 logger = logging.getLogger(__name__)
 
 
+class Batch(list):
+    """Records as one read returned them, with the revision of the last withdrawal it had seen."""
+
+    def __init__(self, records: Sequence[Record], withdrawn_at: int) -> None:
+        super().__init__(records)
+        self.withdrawn_at = withdrawn_at
+
+
 class EtcdMailbox(Mailbox):
-    """Announcements are keys ``<run>/joins/<uuid>``; a record's position is its create revision.
+    """Announcements are keys ``<run>/joins/<uuid>`` on the poster's session lease (a poster that
+    dies before its record is folded takes it along); a record's position is its create revision,
+    and a cursor a revision. A post only creates its key: a retry whose first attempt landed finds
+    it and changes nothing, and no key's ``mod_revision`` is taken for its place.
 
-    A cursor is an etcd revision: ``read(cursor)`` returns the records created after it. A post
-    only creates its key (a retry whose first attempt landed finds it and changes nothing), but a
-    key's ``mod_revision`` is never taken for its place: another client may put it again. Each
-    announcement lives on the poster's session lease, so a poster that dies before it is folded
-    takes it with it.
-
-    Fencing takes one compare, however many records a write folds: ``withdraw`` deletes the
-    record and rewrites ``<run>/withdrawn`` in one transaction, and a write that folds records
-    requires that key to be no newer than the oldest ``seen_at`` of its records (``fence_compare``):
-    a revision at which the record existed, and which is no older than any withdrawal its reader
-    saw. A withdrawal after the read fails the write, whichever record it took back; the writer
-    reads again and folds what is left. The run view hands every node of the process the same
-    record objects, so a read costs no work per record.
+    Fencing takes one compare however many records a write folds: a withdrawal deletes its record
+    and rewrites ``<run>/withdrawn`` in one transaction, and a write folding a read's records
+    requires that key unchanged since the read (``fence``), whichever record was taken back.
     """
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
-        self._run = run
-        self._floor = floor
+        self._run, self._floor = run, floor
 
     def post(self, record: bytes) -> Record:
         key = (self._run.keys.joins + uuid.uuid4().hex).encode()
-        session = self._run.session
+        put = Txn([absent(key)], [Put(key, bytes(record), self._run.session)], [Get(key)])
+        result = self._run.txn(put, self._floor)
+        return Record(bytes(record), result.revision if result.succeeded else result.kv(0).create_revision, key)
 
-        def create(client: etcd3.MultiEndpointEtcd3Client, _: int) -> Seen[int]:
-            lease_id = session.lease_id(client)
-            tx = client.transactions
-            try:
-                created, responses = client.transaction(
-                    compare=[tx.create(key) == 0],
-                    success=[tx.put(key, bytes(record), lease=lease_id)],
-                    failure=[tx.get(key)],
-                )
-            except Exception as exc:
-                if is_lease_missing(exc):
-                    session.lost(lease_id)
-                    raise Retryable(f"session lease {lease_id:x} expired") from exc
-                raise
-            if created:
-                revision = responses[0].response_put.header.revision
-                return Seen(revision, revision)
-            # An earlier attempt created it and its response was lost: the record stands as it was.
-            _, meta = responses[0][0]
-            return Seen(meta.create_revision, meta.mod_revision)
-
-        revision = self._run.write(create, self._floor)
-        return Record(bytes(record), revision, Announcement(key, revision))
-
-    def read(self, cursor: int) -> list[Record]:
-        """The records after ``cursor``, from the process's run view when it can vouch for them.
+    def read(self, cursor: int) -> Batch:
+        """The records after ``cursor``, from the cache when it can vouch for them.
 
         Raises:
-            RendezvousStateError: ``cursor`` is past the newest revision of etcd: no state written
-                by this package holds such a cursor.
+            RendezvousStateError: ``cursor`` is past etcd's newest revision: no state written by
+                this package holds such a cursor.
         """
-        start, end = prefix_range(self._run.keys.joins)
+        marker = self._run.keys.withdrawn.encode()
+        request = Txn(then=[Get(*prefix_range(self._run.keys.joins), after=cursor), Get(marker)])
 
-        def from_etcd() -> tuple[list[Record], int]:
-            def get(client: etcd3.MultiEndpointEtcd3Client) -> Seen[tuple[list[Record], int]]:
-                # Every record created after the cursor was last modified after it too; etcd cannot
-                # filter on the create revision here, so the records modified later are dropped here.
-                response = client.get_range_response(
-                    start, end, sort_order="ascend", sort_target="create", min_mod_revision=cursor + 1
-                )
-                seen_at = response.header.revision
-                found = [
-                    Record(kv.value, kv.create_revision, Announcement(kv.key, seen_at))
-                    for kv in response.kvs
-                    if kv.create_revision > cursor
-                ]
-                # Seeing these records, the process must not decide on a view that lacks them.
-                return Seen((found, seen_at), max((record.position for record in found), default=0))
+        def from_etcd() -> tuple[Batch, int]:
+            found = self._run.cache.fetch(request, self._floor, ("joins", cursor))
+            records = [Record(kv.value, kv.create_revision, kv.key) for kv in found.kvs(0)]
+            return Batch(records, found.kv(1).mod_revision if found.kv(1) else 0), found.revision
 
-            return self._run.read(get, self._floor, shared=("joins", cursor))
+        def cached(cache) -> tuple[Batch, int]:
+            withdrawn = cache.get("withdrawn", b"")
+            return Batch(cache.items("joins", cursor), withdrawn.mod_revision if withdrawn else 0), cache.applied
 
-        records, head = self._run.viewed(lambda view, floor: view.joins(cursor, floor), from_etcd, self._floor)
+        records, head = self._run.cache.answer(cached, from_etcd, self._floor)
         if cursor > head:
             raise RendezvousStateError(
                 f"The rendezvous state of run '{self._run.run_id}' ({self._run.describe()}) is corrupt: its "
@@ -107,45 +74,27 @@ class EtcdMailbox(Mailbox):
             )
         return records
 
-    def fence_compare(self, client: etcd3.MultiEndpointEtcd3Client, folded: Sequence[Record]) -> list[Any]:
-        """The compares that keep a write folding ``folded`` from landing after a withdrawal of
-        any of them: no withdrawal since they were all seen to exist."""
+    def fence(self, folded: Sequence[Record]) -> list:
+        """The compare that keeps a write folding ``folded`` (a ``read``) from landing after any
+        withdrawal since that read."""
         if not folded:
             return []
-        seen_at = min(record.handle.seen_at for record in folded)
-        return [client.transactions.mod(self._run.keys.withdrawn) < seen_at + 1]
+        seen = getattr(folded, "withdrawn_at", None)
+        if seen is None:  # not a read's: no withdrawal since the oldest record is known of
+            seen = min(record.position for record in folded) - 1
+        return [mod_below(self._run.keys.withdrawn.encode(), seen + 1)]
 
-    def withdraw(self, handle: Announcement) -> None:
-        """Delete the record, if it is still there, and mark the withdrawal (``fence_compare``)."""
-        marker = self._run.keys.withdrawn
-
-        def delete(client: etcd3.MultiEndpointEtcd3Client, lease_id: int) -> Seen[None]:
-            tx = client.transactions
-            withdrawn, responses = client.transaction(
-                compare=[tx.version(handle.key) > 0],
-                success=[tx.delete(handle.key), tx.put(marker, b"", lease=lease_id)],
-                failure=[],
-            )
-            return Seen(None, responses[1].response_put.header.revision if withdrawn else 0)
-
-        self._run.write(delete, self._floor)
+    def withdraw(self, handle: bytes) -> None:
+        """Delete the record, if still there, and mark the withdrawal (``fence``)."""
+        marker = self._run.keys.withdrawn.encode()
+        self._run.txn(Txn([exists(handle)], [Delete(handle), Put(marker, b"", self._run.lease)]), self._floor)
 
     def trim(self, cursor: int) -> None:
-        """Delete the records up to ``cursor`` that the view knows of; best effort, since records
-        also lapse with their poster's session."""
-        keys = self._run.view.join_keys_up_to(cursor)
+        """Delete the records up to ``cursor`` the cache knows of; best effort, records also lapse
+        with their poster's session."""
+        keys = self._run.cache.peek(lambda cache: [r.handle for r in cache.items("joins") if r.position <= cursor])
         try:
             for start in range(0, len(keys), MAX_TXN_OPS):
-                chunk = keys[start : start + MAX_TXN_OPS]
-
-                def delete(client: etcd3.MultiEndpointEtcd3Client, _: int, chunk: list[bytes] = chunk) -> Seen[None]:
-                    tx = client.transactions
-                    _, responses = client.transaction(
-                        compare=[], success=[tx.delete(key) for key in chunk], failure=[]
-                    )
-                    revision = responses[0].response_delete_range.header.revision if responses else 0
-                    return Seen(None, revision)
-
-                self._run.write(delete, self._floor)
+                self._run.txn(Txn(then=[Delete(key) for key in keys[start : start + MAX_TXN_OPS]]), self._floor)
         except RendezvousConnectionError as exc:
             logger.warning("Could not trim the mailbox at %s: %s", self._run.keys.joins, exc)

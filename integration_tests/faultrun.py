@@ -73,7 +73,7 @@ class Run:
 
     def handler(self, endpoint: str | None = None, **conf):
         """A new handler of the run, on ``endpoint`` (the run's by default). Handlers of one process
-        with the same endpoint share one etcd client (``etcd_rdzv.registry``)."""
+        with the same endpoint share one etcd client (``etcd_rdzv.runtime.fork``)."""
         handler = create_handler(self.params(endpoint, **conf))
         self.handlers.append(handler)
         return handler

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import etcd3
 import etcd3.utils
 
-from etcd_rdzv.client import REQUIRE_LEADER
-from etcd_rdzv.watch import wait_for_events
+from etcd_rdzv.runtime.client import REQUIRE_LEADER
+from etcd_rdzv.runtime.watch import wait_for_events
 from integration_tests.answers import Answer
 from rdzv_common.codec import decode_state
 from rdzv_common.state import NodeDesc, RendezvousState

@@ -10,7 +10,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
 
 from etcd_rdzv.backend import EtcdRendezvousBackend
-from etcd_rdzv.client import MAX_TXN_OPS
+from etcd_rdzv.runtime.client import MAX_TXN_OPS
 from etcd_rdzv.factory import create_backend
 from integration_tests.etcd_fixture import free_port
 from integration_tests.invariants import wait_until
@@ -236,9 +236,9 @@ def test_a_read_after_delete_run_is_not_answered_by_a_view_that_missed_the_delet
     backend, _ = create_backend(etcd_run.params())
     try:
         backend.set_state(b"v1")
-        view = backend.run.view
-        wait_until(lambda: (view.state(0) or (None,))[0] == b"v1", 10, 0.05, "the view to show the state")
-        monkeypatch.setattr(view, "_apply", lambda reply: None)  # it hears of nothing from now on
+        cache = backend.run.cache
+        wait_until(lambda: cache.read(0, lambda c: c.get("state", b"")) is not None, 10, 0.05, "the cache to show the state")
+        monkeypatch.setattr(cache, "_apply", lambda reply: None)  # it hears of nothing from now on
         assert backend.get_state()[0] == b"v1"
         backend.delete_run()
         assert backend.get_state() is None
@@ -283,12 +283,12 @@ def test_reads_come_from_the_process_run_view(make_backend):
 
 
 def test_reads_fall_back_to_etcd_while_the_view_cannot_vouch(make_backend, monkeypatch):
-    from etcd_rdzv import view
+    from etcd_rdzv.runtime import cache
 
     writer, reader = make_backend(), make_backend()
     _, token, _ = writer.set_state(b"v1")
-    monkeypatch.setattr(view, "CATCH_UP_SECONDS", 0.0)
-    reader.run.view._set_unhealthy()  # as while the watch reconnects
+    monkeypatch.setattr(cache, "CATCH_UP_SECONDS", 0.0)
+    reader.run.cache._healthy = False  # as while the watch reconnects
     requests = _count_requests(reader)
     assert reader.get_state() == (b"v1", token)
     assert len(requests) == 1
@@ -298,7 +298,7 @@ def test_the_nodes_of_a_process_share_their_reads_of_etcd_while_the_view_cannot_
     """At N = 4,096 over 16 processes each node that found its view behind read the whole mailbox
     from etcd itself: hundreds of such reads per process slowed etcd, and the views with it, until
     the run never formed. The nodes of a process now share one read in the air at a time."""
-    from etcd_rdzv import view
+    from etcd_rdzv.runtime import cache
 
     writer = make_backend()
     readers = [make_backend() for _ in range(16)]
@@ -306,8 +306,8 @@ def test_the_nodes_of_a_process_share_their_reads_of_etcd_while_the_view_cannot_
     for i in range(3):
         writer.mailbox.post(b"join %d" % i)
     writer.liveness.beat("node-w", 5)
-    monkeypatch.setattr(view, "CATCH_UP_SECONDS", 0.0)
-    writer.run.view._set_unhealthy()  # as while the watch reconnects: every read goes to etcd
+    monkeypatch.setattr(cache, "CATCH_UP_SECONDS", 0.0)
+    writer.run.cache._healthy = False  # as while the watch reconnects: every read goes to etcd
     etcd = writer.run.etcd
     original = etcd.request
     lock = threading.Lock()
@@ -363,7 +363,7 @@ def test_beats_of_many_nodes_share_a_few_lease_keep_alive_streams(etcd_run, monk
     """etcd renews a lease only over a stream; etcd3 opened one (and gRPC a thread) per renewal,
     which at N = 1024 over 4 processes was most of their CPU: beats fell behind and leases lapsed.
     Streams stay open: later beats open none."""
-    from etcd_rdzv.keepalive import STREAMS
+    from etcd_rdzv.runtime.lessor import STREAMS
 
     import etcd3.etcdrpc
 
@@ -398,7 +398,7 @@ def test_beats_of_many_nodes_share_a_few_lease_keep_alive_streams(etcd_run, monk
 
 
 def test_renewing_a_lease_that_is_gone_says_so(make_backend):
-    from etcd_rdzv.lease import refresh
+    from etcd_rdzv.runtime.lessor import refresh
 
     backend = make_backend()
     raw = backend.run.etcd.raw
@@ -414,13 +414,13 @@ def test_a_reader_waits_for_a_view_that_is_busy_catching_up(make_backend, monkey
     second only slowed it further. One that applies nothing is still left after a second."""
     from etcd3.etcdrpc import kv_pb2, rpc_pb2
 
-    from etcd_rdzv import view as view_module
+    from etcd_rdzv.runtime import cache as cache_module
 
-    monkeypatch.setattr(view_module, "CATCH_UP_SECONDS", 0.3)
+    monkeypatch.setattr(cache_module, "CATCH_UP_SECONDS", 0.3)
     backend = make_backend()
-    view = backend.run.view
-    wait_until(lambda: view._trusted(), 10, 0.05, "the view to load")
-    base = view._applied
+    view = backend.run.cache
+    wait_until(lambda: view._trusted(), 10, 0.05, "the cache to load")
+    base = view.applied
     busy = (backend.run.keys.root + "busy").encode()
 
     def apply_burst() -> None:
@@ -433,14 +433,14 @@ def test_a_reader_waits_for_a_view_that_is_busy_catching_up(make_backend, monkey
     feeder = threading.Thread(target=apply_burst)
     feeder.start()
     try:
-        backend._floor.raise_to(base + 5)  # this node saw that revision elsewhere
+        backend.floor.raise_to(base + 5)  # this node saw that revision elsewhere
         requests = _count_requests(backend)
         assert backend.get_state() is None
         assert requests == []  # answered by the view once it got there, after a second
-        assert view._applied >= base + 5
+        assert view.applied >= base + 5
     finally:
         feeder.join()
-    backend._floor.raise_to(base + 50)  # a revision the view will not reach: it applies nothing
+    backend.floor.raise_to(base + 50)  # a revision the view will not reach: it applies nothing
     started = time.monotonic()
     backend.get_state()
     assert len(requests) == 1 and time.monotonic() - started < 2
@@ -478,8 +478,8 @@ def test_a_record_put_again_by_another_client_keeps_its_place_in_the_log(make_ba
     backend = make_backend()
     first = backend.mailbox.post(b"first")
     second = backend.mailbox.post(b"second")
-    put = etcd_admin.put(first.handle.key, b"first")  # moves its mod revision past the second's
-    wait_until(lambda: backend.run.view.joins(0, 0)[1] >= put.header.revision, 10, 0.1, "the view to see the put")
+    put = etcd_admin.put(first.handle, b"first")  # moves its mod revision past the second's
+    wait_until(lambda: backend.run.cache.peek(lambda c: c.applied) >= put.header.revision, 10, 0.1, "the cache to see the put")
     records = backend.mailbox.read(0)
     assert [r.data for r in records] == [b"first", b"second"]
     assert [r.data for r in backend.mailbox.read(first.position)] == [b"second"]

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from etcd_rdzv.config import EtcdConfig, parse_endpoints
-from etcd_rdzv.registry import registry
+from etcd_rdzv import run as runs
 from etcd_rdzv.store import EtcdStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def store(etcd_run):
     config = EtcdConfig(endpoints=parse_endpoints(etcd_run.endpoint), key_prefix=etcd_run.key_prefix, read_timeout=10)
-    run = registry.acquire(config, etcd_run.run_id)
+    run = runs.acquire(config, etcd_run.run_id)
     yield EtcdStore(run, timeout=timedelta(seconds=10))
-    registry.release(run)
+    runs.release(run)
 
 
 def test_set_get_and_value_types(store):
@@ -160,7 +160,7 @@ def test_an_add_retried_across_an_outage_longer_than_the_session_lease_applies_o
     admin = etcd_client(server.endpoint)
     with Proxy.to(server.endpoint) as proxy:
         config = EtcdConfig(endpoints=parse_endpoints(proxy.endpoint), key_prefix="/rdzv-receipt", read_timeout=40)
-        run = registry.acquire(config, "receipt")
+        run = runs.acquire(config, "receipt")
         try:
             store = EtcdStore(run, timeout=timedelta(seconds=40))
             assert store.add("count", 1) == 1  # connected; the session and the run's lease granted
@@ -175,5 +175,5 @@ def test_an_add_retried_across_an_outage_longer_than_the_session_lease_applies_o
                 assert adding.result(timeout=40) == 2
             assert int(admin.get(store.prefix + "count")[0]) == 2
         finally:
-            registry.release(run)
+            runs.release(run)
             admin.close()

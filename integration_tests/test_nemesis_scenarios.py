@@ -30,7 +30,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.elastic.utils.store import barrier
 
-from etcd_rdzv.client import REQUIRE_LEADER
+from etcd_rdzv.runtime.client import REQUIRE_LEADER
 from etcd_rdzv.embedded import EtcdCluster, find_etcdctl
 from etcd_rdzv.factory import create_backend
 from integration_tests.answers import check, record_close, record_rendezvous, record_waiting

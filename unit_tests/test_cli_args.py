@@ -11,7 +11,17 @@ from etcd_rdzv.cli.changes import RunWatcher, state_changes
 from etcd_rdzv.cli.command_line import build_parser, main
 from etcd_rdzv.cli.options import DEFAULT_READ_TIMEOUT, load_config
 from etcd_rdzv.cli.runs import RunSnapshot
-from etcd_rdzv.keys import RunKeys, run_of_key, run_of_state_key
+from etcd_rdzv.keys import RunKeys, parse
+
+
+def run_of_key(prefix: str, key: str) -> str | None:
+    parsed = parse(prefix, key.encode())
+    return None if parsed is None else parsed[0]
+
+
+def run_of_state_key(prefix: str, key: str) -> str | None:
+    parsed = parse(prefix, key.encode())
+    return parsed[0] if parsed is not None and parsed[1] == "state" else None
 from rdzv_common.codec import encode_state
 from rdzv_common.state import NodeDesc, RendezvousState
 

@@ -33,7 +33,7 @@ def test_info_lines_reach_stderr_by_default(bare_logging, monkeypatch, capsys):
     no_root_handlers(monkeypatch)
     show_package_logs({})
     logging.getLogger("rdzv_common.handler").info("round 3 complete")
-    logging.getLogger("etcd_rdzv.session").debug("hidden")
+    logging.getLogger("etcd_rdzv.runtime.lessor").debug("hidden")
     err = capsys.readouterr().err
     assert "rdzv_common.handler] round 3 complete" in err and "hidden" not in err
     assert err.startswith("I"), err  # the level letter, as torch's lines start

@@ -176,7 +176,7 @@ def test_rejection_happens_before_any_network_traffic(monkeypatch):
     def no_client(*args):
         raise AssertionError("a client was built for an invalid configuration")
 
-    monkeypatch.setattr(etcd_rdzv.factory.registry, "acquire", no_client)
+    monkeypatch.setattr(etcd_rdzv.factory.run, "acquire", no_client)
     with pytest.raises(ValueError, match="'ttl'"):
         etcd_rdzv.factory.create_backend(_params(ttl=-1))
 

@@ -11,7 +11,8 @@ import grpc
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from etcd_rdzv.client import EtcdClient, FailoverClient, fail_over, pinned_endpoint
+from etcd_rdzv.runtime.client import EtcdClient, FailoverClient, fail_over, pinned_endpoint
+from etcd_rdzv.runtime.lessor import refresh
 from etcd_rdzv.config import EtcdConfig
 
 
@@ -152,7 +153,7 @@ class Detailed(Failure):
 def test_etcd_back_pressure_is_retried_whatever_its_status_code():
     """etcd says "too many requests" while it applies entries far behind what it committed; a
     join of 4,096 nodes over 16 processes got it as UNKNOWN, and the node failed at once."""
-    from etcd_rdzv.client import is_transient
+    from etcd_rdzv.runtime.client import is_transient
 
     assert is_transient(Detailed(grpc.StatusCode.UNKNOWN, "etcdserver: too many requests"))
     assert is_transient(Detailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"))
@@ -171,7 +172,7 @@ def test_a_failed_keep_alive_stream_leaves_no_thread_behind():
     try:
         for _ in range(2):
             with pytest.raises(etcd3.exceptions.Etcd3Exception):
-                raw.refresh_lease(0x123)
+                refresh(raw, 0x123)
             time.sleep(0.2)
         deadline = time.monotonic() + 5
         while {t.ident for t in threading.enumerate()} - before and time.monotonic() < deadline:
@@ -184,7 +185,7 @@ def test_a_failed_keep_alive_stream_leaves_no_thread_behind():
 def test_a_connection_error_states_the_time_its_request_waited():
     """A heartbeat gives up after its own budget (heartbeat_timeout), a session renewal after one
     tick: their messages said "could not be reached within read_timeout=60s" 3 s into an outage."""
-    from etcd_rdzv.client import connection_error
+    from etcd_rdzv.runtime.client import connection_error
 
     config = EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=60.0)
     refused = Detailed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused")
@@ -197,7 +198,7 @@ def test_a_connection_error_states_the_time_its_request_waited():
 def test_the_tls_hint_comes_only_with_a_failure_that_looks_like_a_tls_server():
     """A refused connection is no TLS server: the hint to set protocol=https misled. A TLS port
     that closes the connection on a plain-text client is one."""
-    from etcd_rdzv.client import connection_error
+    from etcd_rdzv.runtime.client import connection_error
 
     config = EtcdConfig(endpoints=(("127.0.0.1", 9),))
     refused = Detailed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: Failed to connect to remote host: Connection refused")

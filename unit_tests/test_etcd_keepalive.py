@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from etcd_rdzv.keepalive import KeepAliveFailed, KeepAliveStream
-from etcd_rdzv.silence import Hearing
+from etcd_rdzv.runtime.lessor import KeepAliveFailed, KeepAliveStreams as KeepAliveStream
+from etcd_rdzv.runtime.client import Hearing
 
 
 class _Call:

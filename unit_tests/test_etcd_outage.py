@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from etcd_rdzv.outage import WARN_AFTER_SECONDS, Unanswered
-from etcd_rdzv.silence import MIN_SILENT_SECONDS, Hearing, silent_after
+from etcd_rdzv.runtime.client import MIN_SILENT_SECONDS, WARN_AFTER_SECONDS, Hearing, Unanswered, silent_after
 
 
 class Clock:
@@ -20,7 +19,7 @@ class Clock:
 def test_an_outage_is_warned_of_once_a_few_seconds_in_and_its_end_told(caplog):
     """An unreachable etcd was first reported when the third request that waited it out gave up
     (124 s with the defaults); a leader election must not be reported at all."""
-    caplog.set_level(logging.INFO, logger="etcd_rdzv.outage")
+    caplog.set_level(logging.INFO, logger="etcd_rdzv.runtime.client")
     clock = Clock()
     unanswered = Unanswered("etcd at http://h:2379", "read_timeout=60s", clock)
     for _ in range(4):

@@ -8,17 +8,25 @@ import time
 
 import pytest
 
-from etcd_rdzv.client import ForkGate
 from etcd_rdzv.config import EtcdConfig
-from etcd_rdzv.registry import Registry
+from etcd_rdzv.run import EtcdRun
+from etcd_rdzv.runtime.fork import ForkGate, Registry
+from etcd_rdzv.runtime.lessor import KeepAliveStreams
 
 # Nothing listens there: the objects are built, and their streams retry in the background.
 CONFIG = EtcdConfig(endpoints=(("127.0.0.1", 9),), read_timeout=1.0, key_prefix="/unit")
 
 
+class RunRegistry(Registry):
+    """A registry of runs, as ``etcd_rdzv.run.acquire`` uses the process's one."""
+
+    def acquire(self, config, run_id):
+        return super().acquire(config, run_id, lambda cluster: EtcdRun(cluster, run_id))
+
+
 @pytest.fixture
 def registry():
-    return Registry()
+    return RunRegistry()
 
 
 def _threads(prefix: str) -> list[str]:
@@ -60,9 +68,9 @@ def test_a_finalizer_inside_acquire_does_not_deadlock(registry):
         registry.release_soon(run)
         assert time.monotonic() - started < 0.5
     deadline = time.monotonic() + 5
-    while registry._runs and time.monotonic() < deadline:
+    while registry._shared and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert registry._runs == {}
+    assert registry._shared == {}
 
 
 def test_a_finalizer_on_a_thread_holding_a_lock_the_release_needs_does_not_deadlock(registry):
@@ -70,7 +78,7 @@ def test_a_finalizer_on_a_thread_holding_a_lock_the_release_needs_does_not_deadl
     that held the keep-alive stream's lock, which closing the cluster waits for: that thread hung
     for ever and, as it held the registry's lock too, so did every later ``acquire`` (seen in CI)."""
     run = registry.acquire(CONFIG, "finalized-in-renew")
-    keep_alive = run.etcd.raw.keep_alive
+    keep_alive = KeepAliveStreams.of(run.etcd.raw)
     returned = threading.Event()
 
     def finalizer_inside_renew() -> None:
@@ -81,9 +89,9 @@ def test_a_finalizer_on_a_thread_holding_a_lock_the_release_needs_does_not_deadl
     threading.Thread(target=finalizer_inside_renew, daemon=True).start()
     assert returned.wait(5), "release_soon waited for a lock held by its own thread"
     deadline = time.monotonic() + 5
-    while (registry._runs or registry._clusters) and time.monotonic() < deadline:
+    while (registry._shared or registry._clusters) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert registry._runs == {} and registry._clusters == {}
+    assert registry._shared == {} and registry._clusters == {}
 
 
 def test_the_fork_gate_waits_for_requests_in_flight_and_holds_new_ones():
@@ -121,13 +129,14 @@ def test_an_orphaned_gate_refuses_at_once():
 
 def test_a_forked_child_starts_with_an_empty_registry():
     """The child must not reuse its parent's channel, session or view (no thread runs them there)."""
-    from etcd_rdzv.registry import registry as shared
+    from etcd_rdzv import run as runs
+    from etcd_rdzv.runtime.fork import registry as shared
 
-    run = shared.acquire(CONFIG, "forked")
+    run = runs.acquire(CONFIG, "forked")
     try:
         pid = os.fork()
         if pid == 0:  # the child: report through the exit status only
-            ok = not shared._runs and not shared._clusters
+            ok = not shared._shared and not shared._clusters
             try:
                 run.etcd.request(lambda c: None, budget=0)
                 ok = False  # the parent's client must refuse
@@ -136,7 +145,7 @@ def test_a_forked_child_starts_with_an_empty_registry():
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert shared._runs  # the parent keeps its own
+        assert shared._shared  # the parent keeps its own
     finally:
         shared.release(run)
 
@@ -149,7 +158,7 @@ def test_garbage_is_collected_in_the_parent_before_fork():
     released."""
     import gc
 
-    from etcd_rdzv.registry import registry as shared
+    from etcd_rdzv import run as runs
 
     finalized: list[int] = []
 
@@ -157,7 +166,7 @@ def test_garbage_is_collected_in_the_parent_before_fork():
         def __del__(self) -> None:
             finalized.append(os.getpid())
 
-    run = shared.acquire(CONFIG, "forked-garbage")
+    run = runs.acquire(CONFIG, "forked-garbage")
     gc.disable()
     try:
         cycle = Cycle()
@@ -170,4 +179,4 @@ def test_garbage_is_collected_in_the_parent_before_fork():
         assert finalized == [os.getpid()]
     finally:
         gc.enable()
-        shared.release(run)
+        runs.release(run)

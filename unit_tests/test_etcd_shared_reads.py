@@ -8,7 +8,7 @@ import time
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from etcd_rdzv.shared_reads import SharedReads
+from etcd_rdzv.runtime.cache import SharedReads
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,12 +14,10 @@ from rdzv_common.codec import decode_state, encode_state
 from rdzv_common.state import RendezvousState
 
 from ..backend import EtcdRendezvousBackend
-from ..cas import Conflict, compare_and_swap
-from ..client import EtcdClient
 from ..keys import RunKeys, prefix_range
 from ..quarantine import EtcdQuarantine
-from ..registry import registry
-from ..run import EtcdRun, Floor
+from ..run import EtcdClient, EtcdRun, Floor, acquire, release
+from ..store import Conflict, compare_and_swap
 from .options import PROG, CliError, RunNotFound, UsageError
 from .output import clock, emit, emit_all
 
@@ -65,11 +63,11 @@ def close_run(run: EtcdRun, now: bool = False) -> tuple[RendezvousState, bool]:
 
 def cmd_close(etcd: EtcdClient, args: argparse.Namespace) -> int:
     """Close a run: no node joins it any more; with ``--now`` its running group stops too."""
-    run = registry.acquire(etcd.config, args.run_id)
+    run = acquire(etcd.config, args.run_id)
     try:
         state, changed = close_run(run, now=args.now)
     finally:
-        registry.release(run)
+        release(run)
     name = f"run '{args.run_id}'"
     if not changed:
         emit(f"{name} was already closed{' with --now' if state.stop_now else ''} (round {state.round})")
@@ -144,8 +142,7 @@ def cmd_reset(etcd: EtcdClient, args: argparse.Namespace) -> int:
             f"would write it again. End them first (`{PROG} close {args.run_id} --now` stops a running group), "
             "or pass --force to delete it anyway"
         )
-    run = registry.acquire(etcd.config, args.run_id)
-    backend = EtcdRendezvousBackend(run, name="etcd_rdzv", release=registry.release)
+    backend = EtcdRendezvousBackend(acquire(etcd.config, args.run_id), name="etcd_rdzv", release=release)
     try:
         backend.delete_run()
     finally:
@@ -178,7 +175,7 @@ def cmd_quarantine(etcd: EtcdClient, args: argparse.Namespace) -> int:
         raise UsageError("--add needs --for DURATION (e.g. --for 10m)")
     if args.add is None and args.duration is not None:
         raise UsageError("--for goes with --add HOST")
-    run = registry.acquire(etcd.config, args.run_id)
+    run = acquire(etcd.config, args.run_id)
     try:
         quarantine = EtcdQuarantine(run, Floor())
         if args.add is not None:
@@ -195,5 +192,5 @@ def cmd_quarantine(etcd: EtcdClient, args: argparse.Namespace) -> int:
                 or [f"no host is quarantined in run '{args.run_id}'"]
             )
     finally:
-        registry.release(run)
+        release(run)
     return 0

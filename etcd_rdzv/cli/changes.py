@@ -144,14 +144,13 @@ class RunWatcher:
     def on_event(self, event: Any) -> list[str]:
         """Lines for one watch event on the run's keys."""
         self.revision = max(self.revision, event.kv.mod_revision + 1)
-        key = event.kv.key.decode(errors="replace")
         put = event.type == kv_pb2.Event.PUT
-        if key == self.key:
+        kind, node = self.layout.classify(event.kv.key) or (None, None)
+        if kind == "state":
             return self.on_state(event.kv.value if put else None)
-        if key.startswith(self.layout.alive):
-            node = self.layout.node_of(event.kv.key)
-            return [] if node is None else self.on_liveness(node, put)
-        if key.startswith(self.layout.joins) and put:
+        if kind == "alive":
+            return self.on_liveness(node, put)
+        if kind == "joins" and put:
             return [self._announcement(event.kv.value)]
         return []
 

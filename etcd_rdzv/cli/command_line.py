@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousStateError
 
-from ..client import EtcdClient
+from ..run import EtcdClient
 from .admin import cmd_close, cmd_quarantine, cmd_reset, parse_duration
 from .exporter import DEFAULT_LISTEN, cmd_exporter, parse_listen
 from .options import DEFAULT_READ_TIMEOUT, PROG, CliError, UsageError, env_var, load_config

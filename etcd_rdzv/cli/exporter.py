@@ -7,7 +7,7 @@ import argparse
 import signal
 import threading
 
-from ..client import EtcdClient
+from ..run import EtcdClient
 from .options import CliError
 from .output import emit
 

@@ -15,9 +15,9 @@ from rdzv_common.backend import QuarantineEntry
 from rdzv_common.codec import decode_state
 from rdzv_common.state import RendezvousState
 
-from ..client import EtcdClient
-from ..keys import RunKeys, prefix_range, run_of_key, run_of_state_key
+from ..keys import RunKeys, parse, prefix_range
 from ..quarantine import decode_entry
+from ..run import EtcdClient
 from .options import PROG, RunNotFound
 from .output import emit, emit_all
 
@@ -59,16 +59,15 @@ def read_run(etcd: EtcdClient, run_id: str) -> RunSnapshot:
     alive: dict[str, int] = {}
     joins: list[int] = []
     quarantined: list[QuarantineEntry] = []
-    alive_prefix, joins_prefix, state_key = layout.alive.encode(), layout.joins.encode(), layout.state.encode()
-    quarantine_prefix = layout.quarantine.encode()
     for kv in response.kvs:
-        if kv.key == state_key:
+        kind, node = layout.classify(kv.key) or (None, None)
+        if kind == "state":
             state = kv
-        elif kv.key.startswith(alive_prefix) and layout.node_of(kv.key) is not None:
-            alive[layout.node_of(kv.key)] = kv.lease
-        elif kv.key.startswith(joins_prefix):
+        elif kind == "alive":
+            alive[node] = kv.lease
+        elif kind == "joins":
             joins.append(kv.create_revision)
-        elif kv.key.startswith(quarantine_prefix):
+        elif kind == "quarantine":
             quarantined += filter(None, [decode_entry(kv)])
     revision = response.header.revision
     extra = {"alive": alive, "join_revisions": tuple(joins), "quarantined": tuple(quarantined)}
@@ -119,13 +118,10 @@ def list_runs(etcd: EtcdClient) -> list[dict[str, Any]]:
     response = etcd.request(lambda c: c.get_range_response(start, end))
     states, alive = {}, {}
     for kv in response.kvs:
-        key = kv.key.decode(errors="replace")
-        run_id = run_of_key(key_prefix, key)
-        if run_id is None:
-            continue
-        if run_of_state_key(key_prefix, key) is not None:
+        run_id, kind, _ = parse(key_prefix, kv.key) or (None, None, None)
+        if kind == "state":
             states[run_id] = kv
-        elif key.startswith(RunKeys(key_prefix, run_id).alive):
+        elif kind == "alive":
             alive[run_id] = alive.get(run_id, 0) + 1
     return [_run_entry(run_id, states[run_id], alive.get(run_id, 0)) for run_id in sorted(states)]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from rdzv_common.state import NodeDesc, RendezvousState
 
-from ..client import EtcdClient
+from ..run import EtcdClient
 from .output import clock, emit_all
 from .runs import RunSnapshot, decode_run_state, lease_ttls, read_run
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import etcd3
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from ..client import EtcdClient
 from ..keys import prefix_range
-from ..watch import Watch, WatchCanceled, WatchCompacted
+from ..run import EtcdClient, Watch, WatchCanceled, WatchCompacted
 from .changes import RunWatcher, state_summary
 from .options import CliError
 from .output import emit, emit_all

@@ -1,0 +1,332 @@
+"""Leases: the process's session lease, a key range's shared lease, and the keep-alive streams
+that renew every lease of a client (like the Go client's ``concurrency.Session``).
+
+etcd renews a lease only over the ``LeaseKeepAlive`` stream; etcd3 opens a stream (and gRPC a
+thread) per renewal. Here a renewal is one message on a stream that stays open, and a lease is
+renewed on one of ``STREAMS`` streams chosen by its id (a stream's renewals are answered one at a
+time, after etcd applied what it committed before them, so a busy run's renewals wait side by
+side). A renewal that gets no reply while its channel hears nothing else finds the connection
+silent (``client.silent_after``): the client dials a new one and the renewal is sent again there.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import etcd3
+import etcd3.exceptions
+import grpc
+from etcd3.etcdrpc import LeaseKeepAliveRequest, LeaseStub
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+from .client import EtcdClient, FailoverClient, Retryable, RpcStatus, fail_over, silent_after, status_code
+
+logger = logging.getLogger(__name__)
+
+STREAMS = 8  # keep-alive streams per client, opened as used
+SESSION_TTL = 10  # rides out a leader election; a dead process's keys go soon
+
+
+class KeepAliveFailed(Exception):
+    """A renewal failed: ``error`` is the stream's status, ``endpoint`` the endpoint it was on;
+    ``abandoned``: the connection went silent and was left, so the renewal goes again at once."""
+
+    def __init__(self, error: RpcStatus, endpoint: str | None, abandoned: bool = False) -> None:
+        super().__init__(str(error))
+        self.error, self.endpoint, self.abandoned = error, endpoint, abandoned
+
+
+class _Renewal:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ttl = 0
+        self.error: RpcStatus | None = None
+
+    def finish(self, ttl: int = 0, error: RpcStatus | None = None) -> None:
+        self.ttl, self.error = ttl, error
+        self.done.set()
+
+
+class _Stream:
+    """An open ``LeaseKeepAlive`` call, the thread that reads its replies, the renewals waiting."""
+
+    def __init__(self, client: FailoverClient) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[LeaseKeepAliveRequest | None] = queue.SimpleQueue()
+        self._waiting: dict[int, collections.deque[_Renewal]] = collections.defaultdict(collections.deque)
+        self.failure: RpcStatus | None = None
+        # The channel, not a cached stub: a stub made before a redial rides the abandoned connection.
+        self.channel = client.channel
+        self.endpoint = client._current_endpoint_label
+        self._hearing = client.hearing
+        self._call = LeaseStub(self.channel).LeaseKeepAlive(
+            self._feed(), credentials=client.call_credentials, metadata=client.metadata
+        )
+        self._reader = threading.Thread(target=self._read, name="etcd-rdzv-keepalive", daemon=True)
+        self._reader.start()
+
+    def _feed(self) -> Iterator[LeaseKeepAliveRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send(self, lease_id: int) -> _Renewal:
+        renewal = _Renewal()
+        with self._lock:
+            if self.failure is not None:
+                renewal.finish(error=RpcStatus.of(self.failure))
+                return renewal
+            self._waiting[lease_id].append(renewal)
+        self._requests.put(LeaseKeepAliveRequest(ID=lease_id))
+        return renewal
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:  # etcd answers a stream's requests in order
+                self._hearing.heard(self.endpoint)
+                with self._lock:
+                    waiting = self._waiting.get(reply.ID)
+                    renewal = waiting.popleft() if waiting else None
+                if renewal is not None:
+                    renewal.finish(ttl=reply.TTL)
+            failure = RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream ended")
+        except grpc.RpcError as exc:
+            failure = RpcStatus.of(exc)
+        self._fail(failure)
+
+    def _fail(self, failure: RpcStatus) -> None:
+        with self._lock:
+            self.failure = self.failure or failure
+            waiting, self._waiting = self._waiting, collections.defaultdict(collections.deque)
+        self._requests.put(None)  # ends the feed thread
+        for renewal in (r for renewals in waiting.values() for r in renewals):
+            renewal.finish(error=RpcStatus.of(self.failure))
+
+    def cancel(self, why: RpcStatus, join: float | None = None) -> None:
+        self._fail(why)
+        self._call.cancel()
+        if join is not None and self._reader is not threading.current_thread():
+            self._reader.join(join)
+
+
+class KeepAliveStreams:
+    """The keep-alive streams of one client, each opened on first use and again after it failed;
+    ``of(client)`` makes the client's one set."""
+
+    def __init__(self, client: FailoverClient, streams: int = STREAMS) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._streams: list[_Stream | None] = [None] * streams
+        self._stopped = False
+
+    @classmethod
+    def of(cls, client: FailoverClient) -> KeepAliveStreams:
+        with client._dial_lock:
+            streams = getattr(client, "keep_alive", None)
+            if streams is None:
+                streams = client.keep_alive = cls(client)
+                client.on_redial.append(streams.abandon)
+                client.on_close.append(streams.stop)
+        return streams
+
+    def renew(self, lease_id: int, timeout: float, silent_after: float | None = None) -> int:
+        """Renew ``lease_id`` once; the TTL etcd gave it (0: the lease is gone).
+
+        Raises:
+            KeepAliveFailed: the stream failed or gave no reply within ``timeout``, or (after
+                ``silent_after`` seconds without a word on its channel) its connection went silent.
+        """
+        with self._lock:
+            if self._stopped:
+                raise KeepAliveFailed(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), None)
+            slot = lease_id % len(self._streams)  # one lease's renewals stay in order
+            stream = self._streams[slot]
+            if stream is None or stream.failure is not None:
+                stream = self._streams[slot] = _Stream(self._client)
+        renewal = stream.send(lease_id)
+        end = time.monotonic() + timeout
+        wait = timeout if silent_after is None else min(silent_after, timeout)
+        while not renewal.done.wait(wait):
+            if silent_after is not None:
+                quiet = self._client.hearing.quiet_for(stream.endpoint)
+                if quiet >= silent_after:
+                    why = f"no reply on it for {quiet:.1f}s, not even to a lease renewal"
+                    self._client.redial(stream.endpoint, stream.channel, why)
+                    gone = RpcStatus(grpc.StatusCode.UNAVAILABLE, f"the connection went silent ({why})")
+                    raise KeepAliveFailed(gone, stream.endpoint, abandoned=True)
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                late = RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, f"no lease keep-alive reply within {timeout:g}s")
+                stream.cancel(late)
+                raise KeepAliveFailed(RpcStatus.of(late), stream.endpoint)
+            # The channel heard something lately: etcd is slow, not gone; look again later.
+            wait = remaining if silent_after is None else min(remaining, max(0.05, silent_after - quiet))
+        if renewal.error is not None:
+            raise KeepAliveFailed(renewal.error, stream.endpoint)
+        return renewal.ttl
+
+    def abandon(self, channel: object, why: RpcStatus) -> None:
+        """Cancel the streams on ``channel``, whose connection was left."""
+        with self._lock:
+            streams = [s for s in self._streams if s is not None and s.channel is channel]
+            self._streams = [None if s in streams else s for s in self._streams]
+        for stream in streams:
+            stream.cancel(why)
+
+    def pause(self, timeout: float) -> None:
+        """Close the streams and wait for their threads (before a ``fork()``); they reopen on use."""
+        self._close(RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream was paused"), timeout)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._close(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), 1.0)
+
+    def _close(self, why: RpcStatus, timeout: float) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, [None] * len(self._streams)
+        end = time.monotonic() + timeout
+        for stream in filter(None, streams):
+            stream.cancel(why, join=max(0.0, end - time.monotonic()))
+
+
+def refresh(client: FailoverClient, lease_id: int, ttl: float | None = None) -> bool:
+    """Renew the lease once, within a request; ``False`` if it is gone. ``ttl``: its TTL, which
+    bounds the wait on a silent connection."""
+    try:
+        return KeepAliveStreams.of(client).renew(lease_id, client.timeout, silent_after(ttl, client.timeout)) > 0
+    except KeepAliveFailed as failed:
+        if failed.abandoned:
+            raise Retryable(failed.error.details()) from failed.error
+        fail_over(client, failed.error, failed.endpoint)
+
+
+def is_lease_missing(exc: BaseException) -> bool:
+    """Whether etcd refused a write because its lease is gone (etcd's only NOT_FOUND)."""
+    return status_code(exc) == grpc.StatusCode.NOT_FOUND
+
+
+def revoke(etcd: EtcdClient, lease_id: int) -> None:
+    """Revoke a lease with one attempt; a failure is only logged, its TTL ends it anyway."""
+    try:
+        etcd.request(lambda c: c.revoke_lease(lease_id), budget=0)
+    except RendezvousConnectionError as exc:
+        logger.debug("Could not revoke etcd lease %x: %s", lease_id, exc)
+
+
+class Session:
+    """The process's session lease on one cluster: granted on first use, renewed every ``ttl / 3``
+    by a thread of its own, granted anew once lost; renewal trouble is logged when it starts and
+    ends (the client warns of an outage itself)."""
+
+    def __init__(self, etcd: EtcdClient, ttl: int = SESSION_TTL) -> None:
+        self._etcd, self._ttl = etcd, ttl
+        self._lock = threading.Lock()
+        self._lease_id: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def current(self, client: etcd3.MultiEndpointEtcd3Client) -> int:
+        """The lease, granted through ``client`` if needed; call within a request."""
+        with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("The etcd session is closed.")
+            if self._lease_id is None:
+                self._lease_id = client.lease(self._ttl).id
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._keep_alive, name="etcd-rdzv-session", daemon=True)
+                    self._thread.start()
+            return self._lease_id
+
+    def lost(self, lease_id: int) -> None:
+        """``lease_id`` is gone: the next ``current`` grants anew, and the request is retried."""
+        with self._lock:
+            if self._lease_id == lease_id:
+                self._lease_id = None
+        raise Retryable(f"session lease {lease_id:x} expired")
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self._ttl / 3):
+            lease_id = self._lease_id
+            if lease_id is None:
+                continue
+            try:
+                # One attempt: a silent connection is left for a new one the next tick renews on.
+                alive = self._etcd.request(lambda c: refresh(c, lease_id, self._ttl), budget=0)
+            except RendezvousConnectionError as exc:
+                if self._stop.is_set():
+                    return
+                self._report(True, f"Could not renew etcd session lease {lease_id:x}: {exc}")
+                continue
+            self._report(False, f"Renewed etcd session lease {lease_id:x} again.")
+            if not alive:
+                try:
+                    self.lost(lease_id)
+                except Retryable:
+                    pass
+
+    def _report(self, failing: bool, message: str) -> None:
+        if failing != self._failing:
+            self._failing = failing
+            logger.info(message)
+
+    def close(self) -> None:
+        """Stop renewing and revoke the lease. Idempotent."""
+        with self._lock:
+            self._stop.set()
+            lease_id, self._lease_id = self._lease_id, None
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._etcd.config.read_timeout)
+        if lease_id is not None:
+            revoke(self._etcd, lease_id)
+
+
+class SharedLease:
+    """One lease shared, without coordination, by every process that writes a key range: its id is
+    a hash of ``name``. Each process renews it on use, at most every ``ttl / 4``, and none revokes
+    it, so the keys on it vanish ``ttl`` after the range went quiet (a run's keys)."""
+
+    def __init__(self, name: str, ttl: float) -> None:
+        digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+        self.id = (digest & (2**63 - 1)) or 1
+        self._ttl = max(1, math.ceil(ttl))
+        self._lock = threading.Lock()
+        self._renewed_at: float | None = None
+
+    def current(self, client: FailoverClient) -> int:
+        """The lease id, granted first if this process has not confirmed it, renewed when due; call
+        within a request. Only the first use waits: a renewal due later is made by one caller."""
+        with self._lock:
+            renewed_at = self._renewed_at
+            if renewed_at is not None:
+                if time.monotonic() - renewed_at < self._ttl / 4:
+                    return self.id
+                self._renewed_at = time.monotonic()
+        if renewed_at is not None:
+            self._renew(client)
+            return self.id
+        with self._lock:
+            if self._renewed_at is None:
+                self._renew(client)
+                self._renewed_at = time.monotonic()
+        return self.id
+
+    def _renew(self, client: FailoverClient) -> None:
+        if not refresh(client, self.id):
+            try:
+                client.lease(self._ttl, lease_id=self.id)
+            except etcd3.exceptions.PreconditionFailedError:
+                pass  # another process granted it first
+
+    def lost(self, lease_id: int) -> None:
+        """The lease lapsed: the next ``current`` grants it again, and the request is retried."""
+        with self._lock:
+            self._renewed_at = None
+        raise Retryable(f"lease {lease_id:x} expired")
