@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import threading
@@ -14,8 +13,7 @@ from rdzv_common.backend import Liveness, LivenessLapsed, Token
 
 from .keys import node_of, prefix_range
 from .run import EtcdRun, Floor
-from .runtime.cache import ViewBehind
-from .runtime.lessor import refresh, revoke
+from .runtime.lessor import grant, refresh, revoke
 from .runtime.txn import Delete, Get, Put, Txn
 
 
@@ -34,7 +32,7 @@ class EtcdLiveness(Liveness):
         run, lease_id = self._run, self._leases.get(node_key)
         if lease_id is not None and run.etcd.request(lambda c: run.lease.current(c) and refresh(c, lease_id, ttl), timeout):
             return
-        new_id = run.etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id, timeout)
+        new_id = grant(run.etcd, ttl, timeout)
         value = json.dumps({"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
         run.txn(Txn(then=[Put(run.keys.alive_key(node_key).encode(), value.encode(), new_id)]), self._floor, timeout)
         with self._lock:
@@ -60,20 +58,12 @@ class EtcdLiveness(Liveness):
     def held_since(self, node_key: str, token: Token, since: float) -> bool:
         """From revisions: the node's key, as the cache at ``token`` or later (or etcd) shows it,
         was created at or before the write of ``token`` and is on the lease the node beats, so it
-        existed from that write until then; this node's floor is raised to what it looked at."""
+        existed from that write until then."""
         if not isinstance(token, int):
             return False
         key = self._run.keys.alive_key(node_key).encode()
-
-        def from_etcd() -> tuple[object, int]:
-            kv = self._run.txn(Txn(then=[Get(key)]), self._floor).kv(0)
-            return kv, kv.mod_revision if kv is not None else 0
-
-        try:
-            kv, at = self._run.cache.read(max(self._floor.revision, token), lambda c: (c.get("alive", node_key), c.applied))
-        except ViewBehind:
-            kv, at = from_etcd()
-        self._floor.raise_to(max(token, at))
+        kv = self._run.cache.answer(lambda cache: cache.get("alive", node_key),
+                                    lambda: self._run.txn(Txn(then=[Get(key)]), self._floor).kv(0), self._floor, token)
         return kv is not None and kv.create_revision <= token and kv.lease == self._leases.get(node_key)
 
     def member_lease(self, node_key: str) -> tuple[bytes, int]:

@@ -3,7 +3,6 @@ itself; a key per liveness lapse on a lease of the counting window."""
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Any
@@ -13,7 +12,7 @@ from rdzv_common.codec import decode_quarantine_entry, encode_quarantine_entry
 
 from .keys import prefix_range
 from .run import EtcdRun, Floor
-from .runtime.lessor import revoke
+from .runtime.lessor import grant, revoke
 from .runtime.txn import Delete, Get, Put, Txn
 
 
@@ -35,7 +34,7 @@ class EtcdQuarantine(Quarantine):
         self._run, self._floor = run, floor
 
     def _with_lease(self, ttl: float, then: list, key: bytes, value: bytes) -> Any:
-        lease_id = self._run.etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id)
+        lease_id = grant(self._run.etcd, ttl)
         return self._run.txn(Txn(then=[Put(key, value, lease_id), *then]), self._floor)
 
     def put(self, entry: QuarantineEntry) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.keys import RunKeys
+from etcd_rdzv.runtime import txn
 from integration_tests.invariants import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -51,7 +52,7 @@ def test_a_progress_reply_never_stands_for_the_events_behind_it(make, monkeypatc
     backend, _ = make()
     _, token, _ = backend.set_state(b"round R, node A a participant")
     wait_until(lambda: backend.get_state() == (b"round R, node A a participant", token), 5)
-    _events_never_arrive(backend.run.view, monkeypatch)
+    _events_never_arrive(backend.run.cache, monkeypatch)
     written = backend.set_state(b"round R+1, node A left", token)
     assert written[2]
     time.sleep(1.5)  # progress replies (every second) now report revisions past the write
@@ -89,7 +90,7 @@ def test_a_mailbox_read_from_etcd_raises_what_liveness_must_vouch_for(make, etcd
     backend, _ = make()
     backend.set_state(b"v1")
     wait_until(lambda: backend.get_state() is not None, 5)
-    lag = _HeldEvents(backend.run.view, monkeypatch)
+    lag = _HeldEvents(backend.run.cache, monkeypatch)
     backend.liveness.beat("me", 5)  # our own write, not yet in the view
     own_write = backend.floor.revision
     keys = backend.run.keys
@@ -101,7 +102,7 @@ def test_a_mailbox_read_from_etcd_raises_what_liveness_must_vouch_for(make, etcd
         records = backend.mailbox.read(0)  # the view is behind our write: read from etcd
         assert [r.data for r in records] == [b'{"join": {}}']
         lag.release(own_write)  # the view catches up with our write, not with the joiner's keys
-        wait_until(lambda: backend.run.view._applied >= own_write, 5)
+        wait_until(lambda: backend.run.cache.applied >= own_write, 5)
         assert backend.liveness.alive(["joiner"], 5) == {"joiner"}
     finally:
         lease.revoke()
@@ -113,7 +114,7 @@ def test_a_silent_watch_costs_a_store_reader_seconds_not_its_timeout(make, etcd_
     backend, store = make()
     store.set_timeout(timedelta(seconds=60))
     store.set("present", "1")
-    _events_never_arrive(backend.run.view, monkeypatch, progress_too=True)
+    _events_never_arrive(backend.run.cache, monkeypatch, progress_too=True)
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(store.get("late")), daemon=True)
     started = time.monotonic()
@@ -139,19 +140,18 @@ def test_a_store_add_whose_response_is_lost_applies_once(make, monkeypatch):
     """Bug 4: a committed ``add`` whose response was lost was retried and applied twice, which
     hangs or releases torch's barrier early."""
     backend, store = make()
-    raw = backend.run.etcd.raw
-    transaction = raw.transaction
+    attempt = txn._attempt
     lost = []
 
-    def commit_then_lose(*args, **kwargs):
-        result = transaction(*args, **kwargs)
-        if not lost and result[0]:
+    def commit_then_lose(client, request):
+        result = attempt(client, request)
+        if not lost and result.succeeded:
             lost.append(True)
             raise _LostResponse()
         return result
 
     assert store.add("arrivals", 1) == 1
-    monkeypatch.setattr(raw, "transaction", commit_then_lose)
+    monkeypatch.setattr(txn, "_attempt", commit_then_lose)
     assert store.add("arrivals", 1) == 2
     assert lost
     monkeypatch.undo()
@@ -189,8 +189,8 @@ def test_the_view_sees_no_event_of_another_run(make, monkeypatch):
     job, _ = make("job")
     wait_until(lambda: job.get_state() is None, 5)
     seen = []
-    apply = job.run.view._apply
-    monkeypatch.setattr(job.run.view, "_apply", lambda reply: (seen.extend(reply.events), apply(reply)))
+    apply = job.run.cache._apply
+    monkeypatch.setattr(job.run.cache, "_apply", lambda reply: (seen.extend(reply.events), apply(reply)))
     for run_id in ("job-2", "job.x", "job0"):
         other, _ = make(run_id)
         other.set_state(b"other")

@@ -222,10 +222,13 @@ class Cache:
         with self._lock:
             return reader(self)
 
-    def answer(self, reader: Callable[[Cache], T], from_etcd: Callable[[], T], floor: Any) -> T:
-        """``reader`` on the copy when it can vouch for ``floor`` (a ``Floor``), else ``from_etcd()``."""
+    def answer(self, reader: Callable[[Cache], T], from_etcd: Callable[[], T], floor: Any, at_least: int = 0) -> T:
+        """``reader`` on the copy when it can vouch for ``floor`` (a ``Floor``, raised to what the
+        copy had applied) and ``at_least``, else ``from_etcd()``."""
         try:
-            return self.read(floor.revision, reader)
+            answer, applied = self.read(max(floor.revision, at_least), lambda cache: (reader(cache), cache.applied))
+            floor.raise_to(applied)
+            return answer
         except ViewBehind:
             pass
         return from_etcd()  # outside the handler: its failure must not carry ViewBehind

@@ -207,6 +207,11 @@ def refresh(client: FailoverClient, lease_id: int, ttl: float | None = None) -> 
         fail_over(client, failed.error, failed.endpoint)
 
 
+def grant(etcd: EtcdClient, ttl: float, budget: float | None = None) -> int:
+    """A new lease of ``ttl`` seconds, rounded up to whole seconds (etcd's unit); its id."""
+    return etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id, budget)
+
+
 def is_lease_missing(exc: BaseException) -> bool:
     """Whether etcd refused a write because its lease is gone (etcd's only NOT_FOUND)."""
     return status_code(exc) == grpc.StatusCode.NOT_FOUND
