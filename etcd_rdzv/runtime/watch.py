@@ -82,7 +82,7 @@ class Watch:
         channel = client.channel
         # A failure of the stream benches the endpoint it runs on, not the one current by then.
         self._endpoint = getattr(client, "_current_endpoint_label", None)
-        # Every reply tells the client the connection is alive (``silence.py``).
+        # Every reply tells the client the connection is alive (``client.Hearing``).
         self._hearing = getattr(client, "hearing", None)
         self._call = rpc.WatchStub(channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
 
