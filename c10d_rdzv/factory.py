@@ -13,7 +13,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from rdzv_common.hosting import hosted
-from rdzv_common.torch_compat import matches_machine_hostname
+from rdzv_common.torch_private import matches_machine_hostname
 
 from .backend import C10dRendezvousBackend
 from .config import C10dConfig, config_from_params

@@ -45,8 +45,9 @@ from typing import Any
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from .backend import QuarantineEntry
+from .node import NodeDesc
 from .ranks import check_topology
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 FORMAT = "torch-rdzv-state"
 VERSION = 3

@@ -16,8 +16,9 @@ from itertools import islice
 from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
 
 from .codec import Announcement
+from .node import NodeDesc
 from .settings import RendezvousSettings
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 

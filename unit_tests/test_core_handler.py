@@ -376,7 +376,7 @@ def _monitor_until_waiting(handler, timeout: float) -> int:
         if waiting > 0:
             return waiting
         time.sleep(0.05)
-    raise AssertionError(f"num_nodes_waiting() stayed 0 for {timeout}s; state: {handler._holder.state}")
+    raise AssertionError(f"num_nodes_waiting() stayed 0 for {timeout}s; state: {handler._executor.state}")
 
 
 def test_a_spare_replaces_a_dead_member_through_the_monitor_path(cluster):

@@ -328,7 +328,7 @@ class ChurnMachine(RuleBasedStateMachine):
     def _begin(self, node: Node) -> None:
         # What next_rendezvous does before its first decision.
         node.holder.refresh_liveness()
-        node.holder.sync()
+        node.holder.read()
         node.executor.beat()
         node.left_round = node.holder.state.round
         node.deadline = CLOCK.t + JOIN_TIMEOUT
