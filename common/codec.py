@@ -172,8 +172,8 @@ def peek_state(data: bytes, where: str = "the backend") -> RendezvousState:
 class _Parses:
     """The parses of the last ``size`` distinct values, shared by the nodes of a process. A miss is
     parsed by one thread while the others that want the same value wait for it: when a write
-    lands, hundreds of nodes read the new state at once, and each parsing it for itself was half
-    of a large process's CPU (N = 1024 over 4 processes)."""
+    lands, hundreds of nodes of a process read the new state at once, and one parse serves them
+    all where a parse each would take much of the process's CPU."""
 
     def __init__(self, parse: Any, size: int) -> None:
         self.parse = parse

@@ -255,7 +255,7 @@ class OpExecutor:
         the others' liveness is looked at between waits, and a dead member is dropped only by a
         node that looks. Past the deadline (an op that waits on, as a redundant node does for a
         free place), bounded by the interval alone: bounded by a deadline already passed, the wait
-        was a poll every 10 ms. A node whose decision only a few kinds of write can change (it
+        would be a poll every 10 ms. A node whose decision only a few kinds of write can change (it
         waits for the next round, or for members) only looks at the others, on the process's
         shared parse (``StateHolder.wait_until``)."""
         passed = deadline <= self._clock()

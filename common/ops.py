@@ -26,10 +26,10 @@ logger = logging.getLogger(__name__)
 ROLLBACK_PERIOD = 5.0
 
 # When a round's last call ends, every participant may ask for the write that completes it; all
-# asking at once, all but one of those writes lose (at N = 128, 126 of 127), and each loser reads
-# the state again. So the participant k-th in the state's order asks
-# COMPLETE_STEP * min(k, COMPLETE_RANKS) seconds after the deadline: the first one completes the
-# round alone, and a dead or stalled one ahead delays it by one step.
+# asking at once, all but one of those writes would lose, and each loser would read the state
+# again. So the participant k-th in the state's order asks COMPLETE_STEP * min(k, COMPLETE_RANKS)
+# seconds after the deadline: the first one completes the round alone, and a dead or stalled one
+# ahead delays it by one step.
 COMPLETE_STEP = 0.25
 COMPLETE_RANKS = 16
 
@@ -180,8 +180,9 @@ def waits_for_members(state: RendezvousState, node: NodeDesc) -> bool:
     """Whether ``node`` is a participant of an open round that has too few members for a last call
     (``deadline`` is unset), where only the round completing, a last call starting, the run
     closing, a new round or the node's own removal can change what ``join_op`` decides for it
-    (before its deadline): the joins folded into the round one write after another do not. At
-    N = 1,024 a join took 21 writes, and each one had every placed node read the whole state."""
+    (before its deadline): the joins folded into the round one write after another do not. A
+    large join takes tens of writes, and a full read of each by every placed node would cost N
+    reads of the whole state per write."""
     return not state.complete and not state.closed and state.deadline is None and node in state.participants
 
 
