@@ -79,7 +79,7 @@ def _open_tcp_store(config: C10dConfig, is_host: bool) -> TCPStore:
         role = "host" if is_host else "connect to"
         raise RendezvousConnectionError(
             f"The c10d rendezvous could not {role} the TCPStore at {config.host}:{config.port} "
-            f"(read_timeout={config.read_timeout}s): {exc}"
+            f"(read_timeout={config.read_timeout:g}s): {exc}"
         ) from exc
 
 
