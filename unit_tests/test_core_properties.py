@@ -43,9 +43,9 @@ from rdzv_common.ops import close_op, exit_op, join_op, rejoin_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc
 
-# The integration tests' checker of what nodes were told: pure, importable here (pytest puts the
-# rootdir on sys.path).
-from integration_tests.answers import Answer, AnswerLog, check
+# The checker of what nodes were told, which the soak benchmark uses too: pure, importable here
+# (pytest puts the rootdir on sys.path).
+from benchmarks.answers import Answer, AnswerLog, check
 
 RUN = "prop-run"
 MAX_N = 6
