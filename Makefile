@@ -59,7 +59,7 @@ MATRIX_DIR := .torch-matrix
 MATRIX_WHEELS := $(MATRIX_DIR)/wheels
 MATRIX_TESTS := integration_tests/test_torchrun_etcd.py integration_tests/test_torchrun_c10d.py \
 	"integration_tests/test_fork.py::test_torchrun_fork_start_method_two_workers_per_agent" \
-	unit_tests/test_torch_compat.py unit_tests/test_etcd_config.py unit_tests/test_c10d_plugin.py \
+	unit_tests/test_torch_private.py unit_tests/test_etcd_config.py unit_tests/test_c10d_plugin.py \
 	unit_tests/test_c10d_backend.py unit_tests/test_core_handler.py
 
 # torch first, with its exact pin, from the wheel cache (what is there already is not fetched

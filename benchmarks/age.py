@@ -110,7 +110,7 @@ class EtcdSide:
     def __init__(self, stack: ExitStack) -> None:
         from etcd_rdzv.embedded import EtcdServer, find_etcd_binary
         from etcd_rdzv.keys import RunKeys
-        from integration_tests.invariants import etcd_client
+        from .invariants import etcd_client
 
         binary = find_etcd_binary()
         if binary is None:

@@ -26,7 +26,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from etcd_rdzv.embedded import EtcdServer, find_etcd_binary
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.plugin import create_handler
-from integration_tests.invariants import etcd_client
+from .invariants import etcd_client
 
 
 def _rendezvous(handlers) -> None:

@@ -9,7 +9,7 @@ some agents leave (stop beating and close their client, which revokes their live
 beating and are left to lapse) or return (a new handler in a free slot). Every round must form one
 group of exactly the agents present, ranks 0..n-1, and ``InvariantChecker`` watches the state
 throughout. Every answer an agent gets is logged, and the log is checked at the end against the
-groups the checker saw stored (``integration_tests.answers.check``): any violation fails the soak.
+groups the checker saw stored (``answers.check``): any violation fails the soak.
 
 Afterwards: no thread of ours still runs, etcd has no watch open, no lease left (the run's shared
 lease lapses after the short ``ttl`` used here) and no key outside the run's own. Prints a summary
@@ -35,8 +35,8 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from etcd_rdzv.embedded import EtcdServer, find_etcd_binary
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.keys import RunKeys
-from integration_tests.answers import AnswerLog, check, record_rendezvous
-from integration_tests.invariants import InvariantChecker, etcd_client
+from .answers import AnswerLog, check, record_rendezvous
+from .invariants import InvariantChecker, etcd_client
 from rdzv_common.handler import create_handler
 
 RUN_ID = "soak"

@@ -9,7 +9,7 @@ from typing import Any
 from torch.distributed import DistNetworkError, FileStore, Store, TCPStore
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
-from rdzv_common.torch_compat import clone_tcp_store
+from rdzv_common.torch_private import clone_tcp_store
 
 # Never a value this package stores: states start with a hex nonce, logs with a digit or '@',
 # heartbeats with a number.

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from rdzv_common.settings import warn_unknown_keys
+from rdzv_common.settings import choice_option, flag_option, seconds_option, warn_unknown_keys
 
 DEFAULT_PORT = 29400
-DEFAULT_READ_TIMEOUT = 60
+DEFAULT_READ_TIMEOUT = 60.0
 STORE_TYPES = ("tcp", "file")
 # The ``--rdzv-conf`` keys this backend reads.
 C10D_KEYS = frozenset({"store_type", "read_timeout", "is_host"})
@@ -31,7 +31,7 @@ class C10dConfig:
     """
 
     store_type: str
-    read_timeout: int
+    read_timeout: float
     is_host: bool | None
     host: str = "localhost"
     port: int = DEFAULT_PORT
@@ -39,32 +39,22 @@ class C10dConfig:
 
 
 def config_from_params(params: RendezvousParameters) -> C10dConfig:
-    """Read ``store_type`` (default ``tcp``), ``read_timeout`` (default 60, > 0), ``is_host`` and
+    """Read ``store_type`` (default ``tcp``), ``read_timeout`` (seconds, default 60), ``is_host`` and
     the endpoint (``host[:port]``, default port 29400; for ``file`` the file's path, whose
     directory must exist).
 
     Unknown ``--rdzv-conf`` keys are logged as warnings (the core and torch read keys of their own
     from the same dictionary).
 
+    Values follow the one rule of ``rdzv_common.settings``.
+
     Raises:
         ValueError: for an invalid option or endpoint, naming it and its value.
     """
     warn_unknown_keys(params, C10D_KEYS, "c10d_rdzv")
-    raw_type = params.get("store_type", "tcp")
-    store_type = raw_type.strip().lower() if isinstance(raw_type, str) else raw_type
-    if store_type not in STORE_TYPES:
-        raise ValueError(
-            f"The rendezvous configuration option 'store_type' is {raw_type!r}; it must be 'tcp' "
-            "or 'file'."
-        )
-    read_timeout = _read_timeout(params)
-    try:
-        is_host = params.get_as_bool("is_host")
-    except ValueError:
-        raise ValueError(
-            f"The rendezvous configuration option 'is_host' is {params.get('is_host')!r}; it must "
-            "be a boolean (true/false, yes/no, 1/0)."
-        ) from None
+    store_type = choice_option(params, "store_type", STORE_TYPES, "tcp")
+    read_timeout = seconds_option(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    is_host = flag_option(params, "is_host", None)
     endpoint = (params.endpoint or "").strip()
     if store_type == "file":
         # FileStore retries a file it cannot create for minutes instead of failing.
@@ -77,17 +67,3 @@ def config_from_params(params: RendezvousParameters) -> C10dConfig:
     host, port = parse_rendezvous_endpoint(endpoint, default_port=DEFAULT_PORT)
     return C10dConfig(store_type, read_timeout, is_host, host=host, port=port)
 
-
-def _read_timeout(params: RendezvousParameters) -> int:
-    raw = params.get("read_timeout", DEFAULT_READ_TIMEOUT)
-    value = None
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        value = raw
-    elif isinstance(raw, str) and raw.strip().isdigit():
-        value = int(raw)
-    if value is None or value <= 0:
-        raise ValueError(
-            f"The rendezvous configuration option 'read_timeout' is {raw!r}; it must be a positive "
-            f"integer number of seconds (default {DEFAULT_READ_TIMEOUT})."
-        )
-    return value

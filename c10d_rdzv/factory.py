@@ -13,7 +13,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from rdzv_common.hosting import hosted
-from rdzv_common.torch_compat import matches_machine_hostname
+from rdzv_common.torch_private import matches_machine_hostname
 
 from .backend import C10dRendezvousBackend
 from .config import C10dConfig, config_from_params
@@ -79,7 +79,7 @@ def _open_tcp_store(config: C10dConfig, is_host: bool) -> TCPStore:
         role = "host" if is_host else "connect to"
         raise RendezvousConnectionError(
             f"The c10d rendezvous could not {role} the TCPStore at {config.host}:{config.port} "
-            f"(read_timeout={config.read_timeout}s): {exc}"
+            f"(read_timeout={config.read_timeout:g}s): {exc}"
         ) from exc
 
 

@@ -1,7 +1,7 @@
 """Waiting for a ``TCPStore`` key with a timeout, without ``TCPStore``'s own wait timeout.
 
 A ``TCPStore.wait`` that times out cancels itself with one more round trip, and when several
-clients time out at about the same time that round trip was seen to take 5 s (torch 2.13, both
+clients time out at about the same time that round trip takes up to 5 s (torch 2.13, both
 server implementations). Rendezvous waits time out all the time (every keep-alive interval), so
 here one background call per key waits with a long timeout, on a connection of its own, and every
 caller waiting for that key waits for the call's end with its own timeout, locally.

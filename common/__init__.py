@@ -1,9 +1,11 @@
 """The backend-agnostic core of the rendezvous: state, codec, ops, executor and handler."""
 
 from .backend import Liveness, Mailbox, RendezvousBackend
-from .handler import DynamicRendezvousHandler, RendezvousTimings, create_handler
+from .events import RendezvousTimings
+from .handler import DynamicRendezvousHandler, create_handler
+from .node import NodeDesc
 from .settings import RendezvousSettings, settings_from_params
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 __all__ = [
     "DynamicRendezvousHandler",

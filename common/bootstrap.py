@@ -74,7 +74,7 @@ class TrainerStoreHost:
         rank of the round must call this. Non-zero ranks block until rank 0 has published, asking
         ``group_stands`` every ``LEADER_CHECK_SECONDS`` whether rank 0 is still in the group;
         ``None`` once it is not (its call failed or it died before publishing: it never will, and
-        waiting for the store's timeout held the other ranks 300 s).
+        waiting for the store's timeout would hold the other ranks 300 s).
 
         Raises:
             TrainerStoreAddressError: this node is rank 0 and cannot listen at its address.

@@ -45,8 +45,9 @@ from typing import Any
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from .backend import QuarantineEntry
+from .node import NodeDesc
 from .ranks import check_topology
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 FORMAT = "torch-rdzv-state"
 VERSION = 3
@@ -171,8 +172,8 @@ def peek_state(data: bytes, where: str = "the backend") -> RendezvousState:
 class _Parses:
     """The parses of the last ``size`` distinct values, shared by the nodes of a process. A miss is
     parsed by one thread while the others that want the same value wait for it: when a write
-    lands, hundreds of nodes read the new state at once, and each parsing it for itself was half
-    of a large process's CPU (N = 1024 over 4 processes)."""
+    lands, hundreds of nodes of a process read the new state at once, and one parse serves them
+    all where a parse each would take much of the process's CPU."""
 
     def __init__(self, parse: Any, size: int) -> None:
         self.parse = parse
@@ -267,8 +268,8 @@ def _parse_state(data: bytes, where: str) -> RendezvousState:
 
 
 @dataclass(frozen=True)
-class Announcement:
-    """A record posted to a backend's mailbox: ``node`` joins, or leaves round ``round``, which
+class MembershipChange:
+    """What a mailbox record announces, decoded: ``node`` joins, or leaves round ``round``, which
     was ``complete`` or not when it decided to, or (``rejoin``) leaves the complete round
     ``round`` and joins the next."""
 
@@ -298,7 +299,7 @@ def encode_rejoin(node: NodeDesc, round: int, topology: str | None = None) -> by
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def decode_announcement(data: bytes, where: str = "the mailbox") -> Announcement:
+def decode_announcement(data: bytes, where: str = "the mailbox") -> MembershipChange:
     """Parse a mailbox record; raises ``RendezvousStateError`` if it is malformed.
 
     Records are parsed once per process, however many of its nodes read them.
@@ -313,19 +314,19 @@ def _round_of(doc: dict[str, Any], kind: str, where: str) -> int:
     return round_
 
 
-def _parse_announcement(data: bytes, where: str) -> Announcement:
+def _parse_announcement(data: bytes, where: str) -> MembershipChange:
     doc = _load_json(data, where)
     if isinstance(doc, dict) and "join" in doc:
         node = _node(doc["join"], where)
-        return Announcement("join", node, topology=_topology(doc["join"], where))
+        return MembershipChange("join", node, topology=_topology(doc["join"], where))
     if isinstance(doc, dict) and "leave" in doc:
         round_ = _round_of(doc, "leave", where)
         complete = _field(doc, "complete", bool, where)
-        return Announcement("leave", _node(doc["leave"], where), round_, complete)
+        return MembershipChange("leave", _node(doc["leave"], where), round_, complete)
     if isinstance(doc, dict) and "rejoin" in doc:
         round_ = _round_of(doc, "rejoin", where)
         node = _node(doc["rejoin"], where)
-        return Announcement("rejoin", node, round_, True, _topology(doc["rejoin"], where))
+        return MembershipChange("rejoin", node, round_, True, _topology(doc["rejoin"], where))
     raise _fail(
         where,
         "a mailbox record is neither a 'join', a 'leave' nor a 'rejoin' announcement (a newer "

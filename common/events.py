@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from torch.distributed.elastic import metrics
 from torch.distributed.elastic.events import NodeState, RdzvEvent, record_rdzv_event
 from torch.distributed.elastic.events.handlers import get_logging_handler
 
+from .node import NodeDesc
 from .settings import RendezvousSettings
-from .state import NodeDesc
-
-if TYPE_CHECKING:
-    from .handler import RendezvousTimings
 
 # torch's names for the source of an event: its file and the classes whose methods record them.
 TORCH_SOURCE = "dynamic_rendezvous.py"
@@ -66,6 +63,22 @@ def record_event(
             error_trace=traceback.format_exc() if node_state == NodeState.FAILED else "",
         )
     )
+
+
+@dataclass(frozen=True)
+class RendezvousTimings:
+    """How one ``next_rendezvous`` call spent its time (seconds) and its writes.
+
+    ``join_wait``: until this node was a participant; ``last_call_wait``: from then until the round
+    completed; ``writes``/``lost_writes``: compare-and-set attempts made and lost.
+    """
+
+    round: int
+    join_wait: float
+    last_call_wait: float
+    total: float
+    writes: int
+    lost_writes: int
 
 
 def report_timings(timings: RendezvousTimings) -> None:

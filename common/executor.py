@@ -5,22 +5,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
 
-from .backend import LivenessLapsed, RendezvousBackend
+from .backend import LivenessLapsed, RendezvousBackend, Token
 from .events import record_step
 from .holder import StateHolder
+from .node import NodeDesc
 from .ops import ANNOUNCED_ACTIONS, Action, Context, Op, apply, completion_due, waits_for_members, waits_for_next_round
 from .settings import RendezvousSettings
-from .state import NodeDesc
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 
 
 class OpExecutor:
-    """Drives one node's operations: sync, decide, act, until the operation finishes.
+    """Drives one node's operations: read or write, decide, act, until the operation finishes;
+    and answers what its handler asks of the state between operations (its ``StateHolder`` is
+    reached through this executor only).
 
     Waiting is done on the backend's change notification, never on a fixed sleep. Joins and leaves
     go through the mailbox (see ``StateHolder``): the node announces itself once and then only
@@ -62,6 +65,58 @@ class OpExecutor:
         return self._node
 
     @property
+    def state(self) -> RendezvousState:
+        """The state as last read or written (``StateHolder.state``)."""
+        return self._holder.state
+
+    @property
+    def token(self) -> Token | None:
+        """The fencing token of ``state``."""
+        return self._holder.token
+
+    @property
+    def writes(self) -> int:
+        """Compare-and-set writes made so far."""
+        return self._holder.writes
+
+    @property
+    def lost_writes(self) -> int:
+        """Compare-and-set writes that lost so far."""
+        return self._holder.failed_writes
+
+    def read(self, max_age: float = 0.0, timeout: float | None = None) -> None:
+        """Read the stored state, unless the last read or write is younger than ``max_age``
+        seconds; the read gives up after about ``timeout`` seconds if given.
+
+        Raises:
+            RendezvousStateError: the stored state does not decode.
+            RendezvousConnectionError: the backend is unreachable.
+        """
+        self._holder.read_if_older_than(max_age, timeout)
+
+    def group_stands(self, round_: int, leader: NodeDesc) -> bool:
+        """Whether ``leader`` is still a live member of the group of ``round_``, as read now (a
+        read drops the nodes whose liveness lapsed)."""
+        self._holder.read()
+        state = self._holder.state
+        return state.round == round_ and leader in state.participants
+
+    def held_since(self, token: Token | None, since: float) -> bool:
+        """Whether this node's liveness held from the write of the state that carries ``token``
+        (``since``: a time on the monotonic clock before that write) until now; see
+        ``Liveness.held_since``."""
+        return self._backend.liveness.held_since(self._node.key, token, since)
+
+    def refresh_liveness(self) -> None:
+        """Have the next read or write ask the backend afresh about every node's liveness."""
+        self._holder.refresh_liveness()
+
+    def seen_alive(self, nodes: Collection[NodeDesc]) -> dict[str, float]:
+        """When (on ``clock``) each of ``nodes`` was last known alive, by node key; a node the
+        backend reports dead is absent (``StateHolder.seen_alive``)."""
+        return self._holder.seen_alive(nodes)
+
+    @property
     def last_beat(self) -> float | None:
         """When (on ``clock``) this node last sent a heartbeat; ``None`` before its first."""
         return None if self._last_beat == float("-inf") else self._last_beat
@@ -76,9 +131,8 @@ class OpExecutor:
             sent = self._clock()
             self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout)
             # The next beat is due an interval after this one was *sent*: the server counts the TTL
-            # from when it took the beat, no earlier. Counted from the reply, the interval grew by
-            # the reply's delay, which under load is most of the TTL (at N = 256, beats 2.4 s
-            # apart on a 3 s TTL lapsed by the dozen and set off storms of writes).
+            # from when it took the beat, no earlier. Counted from the reply, the interval would
+            # grow by the reply's delay, which under load is most of the TTL.
             self._last_beat = sent
 
     def next_beat_in(self) -> float:
@@ -135,8 +189,12 @@ class OpExecutor:
 
     def _run(self, op: Op, deadline: float, update_deadline: Callable[[float], float] | None, synced: bool) -> None:
         while True:
+            won: bool | None = None  # whether a write of this node's changes won; None: no write
             try:
-                has_set = None if synced else self._holder.sync()
+                if not synced and self._holder.has_changes:
+                    won = self._holder.write()
+                elif not synced:
+                    self._holder.read()
             except LivenessLapsed as lapse:
                 # The others may have dropped this node: it must be alive again before it writes
                 # itself into a group (and the answer it then gets is checked by its caller).
@@ -147,11 +205,11 @@ class OpExecutor:
                 synced = False
                 continue
             synced = False
-            if has_set is not None:
+            if won is not None:
                 logger.debug(
                     "The node '%s' %s its changes to round %d of the rendezvous '%s'.",
                     self._node,
-                    "synced" if has_set else "lost the race to sync",
+                    "wrote" if won else "lost the race to write",
                     self._holder.state.round,
                     self._settings.run_id,
                 )
@@ -197,7 +255,7 @@ class OpExecutor:
         the others' liveness is looked at between waits, and a dead member is dropped only by a
         node that looks. Past the deadline (an op that waits on, as a redundant node does for a
         free place), bounded by the interval alone: bounded by a deadline already passed, the wait
-        was a poll every 10 ms. A node whose decision only a few kinds of write can change (it
+        would be a poll every 10 ms. A node whose decision only a few kinds of write can change (it
         waits for the next round, or for members) only looks at the others, on the process's
         shared parse (``StateHolder.wait_until``)."""
         passed = deadline <= self._clock()

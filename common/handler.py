@@ -8,7 +8,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch.distributed as dist
@@ -24,17 +23,18 @@ from torch.distributed.elastic.rendezvous import (
 
 from .backend import RendezvousBackend
 from .bootstrap import TrainerStoreAddressError, TrainerStoreHost, shared_store_enabled
-from .compat import TorchSettings, TorchStateHolderView, torch_settings
-from .events import HANDLER, record_event, report_failure, report_timings
+from .deepspeed_views import TorchSettings, TorchStateHolderView, torch_settings
+from .events import HANDLER, RendezvousTimings, record_event, report_failure, report_timings
 from .executor import OpExecutor
 from .health import Admission
 from .holder import StateHolder
 from .logs import show_package_logs
+from .node import NodeDesc, NodeDescGenerator
 from .ops import close_op, exit_op, join_op, nodes_waiting, rejoin_op
 from .outage import Outage
 from .ranks import TOPOLOGY_ENV, check_topology
 from .settings import RendezvousSettings, settings_from_params
-from .state import NodeDesc, NodeDescGenerator, RendezvousState
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +49,6 @@ MONITOR_CACHE_SECONDS = 1.0
 # for the node's liveness to end: one request on a healthy etcd; an unreachable one must not hold
 # up exit or garbage collection, and the node's lease lapses anyway.
 EXIT_LEAVE_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class RendezvousTimings:
-    """How one ``next_rendezvous`` call spent its time (seconds) and its writes.
-
-    ``join_wait``: until this node was a participant; ``last_call_wait``: from then until the round
-    completed; ``writes``/``lost_writes``: compare-and-set attempts made and lost.
-    """
-
-    round: int
-    join_wait: float
-    last_call_wait: float
-    total: float
-    writes: int
-    lost_writes: int
 
 
 class DynamicRendezvousHandler(RendezvousHandler):
@@ -91,8 +75,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # Lapses quarantine hosts only where admission is health-gated: without a check, a host
         # that restarts its agents often (or every node of a single-host test) must not lock itself out.
         on_dropped = self._admission.note_lapses if settings.health_check else None
-        self._holder = StateHolder(backend, settings, node, topology=topology, on_dropped=on_dropped)
-        self._executor = OpExecutor(node, self._holder, backend, settings, beats=False)
+        holder = StateHolder(backend, settings, node, topology=topology, on_dropped=on_dropped)
+        self._executor = OpExecutor(node, holder, backend, settings, beats=False)
         self._lock = threading.Lock()
         # The heartbeat thread and the event that stops it: running from the first call of
         # ``next_rendezvous`` until one fails or ``shutdown``, through every later call, so that a
@@ -147,11 +131,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     # DeepSpeed's elastic agent (``deepspeed/elasticity/elastic_agent.py``) reads torch's private
     # ``_state_holder.state.participants``/``.last_heartbeats`` and ``_settings.keep_alive_*``;
-    # these two read-only views keep it working (see ``compat.py``).
+    # these two read-only views keep it working (see ``deepspeed_views.py``).
 
     @property
     def _state_holder(self) -> TorchStateHolderView:
-        return TorchStateHolderView(self._holder, self._executor, self._lock)
+        return TorchStateHolderView(self._executor, self._lock)
 
     @property
     def _settings(self) -> TorchSettings:
@@ -166,14 +150,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._record("next_rendezvous", msg)
         logger.info(msg)
         started = time.monotonic()
-        writes, lost = self._holder.writes, self._holder.failed_writes
+        writes, lost = self._executor.writes, self._executor.lost_writes
         try:
             with self._lock:
-                self._holder.refresh_liveness()
+                self._executor.refresh_liveness()
                 if self._heartbeat is None:
                     # Read before the first heartbeat: a corrupt state fails with nothing written.
                     # (The executor reads the state first thing anyway.)
-                    self._holder.sync()
+                    self._executor.read()
                     self._executor.beat()
                     self._start_heartbeats()
             deadline = started + self._config.join_timeout
@@ -182,8 +166,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     since = time.monotonic()  # before any write that places this node
                     self._leave_and_join(deadline)
                     placed_at = self._executor.placed_at or time.monotonic()
-                    token = self._holder.token
-                state = self._holder.state
+                    token = self._executor.token
+                state = self._executor.state
                 rank, world_size = state.participants[self._node], state.world_size
                 round_store = dist.PrefixStore(f"torch.rendezvous.{self._config.run_id}.{state.round}", self._store)
                 round_ = state.round
@@ -205,7 +189,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 # from the group by the others. It leaves the round (its members then restart with
                 # it) and joins the next one, alive again.
                 with self._lock:
-                    held = self._backend.liveness.held_since(self._node.key, token, since)
+                    held = self._executor.held_since(token, since)
                 if held:
                     break
                 logger.warning(
@@ -236,8 +220,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             join_wait=placed_at - started,
             last_call_wait=finished - placed_at,
             total=finished - started,
-            writes=self._holder.writes - writes,
-            lost_writes=self._holder.failed_writes - lost,
+            writes=self._executor.writes - writes,
+            lost_writes=self._executor.lost_writes - lost,
         )
         joined = (
             f"The node '{self._node}' has joined round {state.round} of the rendezvous "
@@ -261,13 +245,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
         """Leave the round this node is in, if any, and join the next, by ``deadline``."""
         if self._admission.admits_at_once():
             # Leaving the previous round and joining the next take one announcement.
-            self._executor.run(rejoin_op(self._holder.state.round), deadline)
+            self._executor.run(rejoin_op(self._executor.state.round), deadline)
             synced = True
         else:
             # The node leaves its group before it waits out a quarantine or runs its
             # health check: the other members need not wait for it to form the next one.
             self._executor.run(exit_op, deadline)
-            self._admission.admit(self._holder.state.round, deadline)
+            self._admission.admit(self._executor.state.round, deadline)
             synced = False
         self._executor.run(join_op, deadline, lambda timeout: time.monotonic() + timeout, synced)
 
@@ -275,9 +259,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         """Whether ``leader`` is still a live member of the group of ``round_`` (a read drops the
         nodes whose liveness lapsed)."""
         with self._lock:
-            self._holder.sync()
-            state = self._holder.state
-            return state.round == round_ and leader in state.participants
+            return self._executor.group_stands(round_, leader)
 
     def _guarded(self, method: str, fn):
         try:
@@ -318,13 +300,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
             if not (self._outage.active and self._heartbeat is not None):
                 try:
                     # A poll, like a heartbeat: it waits for the backend no longer than one.
-                    self._holder.sync(max_age=MONITOR_CACHE_SECONDS, timeout=self._config.heartbeat_timeout)
+                    self._executor.read(max_age=MONITOR_CACHE_SECONDS, timeout=self._config.heartbeat_timeout)
                 except RendezvousConnectionError as e:
-                    if not self._outage.unreachable(method, e, self._holder.state):
+                    if not self._outage.unreachable(method, e, self._executor.state):
                         raise
                 else:
                     self._outage.reached()
-            return answer(self._holder.state)
+            return answer(self._executor.state)
 
         return self._guarded(method, read)
 
@@ -382,7 +364,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         except RendezvousError as ex:
             # An outage is reported once, by ``Outage``, in place of this warning.
             outage = isinstance(ex, RendezvousConnectionError) and self._outage.unreachable(
-                "_keep_alive", ex, self._holder.state
+                "_keep_alive", ex, self._executor.state
             )
             self._report_failure(
                 "_keep_alive", "send a keep-alive heartbeat to", ex, log=not (self._beats_failing or outage)
@@ -411,11 +393,20 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if log:
             logger.warning("%s: %s", msg, ex)
 
+    def _beat_when_due(self) -> float:
+        """Send a heartbeat if one is due: an interval after the last one was sent (by the
+        heartbeat thread or by the executor), not after the last one returned. Returns the seconds
+        until the next is due; after a failed beat, an interval."""
+        delay = self._executor.next_beat_in()
+        if delay <= 0:
+            delay = self._executor.next_beat_in() if self._keep_alive() else self._config.keep_alive_interval
+        return delay
+
     def _start_heartbeats(self) -> None:
         stop = threading.Event()
         thread = threading.Thread(
             target=_heartbeat_loop,
-            args=(weakref.ref(self), stop, self._config.keep_alive_interval),
+            args=(weakref.WeakMethod(self._beat_when_due), stop, self._config.keep_alive_interval),
             name=f"RendezvousKeepAliveTimer_{self._node.local_id}",
             daemon=True,
         )
@@ -465,20 +456,16 @@ def _bounded(action: Callable[[], None], what: str) -> None:
     thread.join(EXIT_LEAVE_SECONDS)
 
 
-def _heartbeat_loop(handler_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
-    # Beats at a fixed rate, an interval after the last beat was sent (by this thread or by the
-    # node's executor), not an interval after the last one returned; after a failed beat, an
-    # interval after the failure. Holds the handler only weakly so an abandoned handler can
-    # still be collected.
+def _heartbeat_loop(beat_when_due: weakref.WeakMethod, stop: threading.Event, interval: float) -> None:
+    # Calls the handler's ``_beat_when_due`` whenever the delay it returned has passed, until
+    # ``stop``. Holds the handler only weakly, so that an abandoned handler can still be collected.
     delay = interval
     while not stop.wait(max(0.0, delay)):
-        handler = handler_ref()
-        if handler is None:
+        beat = beat_when_due()
+        if beat is None:
             return
-        delay = handler._executor.next_beat_in()
-        if delay <= 0:
-            delay = interval if not handler._keep_alive() else handler._executor.next_beat_in()
-        del handler
+        delay = beat()
+        del beat
 
 
 def _topology_label(environ: Mapping[str, str]) -> str | None:

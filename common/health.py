@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousTimeoutError
 
 from .backend import Quarantine, QuarantineEntry
+from .node import NodeDesc
 from .settings import RendezvousSettings
-from .state import NodeDesc
 
 logger = logging.getLogger(__name__)
 

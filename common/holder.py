@@ -20,9 +20,10 @@ import tenacity
 from .backend import Record, RendezvousBackend, Token
 from .codec import decode_announcement, decode_state, encode_join, encode_leave, encode_rejoin, encode_state, peek_state
 from .events import record_step, record_write
+from .node import NodeDesc
 from .ops import Action, fold, settle, would_fold
 from .settings import RendezvousSettings
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class StateHolder:
 
     Args:
         wall_clock: UNIX time, for the state's last-call deadline (shared between machines).
-        clock: monotonic time, for how long a node waits for the ones ahead of it to fold.
+        clock: monotonic time: how old the last read and the last liveness answer are, and how
+            long a node waits for the ones ahead of it to fold.
         topology: the node's topology label, sent with its joins.
         on_dropped: called with the nodes a write that won dropped as dead (after the write).
     """
@@ -100,7 +102,8 @@ class StateHolder:
         self._dirty = False
         # Whether ``_state`` may differ from anything stored (a write prepared it, then failed).
         self._stale = False
-        self._last_sync = float("-inf")
+        # When (on ``clock``) this holder last took the stored state (``read_if_older_than``).
+        self._last_read = float("-inf")
         # When (on ``clock``) this holder last saw the stored state change: the line of waiting
         # posters moved then, and each one's turn to fold counts from it (``await_fold``).
         self._changed_at = float("-inf")
@@ -129,64 +132,86 @@ class StateHolder:
         return self._token
 
     def mark_dirty(self) -> None:
-        """Have the next ``sync`` write the local state (as changed by the caller) back."""
+        """Have the next ``write`` store the local state (as changed by the caller)."""
         self._dirty = True
 
-    def sync(self, max_age: float = 0.0, timeout: float | None = None) -> bool | None:
-        """Read the shared state, or write the local one if it is dirty.
+    @property
+    def has_changes(self) -> bool:
+        """Whether ``write`` has something to store: changes marked on the state last read. A
+        change made on a state that a failed write left behind is never written: it is dropped
+        by the next read, and its caller decides again from what that read returns."""
+        return self._dirty and not self._stale
 
-        Args:
-            max_age: a clean read may be skipped if the last sync is younger than this.
-            timeout: a read gives up after about this many seconds (``RendezvousBackend.get_state``).
+    def write(self) -> bool:
+        """Store the local state (``has_changes``), after folding the pending announcements into
+        it, dropping the nodes whose liveness lapsed and settling its round; then hold the state
+        stored, whether this write won or another one did.
 
         Returns:
-            ``None`` for a read, else whether the write won.
+            Whether the compare-and-set won.
 
         Raises:
             RendezvousStateError: the stored state does not decode.
             RendezvousConnectionError: the backend is unreachable.
             LivenessLapsed: a write that makes or keeps this node a member did not land: its
-                liveness lapsed. The next sync reads.
+                liveness lapsed. The next read takes the stored state.
         """
-        has_set: bool | None = None
-        dropped: list[NodeDesc] = []
-        if self._dirty and not self._stale:
-            self._dirty = False
-            # Until a response replaces it, the local state holds a fold and a completion that
-            # were never stored: if the write fails, no later write may start from it.
-            self._stale = True
-            folded = self._fold_mailbox(self._state)
-            dropped = self._drop_dead(self._state)
-            wall = self._wall_clock()
-            if self._completes(wall):
-                # The group is about to be formed: its members are checked on the server itself,
-                # not on answers up to ``keep_alive_interval`` old from a copy that may trail it.
-                dropped += self._drop_dead(self._state, current=True)
-            settle(self._state, self._settings, wall)
-            response = self._backend.set_state(encode_state(self._state), self._token, folded, self._member())
-            has_set = bool(response and response[2])
-            self.writes += 1
-            self.failed_writes += 0 if has_set else 1
-            if has_set and folded:
-                self._backend.mailbox.trim(self._state.cursor)
-            if has_set and dropped and self._on_dropped is not None:
-                self._on_dropped(dropped)
-        elif not self._dirty and not self._stale and time.monotonic() - self._last_sync < max_age:
-            return None
-        else:
-            # A change made on a stale state (after a failed write) is dropped, not written: its
-            # caller decides again from what this read returns.
-            response = self._backend.get_state() if timeout is None else self._backend.get_state(timeout)
-            if response is not None and response[1] == self._token and not self._stale and not self._dropped_unwritten:
-                # Unchanged since the last read, which dropped nobody: the local state is the stored
-                # one, and only the others' liveness may have changed. A node waiting in a long
-                # last call wakes every interval to look at that, and a copy of the state each time
-                # was most of what waiting cost.
-                self._dirty = False
-                self._dropped_unwritten = self._drop_dead(self._state)
-                self._last_sync = time.monotonic()
-                return None
+        assert self.has_changes, "write() stores changes marked (mark_dirty) on the state last read"
+        self._dirty = False
+        # Until a response replaces it, the local state holds a fold and a completion that
+        # were never stored: if the write fails, no later write may start from it.
+        self._stale = True
+        folded = self._fold_mailbox(self._state)
+        dropped = self._drop_dead(self._state)
+        wall = self._wall_clock()
+        if self._completes(wall):
+            # The group is about to be formed: its members are checked on the server itself,
+            # not on answers up to ``keep_alive_interval`` old from a copy that may trail it.
+            dropped += self._drop_dead(self._state, current=True)
+        settle(self._state, self._settings, wall)
+        response = self._backend.set_state(encode_state(self._state), self._token, folded, self._member())
+        won = bool(response and response[2])
+        self.writes += 1
+        self.failed_writes += 0 if won else 1
+        if won and folded:
+            self._backend.mailbox.trim(self._state.cursor)
+        if won and dropped and self._on_dropped is not None:
+            self._on_dropped(dropped)
+        self._take(response, won, dropped)
+        return won
 
+    def read(self, timeout: float | None = None) -> None:
+        """Hold the stored state; local changes not written are dropped.
+
+        Args:
+            timeout: the read gives up after about this many seconds (``RendezvousBackend.get_state``).
+
+        Raises:
+            RendezvousStateError: the stored state does not decode.
+            RendezvousConnectionError: the backend is unreachable.
+        """
+        response = self._backend.get_state() if timeout is None else self._backend.get_state(timeout)
+        if response is not None and response[1] == self._token and not self._stale and not self._dropped_unwritten:
+            # Unchanged since the last read, which dropped nobody: the local state is the stored
+            # one, and only the others' liveness may have changed. A node waiting in a long last
+            # call wakes every interval to look at that, and a copy of the state each time would
+            # be most of what waiting costs.
+            self._dirty = False
+            self._dropped_unwritten = self._drop_dead(self._state)
+            self._last_read = self._clock()
+            return
+        self._take(response, False, [])
+
+    def read_if_older_than(self, max_age: float, timeout: float | None = None) -> None:
+        """``read``, unless the last read (or write) is younger than ``max_age`` seconds and left
+        nothing local to drop: the state it took stands."""
+        if self._dirty or self._stale or self._clock() - self._last_read >= max_age:
+            self.read(timeout)
+
+    def _take(self, response: tuple | None, won: bool, dropped: list[NodeDesc]) -> None:
+        """Hold the stored state that ``response`` (of a read, or of a write that ``won`` or not)
+        carries, and what follows from it: whether our announcement was folded, and which of the
+        nodes it names are dead (stored by the next write)."""
         self._dirty = False
         token = self._token
         if response is None:
@@ -197,17 +222,16 @@ class StateHolder:
             self._changed_at = self._clock()
         self._stale = False
         before, self._stored = self._stored, (self._state.round, self._state.complete, self._state.closed)
-        if has_set and self._node is not None:
+        if won and self._node is not None:
             record_write(self._settings, self._node, before, self._stored, self._dropped_unwritten + dropped)
-        # Only a read that decoded counts as fresh: a corrupt state must fail every caller.
-        self._last_sync = time.monotonic()
-        if self._is_folded(self._pending) or (has_set and self._pending and self._pending.record.position is None):
+        # Only a response that decoded counts as fresh: a corrupt state must fail every caller.
+        self._last_read = self._clock()
+        if self._is_folded(self._pending) or (won and self._pending and self._pending.record.position is None):
             # A write folded our announcement (one of ours folds every record after the cursor);
             # it placed us unless we were dropped as dead. Either way a later join or leave must
             # announce afresh.
             self._pending = None
-        self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not has_set else []
-        return has_set
+        self._dropped_unwritten = self._drop_dead(self._state) if response is not None and not won else []
 
     def _member(self) -> str | None:
         """The key of this node if the local state, about to be written, makes or keeps it a member
@@ -217,12 +241,12 @@ class StateHolder:
 
     def wait_until(self, ends_wait: Callable[[RendezvousState], bool], timeout: float) -> None:
         """Return once a stored state that ``ends_wait`` accepts is there to read, or after
-        ``timeout`` seconds; the caller syncs next.
+        ``timeout`` seconds; the caller reads next.
 
         The stored states it passes over are only looked at, on the process's shared parse: no
         copy, no liveness check, and this holder's own state stays as it was. In a re-rendezvous
-        of N nodes every node waits through the N leaves that end the round, and a full read at
-        each one cost N squared reads of the whole state.
+        of N nodes every node waits through the N leaves that end the round; a full read at each
+        one would cost N squared reads of the whole state.
         """
         end = self._clock() + timeout
         token = self._token
@@ -292,7 +316,8 @@ class StateHolder:
         return dropped
 
     def refresh_liveness(self) -> None:
-        """Ask the backend afresh about every node at the next sync (a new rendezvous starts)."""
+        """Ask the backend afresh about every node at the next read or write (a new rendezvous
+        starts)."""
         self._confirmed, self._confirmed_at = frozenset(), float("-inf")
 
     # Announcements.
@@ -343,17 +368,16 @@ class StateHolder:
 
         While it waits, it only looks at each state stored (on the process's shared parse): a
         write that folds the line ahead of it moves it up, and only the write that folds its own
-        announcement, or its turn, ends the wait. A full read and a new decision at each of the
-        writes cost a line of N nodes N squared reads (in a re-rendezvous at N = 256, 735-1,107
-        turns of waiting, each with a full read; 256 now).
+        announcement, or its turn, ends the wait: a full read and a new decision at each of the
+        writes would cost a line of N nodes N squared reads.
 
         Args:
             decide_in: seconds until the caller must decide afresh (its heartbeat or its deadline
                 is due); the wait for its turn ends then, and the turn stands.
 
         Returns:
-            True if the state was synced and the caller must decide afresh; False if the caller
-            must act: write (the holder is marked dirty) or, if nothing is dirty, announce again.
+            True if the state was read and the caller must decide afresh; False if the caller
+            must act: write (the holder has changes) or, if it has none, announce again.
         """
         before = self._token
         state = self._state
@@ -362,7 +386,7 @@ class StateHolder:
         if mine is None:
             # Our announcement is no longer pending, yet the op still asks for it: it was folded by
             # a write we have not read, or folded and undone (we were dropped as dead), or it lapsed.
-            self.sync()
+            self.read()
             if self._token != before:
                 return True
             self._pending = None
@@ -382,28 +406,28 @@ class StateHolder:
             while (remaining := max(self._changed_at, pending.posted_at) + self._fold_wait(place) - self._clock()) > 0:
                 if (until_decide := decide_at - self._clock()) <= 0:
                     if token != before:
-                        self.sync()
+                        self.read()
                     return True
                 self._backend.wait_for_change(token, min(remaining, until_decide))
                 response = self._backend.get_state()
                 if (response[1] if response is not None else None) == token:
                     continue
                 if response is None:  # the run was deleted
-                    self.sync()
+                    self.read()
                     return True
                 token = response[1]
                 self._changed_at = self._clock()
                 stored = peek_state(response[0], self._state_where)
                 if stored.cursor >= position or self._where_placed(stored) != placed:
                     # Folded, or its op may decide otherwise now: read, and decide afresh.
-                    self.sync()
+                    self.read()
                     return True
                 place = self._place(stored, ahead, stored.cursor)
                 if place == 0:
                     break
             if token != before:
                 # Our turn: fold from the state stored now (our own announcement may be in it).
-                self.sync()
+                self.read()
                 if self._pending is None:
                     return True
         self.mark_dirty()

@@ -15,9 +15,10 @@ from itertools import islice
 
 from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
 
-from .codec import Announcement
+from .codec import MembershipChange
+from .node import NodeDesc
 from .settings import RendezvousSettings
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +26,10 @@ logger = logging.getLogger(__name__)
 ROLLBACK_PERIOD = 5.0
 
 # When a round's last call ends, every participant may ask for the write that completes it; all
-# asking at once, all but one of those writes lose (at N = 128, 126 of 127), and each loser reads
-# the state again. So the participant k-th in the state's order asks
-# COMPLETE_STEP * min(k, COMPLETE_RANKS) seconds after the deadline: the first one completes the
-# round alone, and a dead or stalled one ahead delays it by one step.
+# asking at once, all but one of those writes would lose, and each loser would read the state
+# again. So the participant k-th in the state's order asks COMPLETE_STEP * min(k, COMPLETE_RANKS)
+# seconds after the deadline: the first one completes the round alone, and a dead or stalled one
+# ahead delays it by one step.
 COMPLETE_STEP = 0.25
 COMPLETE_RANKS = 16
 
@@ -179,8 +180,9 @@ def waits_for_members(state: RendezvousState, node: NodeDesc) -> bool:
     """Whether ``node`` is a participant of an open round that has too few members for a last call
     (``deadline`` is unset), where only the round completing, a last call starting, the run
     closing, a new round or the node's own removal can change what ``join_op`` decides for it
-    (before its deadline): the joins folded into the round one write after another do not. At
-    N = 1,024 a join took 21 writes, and each one had every placed node read the whole state."""
+    (before its deadline): the joins folded into the round one write after another do not. A
+    large join takes tens of writes, and a full read of each by every placed node would cost N
+    reads of the whole state per write."""
     return not state.complete and not state.closed and state.deadline is None and node in state.participants
 
 
@@ -272,41 +274,41 @@ def _take_in_waiting(state: RendezvousState, settings: RendezvousSettings) -> No
         state.participants[node] = 0
 
 
-def _leave_applies(state: RendezvousState, announcement: Announcement) -> bool:
+def _leave_applies(state: RendezvousState, change: MembershipChange) -> bool:
     # A node leaves the round it saw, as it saw it: a take-back of a join to an incomplete round
     # must not remove a member from the group that round formed since. (A rejoin leaves only a
     # round it saw complete.)
     return (
-        state.round == announcement.round
-        and state.complete == announcement.complete
-        and announcement.node in state.participants
+        state.round == change.round
+        and state.complete == change.complete
+        and change.node in state.participants
     )
 
 
-def _join_action(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> Action | None:
-    """What the join part of ``announcement`` (a join or a rejoin) does to ``state`` now: ``None``
+def _join_action(state: RendezvousState, change: MembershipChange, settings: RendezvousSettings) -> Action | None:
+    """What the join part of ``change`` (a join or a rejoin) does to ``state`` now: ``None``
     for a leave, a join to a closed run, or a node already placed."""
-    if announcement.kind == "leave" or state.closed or announcement.node in state.participants:
+    if change.kind == "leave" or state.closed or change.node in state.participants:
         return None
-    return _placement(state, announcement.node, settings)
+    return _placement(state, change.node, settings)
 
 
-def fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
-    """Apply ``announcement`` as its poster's own actions would; return whether it changed ``state``.
+def fold(state: RendezvousState, change: MembershipChange, settings: RendezvousSettings) -> bool:
+    """Apply ``change`` as its poster's own actions would; return whether it changed ``state``.
 
     A rejoin is its leave, then its join. Repeated joins of placed nodes, joins to a closed run,
     and stale leaves change nothing.
     """
-    node = announcement.node
+    node = change.node
     actions = []
-    if announcement.kind in ("leave", "rejoin") and _leave_applies(state, announcement):
+    if change.kind in ("leave", "rejoin") and _leave_applies(state, change):
         apply(Action.REMOVE_FROM_PARTICIPANTS, state, node)
         actions.append(Action.REMOVE_FROM_PARTICIPANTS)
-    action = _join_action(state, announcement, settings)
+    action = _join_action(state, change, settings)
     if action is not None:
         apply(action, state, node)
-        if announcement.topology is not None:
-            state.topology[node] = announcement.topology
+        if change.topology is not None:
+            state.topology[node] = change.topology
         actions.append(action)
     if actions:
         logger.debug(
@@ -319,11 +321,11 @@ def fold(state: RendezvousState, announcement: Announcement, settings: Rendezvou
     return bool(actions)
 
 
-def would_fold(state: RendezvousState, announcement: Announcement, settings: RendezvousSettings) -> bool:
+def would_fold(state: RendezvousState, change: MembershipChange, settings: RendezvousSettings) -> bool:
     """Whether ``fold`` would change ``state`` (without changing it)."""
-    if announcement.kind in ("leave", "rejoin") and _leave_applies(state, announcement):
+    if change.kind in ("leave", "rejoin") and _leave_applies(state, change):
         return True
-    return _join_action(state, announcement, settings) is not None
+    return _join_action(state, change, settings) is not None
 
 
 def nodes_waiting(state: RendezvousState, settings: RendezvousSettings) -> int:

@@ -26,8 +26,9 @@ from torch.distributed.elastic import metrics
 from torch.distributed.elastic.events import NodeState
 
 from .events import HANDLER, METRIC_GROUP, record_event
+from .node import NodeDesc
 from .settings import RendezvousSettings
-from .state import NodeDesc, RendezvousState
+from .state import RendezvousState
 
 logger = logging.getLogger(__name__)
 

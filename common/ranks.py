@@ -13,10 +13,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the state imports this module to assign ranks
-    from .state import NodeDesc
+from .node import NodeDesc
 
 RANK_ORDERS = ("sorted", "natural", "topology")
 # The environment variable through which an agent declares where it sits.

@@ -1,4 +1,21 @@
-"""Rendezvous settings and how they are read from torch's ``RendezvousParameters``."""
+"""Rendezvous settings, and the one parser of ``--rdzv-conf`` values, for the core and both backends.
+
+torchrun hands every ``--rdzv-conf`` value over as text; the Python API may pass numbers and bools.
+One rule reads them all, whichever part of the package owns the key (surrounding spaces in text
+are ignored):
+
+* a number of seconds (``join_timeout``, ``read_timeout``, ``ttl``, ...): an int or a float, or text
+  of a decimal number (``"30"``, ``"0.5"``, ``"1e3"``); finite and above 0; never a bool;
+* a count (``keep_alive_max_attempt``, ``node_unit``): an int, a float with nothing after the point
+  (``3.0``), or text of an integer (``"3"``); above 0; never a bool, ``1.5`` or ``"1.5"``;
+* a flag (``stable_ranks``, ``is_host``): a bool, the int 1 or 0, or text that torch's
+  ``RendezvousParameters.get_as_bool`` reads (true/false, yes/no, t/f, y/n, 1/0, in any case);
+* a choice (``rank_order``, ``store_type``, ``protocol``): text, in any case, naming one of the choices;
+* text (``key_prefix``, ``username``): a string; blank text counts as unset;
+* a file (``ca_cert``, ``health_check``): the path of a file that exists on this node.
+
+A value that breaks its rule raises ``ValueError`` naming the key, the value and what to pass.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +23,7 @@ import difflib
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -78,15 +95,9 @@ class RendezvousSettings:
                 "use --nnodes=MIN:MAX with MIN <= MAX."
             )
         if self.rank_order not in RANK_ORDERS:
-            raise ValueError(
-                f"The rendezvous configuration option 'rank_order' is {self.rank_order!r}; it must be "
-                f"one of {', '.join(RANK_ORDERS)}."
-            )
+            raise _refused("rank_order", self.rank_order, _one_of(RANK_ORDERS))
         if self.node_unit < 1:
-            raise ValueError(
-                f"The rendezvous configuration option 'node_unit' is {self.node_unit!r}; it must be a "
-                "positive integer."
-            )
+            raise _refused("node_unit", self.node_unit, _COUNT)
         if self.max_world < self.min_nodes:
             raise ValueError(
                 f"min_nodes ({self.min_nodes}) and max_nodes ({self.max_nodes}) admit no multiple of "
@@ -108,53 +119,127 @@ class RendezvousSettings:
         return min(joined - joined % self.node_unit, self.max_world)
 
 
-def _positive(params: RendezvousParameters, key: str, integral: bool) -> float:
-    raw = params.get(key, CORE_KEYS[key])
-    kind = "a positive integer" if integral else "a positive number of seconds"
-    try:
-        value = int(raw) if integral else float(raw)
-        if integral and isinstance(raw, float) and raw != value:
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(
-            f"The rendezvous configuration option '{key}' is {raw!r}; it must be {kind}."
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"The rendezvous configuration option '{key}' is {raw!r}; it must be {kind}.")
-    return value
+_SECONDS = "a positive number of seconds"
+_COUNT = "a positive integer"
+_FLAG = "a boolean (true/false, yes/no, 1/0)"
+_TEXT = "a string"
+_TRUE = frozenset({"1", "true", "t", "yes", "y"})
+_FALSE = frozenset({"0", "false", "f", "no", "n"})
 
 
-def _choice(params: RendezvousParameters, key: str, default: str) -> str:
+def _one_of(choices: Collection[str]) -> str:
+    return "one of " + ", ".join(choices)
+
+
+def _refused(key: str, raw: object, must: str, default: object = None) -> ValueError:
+    """The error for ``raw``, the value of ``key``, which must be ``must``."""
+    default_note = "" if default is None else f" (default {default})"
+    return ValueError(f"The rendezvous configuration option '{key}' is {raw!r}; it must be {must}{default_note}.")
+
+
+def seconds_option(params: RendezvousParameters, key: str, default: float) -> float:
+    """The number of seconds ``key`` holds (module docstring), ``default`` when unset."""
     raw = params.get(key, default)
-    return raw.strip().lower() if isinstance(raw, str) else raw
-
-
-def _flag(params: RendezvousParameters, key: str, default: bool) -> bool:
-    try:
-        value = params.get_as_bool(key, default)
-    except ValueError:
-        value = None
-    if value is None:
-        raise ValueError(
-            f"The rendezvous configuration option '{key}' is {params.get(key)!r}; it must be a boolean "
-            "(true/false, yes/no, 1/0)."
-        )
+    value = math.nan
+    if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
+        try:
+            value = float(raw)
+        except (ValueError, OverflowError):  # not a number; an int beyond a float's range
+            pass
+    if not math.isfinite(value) or value <= 0:
+        raise _refused(key, raw, _SECONDS, f"{default:g}")
     return value
+
+
+def count_option(params: RendezvousParameters, key: str, default: int) -> int:
+    """The count ``key`` holds (module docstring), ``default`` when unset."""
+    raw = params.get(key, default)
+    value = 0
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    elif isinstance(raw, str):
+        try:
+            value = int(raw)
+        except ValueError:
+            pass
+    if value <= 0:
+        raise _refused(key, raw, _COUNT, default)
+    return value
+
+
+def flag_option(params: RendezvousParameters, key: str, default: bool | None) -> bool | None:
+    """The flag ``key`` holds (module docstring); ``default`` when unset. Where ``default`` is
+    ``None`` (the key's absence means something of its own), ``None`` passed for it means the same."""
+    raw = params.get(key)
+    if key not in params.config or (raw is None and default is None):
+        return default
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return raw == 1
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise _refused(key, raw, _FLAG)
+
+
+def choice_option(params: RendezvousParameters, key: str, choices: Collection[str], default: str) -> str:
+    """The choice ``key`` names (module docstring), lower-case; ``default`` when unset."""
+    raw = params.get(key, default)
+    value = raw.strip().lower() if isinstance(raw, str) else None
+    if value not in choices:
+        raise _refused(key, raw, _one_of(choices), default)
+    return value
+
+
+def text_option(params: RendezvousParameters, key: str, strip: bool = True, secret: bool = False) -> str | None:
+    """The text ``key`` holds, stripped unless ``strip`` is false; ``None`` when unset or blank.
+    A ``secret`` value is never shown in the error."""
+    raw = params.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        if secret:
+            raise ValueError(
+                f"The rendezvous configuration option '{key}' is a {type(raw).__name__} (not shown: it is "
+                f"secret); it must be {_TEXT}."
+            )
+        raise _refused(key, raw, _TEXT)
+    value = raw.strip() if strip else raw
+    return value if value.strip() else None
+
+
+def existing_file(key: str, raw: object, what: str, executable: bool = False, subject: str | None = None) -> str | None:
+    """``raw``, the value of ``key``, as the path of a file on this node (an executable one, with
+    ``executable``); ``None`` when unset or blank. ``what`` says what the file is for the fix;
+    ``subject`` names where the value came from, if not from ``--rdzv-conf``."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    path = raw.strip() if isinstance(raw, str) else None
+    if path is None or not os.path.isfile(path) or (executable and not os.access(path, os.X_OK)):
+        subject = subject or f"The rendezvous configuration option '{key}'"
+        kind = "an executable file" if executable else "a file"
+        raise ValueError(f"{subject} is {raw!r}, which is not {kind} on this node; pass the path of {what}.")
+    return path
 
 
 def _health_check(params: RendezvousParameters, environ: Mapping[str, str]) -> str | None:
-    key, raw = "health_check", params.get("health_check")
-    if raw is None:
-        key, raw = HEALTH_CHECK_ENV, environ.get(HEALTH_CHECK_ENV)
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None
-    path = raw.strip() if isinstance(raw, str) else raw
-    if not isinstance(path, str) or not os.path.isfile(path) or not os.access(path, os.X_OK):
-        raise ValueError(
-            f"The health check '{key}' is {raw!r}, which is not an executable file on this node; pass "
-            "the path of an executable that exits 0 when the node is healthy (chmod +x it)."
-        )
-    return path
+    what = "an executable that exits 0 when the node is healthy (chmod +x it)"
+    raw = params.get("health_check")
+    if raw is not None:
+        return existing_file("health_check", raw, what, executable=True)
+    subject = f"The environment variable '{HEALTH_CHECK_ENV}'"
+    return existing_file(HEALTH_CHECK_ENV, environ.get(HEALTH_CHECK_ENV), what, executable=True, subject=subject)
+
+
+def _seconds(params: RendezvousParameters, key: str) -> float:
+    return seconds_option(params, key, CORE_KEYS[key])
+
+
+def _count(params: RendezvousParameters, key: str) -> int:
+    return count_option(params, key, int(CORE_KEYS[key]))
 
 
 def settings_from_params(
@@ -170,18 +255,18 @@ def settings_from_params(
         run_id=params.run_id,
         min_nodes=params.min_nodes,
         max_nodes=params.max_nodes,
-        join_timeout=_positive(params, "join_timeout", False),
-        last_call_timeout=_positive(params, "last_call_timeout", False),
-        close_timeout=_positive(params, "close_timeout", False),
-        heartbeat_timeout=_positive(params, "heartbeat_timeout", False),
-        keep_alive_interval=_positive(params, "keep_alive_interval", False),
-        keep_alive_max_attempt=int(_positive(params, "keep_alive_max_attempt", True)),
-        rank_order=_choice(params, "rank_order", "natural"),
-        stable_ranks=_flag(params, "stable_ranks", True),
-        node_unit=int(_positive(params, "node_unit", True)),
+        join_timeout=_seconds(params, "join_timeout"),
+        last_call_timeout=_seconds(params, "last_call_timeout"),
+        close_timeout=_seconds(params, "close_timeout"),
+        heartbeat_timeout=_seconds(params, "heartbeat_timeout"),
+        keep_alive_interval=_seconds(params, "keep_alive_interval"),
+        keep_alive_max_attempt=_count(params, "keep_alive_max_attempt"),
+        rank_order=choice_option(params, "rank_order", RANK_ORDERS, "natural"),
+        stable_ranks=flag_option(params, "stable_ranks", True),
+        node_unit=_count(params, "node_unit"),
         health_check=_health_check(params, environ),
-        health_check_timeout=_positive(params, "health_check_timeout", False),
-        health_cooldown=_positive(params, "health_cooldown", False),
+        health_check_timeout=_seconds(params, "health_check_timeout"),
+        health_cooldown=_seconds(params, "health_cooldown"),
     )
 
 

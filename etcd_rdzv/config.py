@@ -4,15 +4,19 @@ before anything touches the network."""
 from __future__ import annotations
 
 import ipaddress
-import math
-import os
 import re
 from dataclasses import dataclass, field
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from rdzv_common.settings import warn_unknown_keys
+from rdzv_common.settings import (
+    choice_option,
+    existing_file,
+    seconds_option,
+    text_option,
+    warn_unknown_keys,
+)
 
 DEFAULT_PORT = 2379
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
@@ -124,39 +128,8 @@ def _parse_one(entry: str, endpoint: str) -> tuple[str, int]:
     return host, port
 
 
-def _option(params: RendezvousParameters, key: str) -> str | None:
-    value = params.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"The rendezvous configuration option '{key}' is {value!r}; it must be a string.")
-    return value.strip() or None
-
-
-def _seconds(params: RendezvousParameters, key: str, default: float) -> float:
-    raw = params.get(key, default)
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"The rendezvous configuration option '{key}' is {raw!r}; it must be a positive number "
-            f"of seconds (default {default:g})."
-        )
-    return value
-
-
-def _existing_file(params: RendezvousParameters, key: str) -> str | None:
-    path = _option(params, key)
-    if path is not None and not os.path.isfile(path):
-        raise ValueError(
-            f"The rendezvous configuration option '{key}' is '{path}', which is not a readable "
-            "file; pass the path of a PEM file that exists on this node."
-        )
-    return path
+def _pem_file(params: RendezvousParameters, key: str) -> str | None:
+    return existing_file(key, params.get(key), "a PEM file that exists on this node")
 
 
 def config_from_params(params: RendezvousParameters) -> EtcdConfig:
@@ -170,16 +143,11 @@ def config_from_params(params: RendezvousParameters) -> EtcdConfig:
     """
     endpoints = parse_endpoints(params.endpoint)
 
-    protocol = (_option(params, "protocol") or "http").lower()
-    if protocol not in ("http", "https"):
-        raise ValueError(
-            f"The rendezvous configuration option 'protocol' is {params.get('protocol')!r}; it "
-            "must be 'http' or 'https'."
-        )
+    protocol = choice_option(params, "protocol", ("http", "https"), "http")
 
-    ca_cert = _existing_file(params, "ca_cert")
-    ssl_cert = _existing_file(params, "ssl_cert")
-    ssl_cert_key = _existing_file(params, "ssl_cert_key")
+    ca_cert = _pem_file(params, "ca_cert")
+    ssl_cert = _pem_file(params, "ssl_cert")
+    ssl_cert_key = _pem_file(params, "ssl_cert_key")
     if (ssl_cert is None) != (ssl_cert_key is None):
         given, missing = ("ssl_cert", "ssl_cert_key") if ssl_cert else ("ssl_cert_key", "ssl_cert")
         raise ValueError(
@@ -192,18 +160,16 @@ def config_from_params(params: RendezvousParameters) -> EtcdConfig:
             "'protocol' is 'http'; set protocol=https to use TLS, or drop the TLS options."
         )
 
-    username = _option(params, "username")
-    password = params.get("password")
-    if password is not None and not isinstance(password, str):
-        raise ValueError("The rendezvous configuration option 'password' must be a string.")
-    if (username is None) != (not password):
+    username = text_option(params, "username")
+    password = text_option(params, "password", strip=False, secret=True)
+    if (username is None) != (password is None):
         given, missing = ("username", "password") if username else ("password", "username")
         raise ValueError(
             f"The rendezvous configuration option '{given}' is set but '{missing}' is not; etcd "
             "authentication needs both."
         )
 
-    key_prefix = _option(params, "key_prefix") or DEFAULT_KEY_PREFIX
+    key_prefix = text_option(params, "key_prefix") or DEFAULT_KEY_PREFIX
     if not key_prefix.startswith("/") or key_prefix == "/":
         raise ValueError(
             f"The rendezvous configuration option 'key_prefix' is {key_prefix!r}; it must be an "
@@ -217,10 +183,10 @@ def config_from_params(params: RendezvousParameters) -> EtcdConfig:
         ssl_cert=ssl_cert,
         ssl_cert_key=ssl_cert_key,
         username=username,
-        password=password or None,
-        read_timeout=_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT),
+        password=password,
+        read_timeout=seconds_option(params, "read_timeout", DEFAULT_READ_TIMEOUT),
         key_prefix=key_prefix.rstrip("/"),
-        ttl=_seconds(params, "ttl", DEFAULT_TTL),
+        ttl=seconds_option(params, "ttl", DEFAULT_TTL),
     )
     warn_unknown_keys(params, ETCD_KEYS, "etcd")
     return config

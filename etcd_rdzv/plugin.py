@@ -47,7 +47,7 @@ def etcd_v2_override() -> RendezvousHandlerCreator:
     a second creator for a name; so this drops torch's entry first, unless the override is turned
     off, in which case torch's own creator is returned and its registration stands.
     """
-    from rdzv_common.torch_compat import registered_creator, unregister_creator
+    from rdzv_common.torch_private import registered_creator, unregister_creator
 
     if os.environ.get(OVERRIDE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return registered_creator("etcd-v2")

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from benchmarks.answers import AnswerLog, check, record_rendezvous
+from benchmarks.invariants import InvariantChecker
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.plugin import create_handler
-from integration_tests.answers import AnswerLog, check, record_rendezvous
-from integration_tests.invariants import InvariantChecker, wait_until
+from integration_tests.tools import wait_until
 from rdzv_common.codec import decode_state
 
 __all__ = [

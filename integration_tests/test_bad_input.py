@@ -16,10 +16,11 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStateError,
 )
 
+from benchmarks.invariants import InvariantChecker, etcd_client
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.plugin import create_handler
-from integration_tests.invariants import InvariantChecker, etcd_client, snapshot
+from integration_tests.tools import snapshot
 from rdzv_common import codec
 from rdzv_common.state import RendezvousState
 

@@ -13,7 +13,7 @@ from etcd_rdzv.backend import EtcdRendezvousBackend
 from etcd_rdzv.runtime.client import MAX_TXN_OPS
 from etcd_rdzv.factory import create_backend
 from integration_tests.etcd_fixture import free_port
-from integration_tests.invariants import wait_until
+from integration_tests.tools import wait_until
 from unit_tests.backend_contract import BackendContract
 
 pytestmark = pytest.mark.timeout(60)

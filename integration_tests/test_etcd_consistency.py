@@ -13,7 +13,7 @@ import pytest
 from etcd_rdzv.factory import create_backend
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.runtime import txn
-from integration_tests.invariants import wait_until
+from integration_tests.tools import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from benchmarks.answers import AnswerLog, check, record_rendezvous
 from etcd_rdzv.plugin import create_handler
-from integration_tests.answers import AnswerLog, check, record_rendezvous
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -153,7 +153,8 @@ def test_an_add_retried_across_an_outage_longer_than_the_session_lease_applies_o
     then the client was cut off for 12 s, the session lease lapsed and took the receipt along, and
     the retry applied the add again (3 where 2 is right). Exactly once must hold for every retry
     within read_timeout."""
-    from integration_tests.invariants import etcd_client, wait_until
+    from benchmarks.invariants import etcd_client
+    from integration_tests.tools import wait_until
     from integration_tests.nemesis import Proxy
 
     server = etcd_server()

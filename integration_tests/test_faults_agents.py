@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.answers import check
+from benchmarks.invariants import InvariantChecker, etcd_client
 from etcd_rdzv.keys import RunKeys
-from integration_tests.answers import check
-from integration_tests.invariants import InvariantChecker, NodeProcess, etcd_client, wait_until
+from integration_tests.tools import NodeProcess, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

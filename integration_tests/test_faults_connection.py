@@ -10,9 +10,9 @@ import time
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from benchmarks.invariants import etcd_client
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.plugin import create_handler
-from integration_tests.invariants import etcd_client
 from integration_tests.nemesis import Proxy
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from benchmarks.invariants import etcd_client
 from etcd_rdzv.embedded import EtcdCluster, free_port
 from etcd_rdzv.keys import RunKeys
 from integration_tests.agents import FAST_CONF, AgentGroup, etcd_agent_group
 from integration_tests.faultrun import FAST, STEP, Run, assert_group, ordered_endpoint, wait_for_participants
-from integration_tests.invariants import etcd_client, wait_until
+from integration_tests.tools import wait_until
 from rdzv_common.codec import decode_state
 from unit_tests.torch_channels import torch_event_log, torch_metric_log
 

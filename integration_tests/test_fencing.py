@@ -19,11 +19,11 @@ import pytest
 from torch.distributed import TCPStore
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from benchmarks.invariants import etcd_client
 from c10d_rdzv.backend import C10dRendezvousBackend
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.plugin import create_handler as create_etcd_handler
 from integration_tests.faultrun import lapse_inside_the_completing_write
-from integration_tests.invariants import etcd_client
 from rdzv_common import create_handler, ops
 from rdzv_common.codec import decode_state
 

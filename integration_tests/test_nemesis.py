@@ -13,8 +13,9 @@ import etcd3
 import pytest
 import tenacity
 
-from integration_tests.invariants import etcd_client, wait_until
+from benchmarks.invariants import etcd_client
 from integration_tests.nemesis import Proxy
+from integration_tests.tools import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

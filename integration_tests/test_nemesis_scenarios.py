@@ -30,13 +30,14 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.elastic.utils.store import barrier
 
+from benchmarks.answers import check, record_close, record_rendezvous, record_waiting
+from benchmarks.invariants import etcd_client
 from etcd_rdzv.runtime.client import REQUIRE_LEADER
 from etcd_rdzv.embedded import EtcdCluster, find_etcdctl
 from etcd_rdzv.factory import create_backend
-from integration_tests.answers import check, record_close, record_rendezvous, record_waiting
 from integration_tests.faultrun import STEP, Run, assert_group, lapse_inside_the_completing_write, wait_for_participants
-from integration_tests.invariants import etcd_client, wait_until
 from integration_tests.nemesis import Proxy
+from integration_tests.tools import wait_until
 from rdzv_common import ops
 
 pytestmark = pytest.mark.timeout(90)

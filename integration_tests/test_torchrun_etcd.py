@@ -7,9 +7,9 @@ import uuid
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
+from benchmarks.answers import check_worker_results
 from etcd_rdzv.factory import create_backend
 from integration_tests.agents import FAST_CONF, AgentGroup, etcd_agent_group
-from integration_tests.answers import check_worker_results
 from rdzv_common.codec import decode_state
 
 @pytest.fixture

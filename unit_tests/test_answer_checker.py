@@ -1,11 +1,11 @@
-"""The answer checker (``integration_tests.answers``) on synthetic histories."""
+"""The answer checker (``benchmarks.answers``) on synthetic histories."""
 
 from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
 
-from integration_tests.answers import (
+from benchmarks.answers import (
     Answer,
     AnswerLog,
     Closed,
@@ -211,7 +211,7 @@ def _stored(round_: int, ranks: dict[str, int], complete: bool = True, waiting: 
 
 
 def test_an_answer_the_state_stored_when_it_was_given_does_not_back_is_a_fencing_violation():
-    from integration_tests.answers import Waiting  # noqa: F401 - the log's other kind
+    from benchmarks.answers import Waiting  # noqa: F401 - the log's other kind
 
     states = [
         (10, _stored(0, {"a_1_0": 0, "b_1_0": 1})),
@@ -226,7 +226,7 @@ def test_an_answer_the_state_stored_when_it_was_given_does_not_back_is_a_fencing
 
 
 def test_a_monitor_answer_above_the_wait_list_it_read_is_a_violation():
-    from integration_tests.answers import Waiting
+    from benchmarks.answers import Waiting
 
     states = [(10, _stored(0, {"a_1_0": 0, "b_1_0": 1}, waiting=("c_1_0",)))]
     assert check([Waiting("a_1_0", 1, 10, 1.0), Waiting("b_1_0", 0, 10, 1.0)], states=states) == []

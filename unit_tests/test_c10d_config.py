@@ -63,7 +63,7 @@ def no_network(monkeypatch):
         ({"store_type": ""}, r"'store_type' is ''"),
         ({"read_timeout": "0"}, r"'read_timeout' is '0'"),
         ({"read_timeout": "-5"}, r"'read_timeout' is '-5'"),
-        ({"read_timeout": "1.5"}, r"'read_timeout' is '1\.5'"),
+        ({"read_timeout": "1.5s"}, r"'read_timeout' is '1\.5s'"),
         ({"read_timeout": "soon"}, r"'read_timeout' is 'soon'"),
         ({"read_timeout": 0}, r"'read_timeout' is 0"),
         ({"read_timeout": True}, r"'read_timeout' is True"),
@@ -97,14 +97,14 @@ def test_defaults(fake_tcp):
 
 
 def test_options_are_applied(fake_tcp):
-    create_backend(params("10.1.2.3:1234", store_type=" TCP ", read_timeout="7", is_host="yes"))
+    create_backend(params("10.1.2.3:1234", store_type=" TCP ", read_timeout="7.5", is_host="yes"))
     assert fake_tcp.calls == [
         {
             "host": "10.1.2.3",
             "port": 1234,
             "is_master": True,
             "multi_tenant": True,
-            "timeout": timedelta(seconds=7),
+            "timeout": timedelta(seconds=7.5),
         }
     ]
 

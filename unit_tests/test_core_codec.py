@@ -461,10 +461,10 @@ def test_pickle_pattern_catches_what_it_should():
 @pytest.mark.parametrize("complete", [True, False])
 def test_leave_announcement_round_trip(complete):
     ann = codec.decode_announcement(codec.encode_leave(C, 4, complete), MAILBOX)
-    assert ann == codec.Announcement("leave", C, 4, complete)
+    assert ann == codec.MembershipChange("leave", C, 4, complete)
     assert ann.complete is complete
     join = codec.decode_announcement(encode_join(C), MAILBOX)
-    assert join == codec.Announcement("join", C)
+    assert join == codec.MembershipChange("join", C)
     assert (join.round, join.complete) == (None, None)
 
 
@@ -502,9 +502,9 @@ def test_malformed_leave_announcement_is_refused(doc, problem):
 
 def test_rejoin_announcement_round_trip():
     ann = codec.decode_announcement(codec.encode_rejoin(C, 4), MAILBOX)
-    assert ann == codec.Announcement("rejoin", C, 4, True)
+    assert ann == codec.MembershipChange("rejoin", C, 4, True)
     labelled = codec.decode_announcement(codec.encode_rejoin(C, 4, "zone-a/rack-1"), MAILBOX)
-    assert labelled == codec.Announcement("rejoin", C, 4, True, "zone-a/rack-1")
+    assert labelled == codec.MembershipChange("rejoin", C, 4, True, "zone-a/rack-1")
     assert json.loads(codec.encode_rejoin(C, 4)) == {
         "rejoin": {"addr": C.addr, "pid": C.pid, "local_id": C.local_id},
         "round": 4,

@@ -94,7 +94,7 @@ def _executor(store: MemoryStore, node: NodeDesc) -> tuple[OpExecutor, StateHold
     backend = WaitRecordingBackend(store)
     holder = StateHolder(backend, settings, node, clock=backend.clock)
     executor = OpExecutor(node, holder, backend, settings)
-    holder.sync()
+    holder.read()
     executor.beat()
     return executor, holder, backend
 
@@ -117,7 +117,7 @@ def test_the_oldest_poster_folds_at_once():
     holder.announce(Action.ADD_TO_PARTICIPANTS)
     assert holder.await_fold() is False
     assert backend.waits == []  # no waiting: it is first in line
-    assert holder.sync() is True
+    assert holder.write() is True
     assert NODES[0] in holder.state.participants
 
 
@@ -131,7 +131,7 @@ def test_a_later_poster_waits_longer_the_further_back_it_is():
         assert holder.await_fold() is False
         assert backend.waits == [pytest.approx(FOLD_FALLBACK_FIRST + FOLD_FALLBACK_STEP * place)]
     last_holder = executors[2][1]
-    assert last_holder.sync() is True
+    assert last_holder.write() is True
     assert set(last_holder.state.participants) == set(NODES[:3])
 
 
@@ -153,17 +153,16 @@ def test_a_wait_for_a_turn_in_line_ends_when_a_heartbeat_is_due():
 
 def test_a_poster_in_line_only_looks_at_a_write_that_folds_the_line_ahead_of_it():
     """A write that folds the announcements ahead of a waiting poster's moves it up the line: it
-    looked at the stored state and, first in line now, folds at once. It used to make a full read
-    at every write and hand back to its op to decide afresh: in a re-rendezvous at N = 256, every
-    waiting poster did so at every write (735-1,107 turns of waiting in all; 256 now)."""
+    looked at the stored state and, first in line now, folds at once, with no full read of the
+    writes that passed over it."""
     store = MemoryStore()
     executors = [_executor(store, node) for node in NODES[:3]]
     for _, holder, _ in executors:
         holder.announce(Action.ADD_TO_PARTICIPANTS)
     _, last, backend = executors[2]
     reads = []
-    sync = last.sync
-    last.sync = lambda *args, **kwargs: reads.append(1) or sync(*args, **kwargs)
+    read = last.read
+    last.read = lambda *args, **kwargs: reads.append(1) or read(*args, **kwargs)
     waits = backend.waits
 
     def a_write_folds_the_two_ahead(token, timeout):
@@ -180,7 +179,7 @@ def test_a_poster_in_line_only_looks_at_a_write_that_folds_the_line_ahead_of_it(
     assert last.await_fold() is False  # its turn at once: it folds its own announcement now
     assert len(waits) == 1
     assert len(reads) == 1  # the read it writes from, and no other
-    assert last.sync() is True
+    assert last.write() is True
     assert set(_stored(store).participants) == set(NODES[:3])
 
 
@@ -189,7 +188,7 @@ def test_repeated_joins_of_placed_nodes_do_not_hold_up_the_line():
     _, placed_holder, _ = _executor(store, NODES[0])
     placed_holder.announce(Action.ADD_TO_PARTICIPANTS)
     placed_holder.mark_dirty()
-    assert placed_holder.sync() is True
+    assert placed_holder.write() is True
     # A second join record of the already placed node, older than the next joiner's.
     store_backend = MemoryBackend(store, RUN)
     store_backend.mailbox.post(store_backend.mailbox.read(0)[0].data)
@@ -204,14 +203,14 @@ def test_a_node_whose_join_was_undone_announces_again():
     _, holder, _ = _executor(store, NODES[0])
     holder.announce(Action.ADD_TO_PARTICIPANTS)
     holder.mark_dirty()
-    assert holder.sync() is True
+    assert holder.write() is True
     # Another node dropped it (e.g. it was thought dead) and the record is folded: none is pending.
     state = holder.state.copy()
     del state.participants[NODES[0]]
     other = MemoryBackend(store, RUN)
     _, token, won = other.set_state(encode_state(state), holder.token)
     assert won
-    holder.sync()
+    holder.read()
     posted_before = len(other.mailbox.read(0))
     assert holder.await_fold() is False
     holder.announce(Action.ADD_TO_PARTICIPANTS)
@@ -405,7 +404,7 @@ def test_an_op_that_fails_withdraws_its_pending_join():
     # Nobody folds it later.
     other = StateHolder(MemoryBackend(store, RUN), settings, NODES[1])
     other.mark_dirty()
-    assert other.sync() is True
+    assert other.write() is True
     assert NODES[0] not in _stored(store).nodes()
 
 
@@ -436,9 +435,9 @@ def test_join_of_a_node_that_timed_out_is_withdrawn_and_fences_the_fold_that_rea
 
     def a_write():
         try:
-            holder_a.sync()
+            holder_a.read()
             holder_a.mark_dirty()
-            results.append(holder_a.sync())  # folds B's join, then waits for B to give up
+            results.append(holder_a.write())  # folds B's join, then waits for B to give up
         except BaseException as e:  # noqa: BLE001 - reported below
             results.append(e)
             a_has_read.set()
@@ -482,7 +481,7 @@ def test_join_of_a_node_that_timed_out_is_withdrawn_and_fences_the_fold_that_rea
     assert results == [False]  # A's write read B's join before the withdrawal: it was fenced
     assert B not in _stored(store).nodes()
     holder_a.mark_dirty()
-    assert holder_a.sync() is True
+    assert holder_a.write() is True
     state = _stored(store)
     assert B not in state.nodes() and state.participants == {A: 0}
     assert state.cursor == 0  # nothing live was posted; B's record is not folded by anyone
@@ -508,9 +507,9 @@ def test_take_back_of_an_incomplete_round_does_not_leave_the_group_it_formed(fen
     def round_fills():
         # Before the take-back is posted, a write folds c's join: the round is full and complete.
         plain.mailbox.post(encode_join(c))
-        other.sync()
+        other.read()
         other.mark_dirty()
-        assert other.sync() is True
+        assert other.write() is True
         assert _stored(store).complete
 
     backend = HookBackend(store, fences=fences)
@@ -530,9 +529,9 @@ def test_take_back_of_an_incomplete_round_does_not_leave_the_group_it_formed(fen
     assert group.participants == {n: r for r, n in enumerate(sorted([me, a, c]))}
     # Later writes (d joins) fold whatever is left in the mailbox: the group stays as it formed.
     plain.mailbox.post(encode_join(d))
-    other.sync()
+    other.read()
     other.mark_dirty()
-    assert other.sync() is True
+    assert other.write() is True
     state = _stored(store)
     assert state.participants == group.participants
     assert state.complete and state.world_size == 3 and state.round == 0
@@ -559,8 +558,8 @@ def test_a_placed_participant_passes_over_joins_folded_into_its_round_and_wakes_
     holder = StateHolder(backend, settings, me)
     executor = OpExecutor(me, holder, backend, settings, beats=False)
     reads = []
-    sync = holder.sync
-    holder.sync = lambda *args, **kwargs: (reads.append(1), sync(*args, **kwargs))[1]
+    read = holder.read
+    holder.read = lambda *args, **kwargs: (reads.append(1), read(*args, **kwargs))[1]
     done = threading.Event()
 
     def join() -> None:
@@ -595,7 +594,7 @@ def test_a_waiting_node_passes_over_members_leaving_and_wakes_for_the_next_round
     for node in (NODES[0], NODES[1], me):
         backend.liveness.beat(node.key, 60)
     holder = StateHolder(backend, settings, me)
-    holder.sync()
+    holder.read()
     token = holder.token
     woke = threading.Event()
 

@@ -20,7 +20,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 import rdzv_common.handler as handler_mod
-from rdzv_common.codec import Announcement, decode_announcement, decode_state, encode_state
+from rdzv_common.codec import MembershipChange, decode_announcement, decode_state, encode_state
 from rdzv_common.handler import DynamicRendezvousHandler
 from rdzv_common.memory import MemoryBackend, MemoryStore
 from rdzv_common.state import RendezvousState
@@ -284,7 +284,7 @@ def test_a_re_rendezvous_costs_each_node_one_announcement(cluster):
     records = cluster.mem.logs[cluster.run_id][posted:]
     announced = [decode_announcement(r) for r in records]
     assert len(announced) == 4
-    assert set(announced) == {Announcement("rejoin", h.node, 0, True) for h in handlers}
+    assert set(announced) == {MembershipChange("rejoin", h.node, 0, True) for h in handlers}
     assert cluster.state().round == 1
 
 
@@ -376,7 +376,7 @@ def _monitor_until_waiting(handler, timeout: float) -> int:
         if waiting > 0:
             return waiting
         time.sleep(0.05)
-    raise AssertionError(f"num_nodes_waiting() stayed 0 for {timeout}s; state: {handler._holder.state}")
+    raise AssertionError(f"num_nodes_waiting() stayed 0 for {timeout}s; state: {handler._executor.state}")
 
 
 def test_a_spare_replaces_a_dead_member_through_the_monitor_path(cluster):

@@ -1,4 +1,4 @@
-"""StateHolder: compare-and-set sync, mailbox folding and fencing, announcements, dead-node removal,
+"""StateHolder: reads and compare-and-set writes, mailbox folding and fencing, announcements, dead-node removal,
 the completion rule applied on write, and the monitor cache."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _beat(backend, settings, *nodes):
 
 def test_read_of_an_absent_state_is_the_empty_state(store):
     h = _holder(_backend(store), _settings())
-    assert h.sync() is None
+    h.read()
     assert h.state == RendezvousState() and h.token is None
 
 
@@ -106,24 +106,24 @@ def test_write_then_read_back(store):
     b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A)
     h1, h2 = _holder(b1, s), _holder(b2, s)
-    h1.sync()
+    h1.read()
     apply(Action.ADD_TO_PARTICIPANTS, h1.state, A)
     h1.mark_dirty()
-    assert h1.sync() is True
+    assert h1.write() is True
     assert h1.writes == 1 and h1.failed_writes == 0
     assert h1.token is not None
-    assert h2.sync() is None
+    h2.read()
     assert h2.state.participants == {A: 0}
     assert h2.token == h1.token
     assert _stored(store).participants == {A: 0}
 
 
-def test_a_clean_sync_does_not_write(store):
+def test_a_read_does_not_write(store):
     s = _settings()
     b = _backend(store)
     h = _holder(b, s)
-    h.sync()
-    h.sync()
+    h.read()
+    h.read()
     assert b.sets == 0 and b.gets == 2
 
 
@@ -132,16 +132,16 @@ def test_lost_race_leaves_the_winners_state(store):
     b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A, B)
     h1, h2 = _holder(b1, s), _holder(b2, s)
-    h1.sync()
-    h2.sync()
+    h1.read()
+    h2.read()
     apply(Action.ADD_TO_PARTICIPANTS, h1.state, A)
     h1.mark_dirty()
-    assert h1.sync() is True
+    assert h1.write() is True
     winner = encode_state(h1.state)
 
     apply(Action.ADD_TO_PARTICIPANTS, h2.state, B)  # decided on a stale view
     h2.mark_dirty()
-    assert h2.sync() is False
+    assert h2.write() is False
     assert h2.failed_writes == 1 and h2.writes == 1
     assert encode_state(h2.state) == winner
     assert B not in h2.state.participants
@@ -150,7 +150,7 @@ def test_lost_race_leaves_the_winners_state(store):
     # The loser decides again from the winner's state and wins this time.
     apply(Action.ADD_TO_PARTICIPANTS, h2.state, B)
     h2.mark_dirty()
-    assert h2.sync() is True
+    assert h2.write() is True
     assert set(_stored(store).participants) == {A, B}
 
 
@@ -163,10 +163,10 @@ def test_mailbox_folding_admits_several_joins_in_one_write(store):
         b.mailbox.post(encode_join(n))
     writes_before = store.writes
     h = _holder(b, s)
-    h.sync()
+    h.read()
     assert h.state.participants == {}  # announcements are not state until folded
     h.mark_dirty()
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert set(state.participants) == set(joiners)
     assert state.cursor == 3
@@ -180,13 +180,13 @@ def test_mailbox_folding_admits_several_joins_in_one_write(store):
     b.mailbox.post(encode_join(D))
     _beat(b, s, D)
     h.mark_dirty()
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert state.cursor == 4 and state.complete and state.deadline is None and state.world_size == 4
     assert state.participants == {n: r for r, n in enumerate(sorted([A, B, C, D]))}
     # A write that folds nothing is fenced on nothing.
     h.mark_dirty()
-    assert h.sync() is True
+    assert h.write() is True
     assert b.fences[-1] == []
 
 
@@ -197,15 +197,15 @@ def test_folded_joins_apply_exactly_once(store):
     for n in (A, B):
         b1.mailbox.post(encode_join(n))
     h1, h2 = _holder(b1, s), _holder(b2, s)
-    h1.sync()
+    h1.read()
     h1.mark_dirty()
-    assert h1.sync() is True
+    assert h1.write() is True
     assert _stored(store).complete and _stored(store).participants == {A: 0, B: 1}
     # Another writer starting from the stored cursor must not fold A and B again.
     b2.mailbox.post(encode_join(C))
-    h2.sync()
+    h2.read()
     h2.mark_dirty()
-    assert h2.sync() is True
+    assert h2.write() is True
     state = _stored(store)
     assert state.cursor == 3
     assert set(state.participants) == {A, B} and state.redundancy_list == {C}
@@ -216,16 +216,16 @@ def test_a_lost_write_does_not_consume_the_mailbox(store):
     b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A, B)
     h1, h2 = _holder(b1, s), _holder(b2, s)
-    h1.sync()
-    h2.sync()
+    h1.read()
+    h2.read()
     h1.mark_dirty()
-    h1.sync()  # writes cursor 0, moves the token
+    h1.write()  # writes cursor 0, moves the token
     b2.mailbox.post(encode_join(B))
     h2.mark_dirty()
-    assert h2.sync() is False  # its fold of B is discarded with its stale state
+    assert h2.write() is False  # its fold of B is discarded with its stale state
     assert _stored(store).cursor == 0 and not _stored(store).participants
     h1.mark_dirty()
-    assert h1.sync() is True
+    assert h1.write() is True
     assert set(_stored(store).participants) == {B} and _stored(store).cursor == 1
 
 
@@ -236,18 +236,18 @@ def test_dead_node_is_dropped_via_liveness(store, clock):
     initial = RendezvousState(participants={A: 0, B: 0, C: 0}, wait_list={D}, deadline=WALL + 60)
     b.set_state(encode_state(initial))
     h = _holder(b, s)
-    h.sync()
+    h.read()
     assert set(h.state.participants) == {A, B, C} and h.state.wait_list == set()  # D never beat
 
     clock.advance(s.liveness_ttl + 0.5)
     _beat(b, s, A, B)  # C stops beating
     fresh = _holder(b, s)  # no cached answer about C
-    fresh.sync()
+    fresh.read()
     assert set(fresh.state.participants) == {A, B}
     # A read only drops locally; the drop is written by the next write.
     assert set(_stored(store).participants) == {A, B, C}
     fresh.mark_dirty()
-    assert fresh.sync() is True
+    assert fresh.write() is True
     state = _stored(store)
     assert set(state.participants) == {A, B}
     assert state.deadline == WALL + 60 and not state.complete  # still at min_nodes: same last call
@@ -255,9 +255,9 @@ def test_dead_node_is_dropped_via_liveness(store, clock):
     clock.advance(s.liveness_ttl + 0.5)
     _beat(b, s, A)
     fresh = _holder(b, s)
-    fresh.sync()
+    fresh.read()
     fresh.mark_dirty()
-    assert fresh.sync() is True
+    assert fresh.write() is True
     state = _stored(store)
     assert set(state.participants) == {A}
     assert state.deadline is None and not state.complete  # fell below min_nodes
@@ -291,16 +291,16 @@ def test_a_write_that_completes_a_round_checks_its_members_on_the_server(store):
     b._liveness = liveness = TrailingLiveness(store, RUN, lapsed={B.key})
     b.set_state(encode_state(RendezvousState(participants={A: 0, B: 0})))
     h = StateHolder(b, s, C, wall_clock=lambda: WALL)
-    h.sync()
+    h.read()
     apply(Action.ADD_TO_PARTICIPANTS, h.state, C)
     h.mark_dirty()
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert not state.complete and set(state.participants) == {A, C}
     assert liveness.current_asks == 1
     # A write that does not complete the round takes the everyday answer.
     h.mark_dirty()
-    assert h.sync() is True and liveness.current_asks == 1
+    assert h.write() is True and liveness.current_asks == 1
 
 
 def test_forgotten_node_is_dropped_from_every_list(store):
@@ -318,7 +318,7 @@ def test_forgotten_node_is_dropped_from_every_list(store):
     h.mark_dirty()
     h._state = decode_state(store.states[RUN][0])
     h._token = store.states[RUN][1]
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert state.nodes() == set()
     assert state.round == 4 and not state.complete  # the emptied complete round advanced
@@ -328,42 +328,52 @@ def test_monitor_cache_skips_a_read(store):
     s = _settings()
     b = _backend(store)
     h = _holder(b, s)
-    h.sync()
+    h.read()
     assert b.gets == 1
     other = _holder(_backend(store), s)
     _beat(b, s, A)
-    other.sync()
+    other.read()
     apply(Action.ADD_TO_PARTICIPANTS, other.state, A)
     other.mark_dirty()
-    other.sync()
+    other.write()
 
-    assert h.sync(max_age=60) is None
+    h.read_if_older_than(60)
     assert b.gets == 1  # skipped: the cached view is young enough
     assert h.state.participants == {}  # and therefore stale
-    assert h.sync(max_age=0) is None
+    h.read_if_older_than(0)
     assert b.gets == 2
     assert h.state.participants == {A: 0}
 
 
-def test_monitor_cache_expires(store):
+def test_monitor_cache_expires_on_the_holders_clock(store, clock):
     s = _settings()
     b = _backend(store)
-    h = _holder(b, s)
-    h.sync()
-    time.sleep(0.06)
-    h.sync(max_age=0.05)
+    h = StateHolder(b, s, wall_clock=lambda: WALL, clock=clock)
+    h.read()
+    clock.advance(0.04)
+    h.read_if_older_than(0.05)
+    assert b.gets == 1
+    clock.advance(0.02)
+    h.read_if_older_than(0.05)
     assert b.gets == 2
 
 
-def test_dirty_state_is_written_despite_max_age(store):
+def test_unwritten_changes_are_read_over_despite_max_age(store):
+    """A read never writes: changes marked and not written are dropped by the next read, even
+    one whose cached view is young enough, and ``write`` stores them."""
     s = _settings()
     b = _backend(store)
     _beat(b, s, A)
     h = _holder(b, s)
-    h.sync()
+    h.read()
     apply(Action.ADD_TO_PARTICIPANTS, h.state, A)
     h.mark_dirty()
-    assert h.sync(max_age=60) is True
+    h.read_if_older_than(60)
+    assert b.sets == 0 and b.gets == 2
+    assert h.state.participants == {} and not h.has_changes
+    apply(Action.ADD_TO_PARTICIPANTS, h.state, A)
+    h.mark_dirty()
+    assert h.write() is True
     assert b.sets == 1
 
 
@@ -372,7 +382,7 @@ def test_corrupt_stored_state_raises_naming_backend_and_run(store, value):
     store.states[RUN] = (value, 1)
     h = _holder(_backend(store), _settings())
     with pytest.raises(RendezvousStateError) as info:
-        h.sync()
+        h.read()
     msg = str(info.value)
     assert "memory" in msg and RUN in msg
 
@@ -382,10 +392,10 @@ def test_corrupt_mailbox_record_raises(store):
     b = _backend(store)
     b.mailbox.post(b"\xff garbage")
     h = _holder(b, s)
-    h.sync()
+    h.read()
     h.mark_dirty()
     with pytest.raises(RendezvousStateError, match=RUN):
-        h.sync()
+        h.write()
 
 
 # --------------------------------------------------------------------------- completion
@@ -398,7 +408,7 @@ def _completing_holder(store, s):
     initial = RendezvousState(participants={EARLY: 0, A: 0, B: 0}, deadline=WALL - 1)
     b.set_state(encode_state(initial))
     h = _holder(b, s, A)
-    h.sync()
+    h.read()
     assert set(h.state.participants) == {EARLY, A, B}
     action = join_op(Context(A, h.state, s, 0.0, WALL), 60.0)
     assert action is Action.MARK_RENDEZVOUS_COMPLETE
@@ -410,7 +420,7 @@ def _completing_holder(store, s):
 def test_completing_write_completes_with_dense_ranks(store):
     s = _settings(min_nodes=2, max_nodes=4)
     b, h = _completing_holder(store, s)
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert state.complete and state.deadline is None and state.world_size == 3
     assert state.participants == {EARLY: 0, A: 1, B: 2}
@@ -424,7 +434,7 @@ def test_completing_write_that_drops_a_dead_node_keeps_ranks_dense(store):
     b, h = _completing_holder(store, s)
     b.liveness.forget(EARLY.key)
     time.sleep(0.06)  # the holder's cached 'alive' answer about EARLY goes stale
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert state.complete and state.world_size == 2
     assert state.participants == {A: 0, B: 1}
@@ -435,7 +445,7 @@ def test_completing_write_that_folds_a_leave_keeps_ranks_dense(store):
     s = _settings(min_nodes=2, max_nodes=4)
     b, h = _completing_holder(store, s)
     b.mailbox.post(encode_leave(EARLY, 0, False))
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert state.complete and state.world_size == 2
     assert state.participants == {A: 0, B: 1}
@@ -449,7 +459,7 @@ def test_completing_write_never_forms_a_group_below_min_nodes(store):
     b, h = _completing_holder(store, s)
     b.liveness.forget(EARLY.key)
     time.sleep(0.06)
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert state == RendezvousState(participants={A: 0, B: 0}), state  # open, and no last call
 
@@ -464,13 +474,13 @@ def test_fold_to_max_with_a_dead_node_stays_open_in_its_last_call(store):
     _beat(b, s, A, B, C)
     b.set_state(encode_state(RendezvousState(participants={A: 0})))
     h = _holder(b, s, B)
-    h.sync()
+    h.read()
     for n in (B, C):
         b.mailbox.post(encode_join(n))
     b.liveness.forget(A.key)  # A died; its join was folded long ago
     h.refresh_liveness()
     h.mark_dirty()
-    assert h.sync() is True
+    assert h.write() is True
     state = _stored(store)
     assert not state.complete and state.world_size == 0
     assert state.participants == {B: 0, C: 0}
@@ -488,7 +498,7 @@ def test_read_of_a_complete_round_keeps_the_world_size(store):
     b.set_state(encode_state(complete))
     b.liveness.forget(C.key)
     h = _holder(b, s, B)
-    h.sync()
+    h.read()
     assert C not in h.state.participants  # dropped locally...
     assert h.state.world_size == 3 and h.state.complete  # ...but the group's size stands
     assert h.state.participants == {A: 0, B: 1}
@@ -505,7 +515,7 @@ def test_announce_posts_once_per_round_and_action(store):
     s = _settings()
     b = _backend(store)
     h = _holder(b, s, A)
-    h.sync()
+    h.read()
     h.announce(Action.ADD_TO_PARTICIPANTS)
     h.announce(Action.ADD_TO_PARTICIPANTS)  # still pending: not posted twice
     assert [(a.kind, a.node) for a in _records(b)] == [("join", A)]
@@ -519,11 +529,11 @@ def test_leave_names_the_round_and_whether_it_was_complete(store):
     _beat(b, s, A, B)
     b.set_state(encode_state(RendezvousState(round=3, participants={A: 0, B: 0}, deadline=WALL + 9)))
     h = _holder(b, s, A)
-    h.sync()
+    h.read()
     h.announce(Action.REMOVE_FROM_PARTICIPANTS)
     complete = RendezvousState(round=5, complete=True, participants={A: 0, B: 1}, world_size=2)
     b.set_state(encode_state(complete), store.states[RUN][1])
-    h.sync()
+    h.read()
     h.announce(Action.REMOVE_FROM_PARTICIPANTS)  # another round: a new announcement
     leaves = _records(b)
     assert [(a.kind, a.node, a.round, a.complete) for a in leaves] == [
@@ -537,10 +547,10 @@ def test_own_write_folds_the_announcement_and_nothing_is_withdrawn(store):
     b = _backend(store)
     _beat(b, s, A)
     h = _holder(b, s, A)
-    h.sync()
+    h.read()
     h.announce(Action.ADD_TO_PARTICIPANTS)
     assert h.await_fold() is False  # first in line: it folds at once
-    assert h.sync() is True
+    assert h.write() is True
     assert A in h.state.participants
     h.withdraw()
     assert store.withdrawn == set()
@@ -554,12 +564,12 @@ def test_announcement_folded_by_another_node_is_not_withdrawn(store):
     b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A, B)
     mine, other = _holder(b1, s, A), _holder(b2, s, B)
-    mine.sync()
-    other.sync()
+    mine.read()
+    other.read()
     mine.announce(Action.ADD_TO_PARTICIPANTS)
     other.mark_dirty()
-    assert other.sync() is True  # B's write folded A's join
-    mine.sync()  # A reads it
+    assert other.write() is True  # B's write folded A's join
+    mine.read()  # A reads it
     assert A in mine.state.participants
     mine.withdraw()
     assert store.withdrawn == set()
@@ -570,13 +580,13 @@ def test_withdrawn_announcement_is_never_folded(store):
     b1, b2 = _backend(store), _backend(store)
     _beat(b1, s, A, B)
     mine, other = _holder(b1, s, A), _holder(b2, s, B)
-    mine.sync()
+    mine.read()
     mine.announce(Action.ADD_TO_PARTICIPANTS)
     mine.withdraw()
     assert b2.mailbox.read(0) == []
-    other.sync()
+    other.read()
     other.mark_dirty()
-    assert other.sync() is True
+    assert other.write() is True
     assert _stored(store).participants == {}
     mine.withdraw()  # nothing pending: nothing more to take back
     assert len(store.withdrawn) == 1
@@ -593,8 +603,8 @@ def test_write_that_read_a_withdrawn_join_does_not_land(store):
     b1.set_state(encode_state(RendezvousState()))
     before = store.states[RUN]
     folder, quitter = _holder(b1, s, A), _holder(b2, s, B)
-    folder.sync()
-    quitter.sync()
+    folder.read()
+    quitter.read()
     b1.mailbox.post(encode_join(C))
     quitter.announce(Action.ADD_TO_PARTICIPANTS)
     b1.mailbox.post(encode_join(D))
@@ -602,12 +612,12 @@ def test_write_that_read_a_withdrawn_join_does_not_land(store):
     # The folder reads the mailbox (C, B, D), and B withdraws before the folder's write.
     b1.before_set = quitter.withdraw
     folder.mark_dirty()
-    assert folder.sync() is False
+    assert folder.write() is False
     assert b1.fences[-1] == [1, 2, 3]  # C, B, D
     assert store.states[RUN] == before  # nothing landed
     assert folder.state == RendezvousState() and folder.token == before[1]
     folder.mark_dirty()
-    assert folder.sync() is True
+    assert folder.write() is True
     state = _stored(store)
     assert set(state.participants) == {C, D}
     assert state.cursor == 3  # past B's withdrawn record: it is never folded later
@@ -631,16 +641,19 @@ def test_write_retried_after_an_error_is_still_fenced_on_what_it_folded(store):
     _beat(b1, s, A, B)
     b1.set_state(encode_state(RendezvousState()))
     folder, quitter = _holder(b1, s, A), _holder(b2, s, B)
-    folder.sync()
-    quitter.sync()
+    folder.read()
+    quitter.read()
     quitter.announce(Action.ADD_TO_PARTICIPANTS)
     _raise_once(b1)
     folder.mark_dirty()
     with pytest.raises(RendezvousConnectionError):
-        folder.sync()  # it folded B's join, then its request failed
+        folder.write()  # it folded B's join, then its request failed
     quitter.withdraw()  # B gives up
     folder.mark_dirty()
-    folder.sync()
+    assert not folder.has_changes  # a change marked on what the failed write left is never written
+    folder.read()
+    folder.mark_dirty()
+    assert folder.write() is True
     assert B not in _stored(store).nodes()
 
 
@@ -650,17 +663,17 @@ def test_completion_retried_after_an_error_keeps_ranks_dense(store):
     _beat(b, s, EARLY, A)
     b.set_state(encode_state(RendezvousState(participants={EARLY: 0, A: 0}, deadline=WALL - 1)))
     h = _holder(b, s, A)
-    h.sync()
+    h.read()
     _raise_once(b)
     h.mark_dirty()
     with pytest.raises(RendezvousConnectionError):
-        h.sync()  # completed the round locally (ranks EARLY 0, A 1); the write failed
+        h.write()  # completed the round locally (ranks EARLY 0, A 1); the write failed
     b.liveness.forget(EARLY.key)
     time.sleep(0.06)
-    h.sync()  # the failed write left nothing behind: this reads the stored, open round
+    h.read()  # the failed write left nothing behind: this reads the stored, open round
     assert not h.state.complete
     h.mark_dirty()  # the node decides to complete again
-    h.sync()
+    h.write()
     state = _stored(store)
     assert state.complete
     assert sorted(state.participants.values()) == list(range(state.world_size)), state
@@ -691,11 +704,11 @@ def test_a_node_behind_in_line_waits_its_whole_turn_through_early_wake_ups(store
     _beat(ahead, s, A, B, C)
     for node in (A, B):
         h = _holder(ahead, s, node)
-        h.sync()
+        h.read()
         h.announce(Action.ADD_TO_PARTICIPANTS)  # posted, never folded: A and B are stalled
     b = EarlyWakeBackend(store, cap=0.1)
     h = StateHolder(b, s, C, wall_clock=lambda: WALL, clock=clock)
-    h.sync()
+    h.read()
     h.announce(Action.ADD_TO_PARTICIPANTS)
     started = clock()
     assert h.await_fold() is False  # nobody folded: C steps in, but only once its turn came

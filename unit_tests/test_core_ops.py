@@ -16,7 +16,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
 
 from rdzv_common import ops
-from rdzv_common.codec import Announcement
+from rdzv_common.codec import MembershipChange
 from rdzv_common.ops import (
     ADD_ACTIONS,
     ANNOUNCED_ACTIONS,
@@ -78,9 +78,9 @@ def _complete(members, round=0) -> RendezvousState:
     return state
 
 
-def _leave(node, state, complete=None) -> Announcement:
+def _leave(node, state, complete=None) -> MembershipChange:
     """The leave ``node`` posts when it sees ``state`` (or, with ``complete``, a round so marked)."""
-    return Announcement("leave", node, state.round, state.complete if complete is None else complete)
+    return MembershipChange("leave", node, state.round, state.complete if complete is None else complete)
 
 
 # --------------------------------------------------------------------------- join_op
@@ -507,8 +507,8 @@ def test_fold_to_max_then_dead_node_dropped_keeps_the_round_open():
     s = _settings(min_nodes=2, max_nodes=3, last_call_timeout=30)
     # Below min_nodes before the write: the last call starts with it.
     state = RendezvousState(participants={N[0]: 0})
-    assert fold(state, Announcement("join", N[1]), s)
-    assert fold(state, Announcement("join", N[2]), s)
+    assert fold(state, MembershipChange("join", N[1]), s)
+    assert fold(state, MembershipChange("join", N[2]), s)
     assert len(state.participants) == s.max_nodes and not state.complete
     state.remove_node(N[0])  # dead
     settle(state, s, WALL)
@@ -517,7 +517,7 @@ def test_fold_to_max_then_dead_node_dropped_keeps_the_round_open():
     assert state.deadline == WALL + 30
     # Already in its last call: the call goes on, unshortened.
     state = RendezvousState(participants={N[0]: 0, N[1]: 0}, deadline=WALL + 12)
-    assert fold(state, Announcement("join", N[2]), s)
+    assert fold(state, MembershipChange("join", N[2]), s)
     state.remove_node(N[1])
     settle(state, s, WALL)
     assert not state.complete and state.deadline == WALL + 12
@@ -537,14 +537,14 @@ def test_fold_of_more_joins_than_max_nodes_completes_the_round_at_max():
     round completed at the join that filled it."""
     s = _settings(min_nodes=2, max_nodes=3)
     state = RendezvousState(participants={N[0]: 0})
-    placed = [fold(state, Announcement("join", n), s) for n in N[1:6]]
+    placed = [fold(state, MembershipChange("join", n), s) for n in N[1:6]]
     assert placed == [True] * 5
     assert set(state.participants) == set(N[:3])
     assert state.redundancy_list == set(N[3:6])
     settle(state, s, WALL)
     assert state.complete and state.world_size == 3
     assert sorted(state.participants.values()) == [0, 1, 2]
-    assert not would_fold(state, Announcement("join", N[4]), s)
+    assert not would_fold(state, MembershipChange("join", N[4]), s)
 
 
 
@@ -554,16 +554,16 @@ def test_fold_join_places_as_the_node_itself_would():
     for n in N[:3]:
         action = join_op(_ctx(state, s, node=n), _future())
         assert action is Action.ADD_TO_PARTICIPANTS
-        assert fold(state, Announcement("join", n), s) is True
+        assert fold(state, MembershipChange("join", n), s) is True
     assert not state.complete  # until settled
     settle(state, s, WALL)
     assert state.complete and sorted(state.participants.values()) == [0, 1, 2]
     assert join_op(_ctx(state, s, node=N[3]), _future()) is Action.ADD_TO_REDUNDANCY_LIST
-    assert fold(state, Announcement("join", N[3]), s) is True
+    assert fold(state, MembershipChange("join", N[3]), s) is True
     assert state.redundancy_list == {N[3]}
     apply(Action.REMOVE_FROM_PARTICIPANTS, state, N[0])
     assert join_op(_ctx(state, s, node=N[4]), _future()) is Action.ADD_TO_WAIT_LIST
-    assert fold(state, Announcement("join", N[4]), s) is True
+    assert fold(state, MembershipChange("join", N[4]), s) is True
     assert state.wait_list == {N[4]}
 
 
@@ -578,7 +578,7 @@ def test_fold_join_is_idempotent(setup):
         state = _complete(N[:3])
     else:
         state = RendezvousState(closed=True)
-    join = Announcement("join", ME)
+    join = MembershipChange("join", ME)
     if setup == "waiting":
         state.wait_list = {ME}
     first = fold(state, join, s)
@@ -615,11 +615,11 @@ def test_would_fold_says_whether_folding_changes_the_state(s, setup, state, kind
     state = copy.deepcopy(state)
     node = ME if kind in ("join", "leave-of-non-member", "rejoin-of-non-member") else N[0]
     if kind == "join":
-        announcement = Announcement("join", node)
+        announcement = MembershipChange("join", node)
     elif kind.startswith("rejoin"):
-        announcement = Announcement("rejoin", node, state.round + (kind == "rejoin-old-round"), True)
+        announcement = MembershipChange("rejoin", node, state.round + (kind == "rejoin-old-round"), True)
     elif kind == "leave-old-round":
-        announcement = Announcement("leave", node, state.round + 1, state.complete)
+        announcement = MembershipChange("leave", node, state.round + 1, state.complete)
     elif kind == "leave-other-completeness":
         announcement = _leave(node, state, complete=not state.complete)
     else:
@@ -635,29 +635,29 @@ def test_fold_join_of_a_participant_changes_nothing():
     s = _settings()
     state = _complete([ME, N[0]])
     snapshot = copy.deepcopy(state)
-    assert fold(state, Announcement("join", ME), s) is False
+    assert fold(state, MembershipChange("join", ME), s) is False
     assert state == snapshot
 
 
 def test_fold_leave_of_a_complete_round():
     s = _settings(min_nodes=2, max_nodes=3)
     state = _complete([ME, N[0], N[1]], round=2)
-    assert fold(state, Announcement("leave", ME, 1, True), s) is False  # a stale round changes nothing
-    assert fold(state, Announcement("leave", ME, 3, True), s) is False
+    assert fold(state, MembershipChange("leave", ME, 1, True), s) is False  # a stale round changes nothing
+    assert fold(state, MembershipChange("leave", ME, 3, True), s) is False
     assert ME in state.participants
-    assert fold(state, Announcement("leave", ME, 2, True), s) is True
+    assert fold(state, MembershipChange("leave", ME, 2, True), s) is True
     assert ME not in state.participants and state.complete and state.world_size == 3
-    assert fold(state, Announcement("leave", ME, 2, True), s) is False  # repeated
-    assert fold(state, Announcement("leave", N[0], 2, True), s) is True
-    assert fold(state, Announcement("leave", N[1], 2, True), s) is True
+    assert fold(state, MembershipChange("leave", ME, 2, True), s) is False  # repeated
+    assert fold(state, MembershipChange("leave", N[0], 2, True), s) is True
+    assert fold(state, MembershipChange("leave", N[1], 2, True), s) is True
     assert state.round == 3 and not state.complete and not state.participants
 
 
 def test_fold_leave_of_an_incomplete_round_takes_back_the_join():
     s = _settings(min_nodes=2, max_nodes=3)
     state = RendezvousState(round=4, participants={ME: 0, N[0]: 0}, deadline=WALL + 3)
-    assert fold(state, Announcement("leave", ME, 4, True), s) is False  # it did not see this round complete
-    assert fold(state, Announcement("leave", ME, 4, False), s) is True
+    assert fold(state, MembershipChange("leave", ME, 4, True), s) is False  # it did not see this round complete
+    assert fold(state, MembershipChange("leave", ME, 4, False), s) is True
     assert state.participants == {N[0]: 0} and state.round == 4 and not state.complete
     settle(state, s, WALL)
     assert state.deadline is None  # below min_nodes again: the last call is off
@@ -673,9 +673,9 @@ def test_take_back_folded_after_the_round_completed_does_not_remove_the_member()
     state = RendezvousState(round=1, participants={ME: 0, N[0]: 0}, deadline=WALL + 30)
     # The node gives up on the incomplete round and posts its take-back...
     take_back = _leave(ME, state)
-    assert take_back == Announcement("leave", ME, 1, False)
+    assert take_back == MembershipChange("leave", ME, 1, False)
     # ... but before any write folds it, a join fills the round, which completes.
-    assert fold(state, Announcement("join", N[1]), s)
+    assert fold(state, MembershipChange("join", N[1]), s)
     settle(state, s, WALL)
     assert state.complete and state.round == 1
     formed = copy.deepcopy(state)
@@ -710,14 +710,14 @@ def test_rejoin_op_leaves_only_the_complete_round_it_was_started_in():
 def test_fold_rejoin_leaves_then_joins_the_next_round():
     s = _settings(min_nodes=2, max_nodes=3)
     state = _complete([ME, N[0], N[1]], round=2)
-    assert fold(state, Announcement("rejoin", ME, 2, True), s) is True
+    assert fold(state, MembershipChange("rejoin", ME, 2, True), s) is True
     assert state.round == 2 and state.complete and ME not in state.participants
     assert state.wait_list == {ME} and state.previous_ranks == {ME: 2}
-    assert fold(state, Announcement("rejoin", ME, 2, True), s) is False  # repeated
-    assert fold(state, Announcement("rejoin", N[0], 2, True, "zone-a"), s) is True
+    assert fold(state, MembershipChange("rejoin", ME, 2, True), s) is False  # repeated
+    assert fold(state, MembershipChange("rejoin", N[0], 2, True, "zone-a"), s) is True
     assert state.topology == {N[0]: "zone-a"}
     # The last member's leave opens round 3, which its join enters; settle takes in the waiting.
-    assert fold(state, Announcement("rejoin", N[1], 2, True), s) is True
+    assert fold(state, MembershipChange("rejoin", N[1], 2, True), s) is True
     assert state.round == 3 and not state.complete and set(state.participants) == {N[1]}
     settle(state, s, WALL)
     assert set(state.participants) == {ME, N[0], N[1]} and not state.wait_list
@@ -728,11 +728,11 @@ def test_fold_stale_rejoin_still_joins_and_a_closed_run_takes_only_the_leave():
     s = _settings(min_nodes=2, max_nodes=3)
     # The node was dropped as dead from round 2, and round 3 formed without it.
     state = _complete([N[0], N[1]], round=3)
-    assert fold(state, Announcement("rejoin", ME, 2, True), s) is True
+    assert fold(state, MembershipChange("rejoin", ME, 2, True), s) is True
     assert state.wait_list == {ME} and ME not in state.participants
     closed = _complete([ME, N[0]], round=2)
     closed.closed = True
-    assert fold(closed, Announcement("rejoin", ME, 2, True), s) is True
+    assert fold(closed, MembershipChange("rejoin", ME, 2, True), s) is True
     assert ME not in closed.participants and ME not in closed.wait_list
 
 

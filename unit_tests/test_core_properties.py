@@ -43,9 +43,9 @@ from rdzv_common.ops import close_op, exit_op, join_op, rejoin_op
 from rdzv_common.settings import RendezvousSettings
 from rdzv_common.state import NodeDesc
 
-# The integration tests' checker of what nodes were told: pure, importable here (pytest puts the
-# rootdir on sys.path).
-from integration_tests.answers import Answer, AnswerLog, check
+# The checker of what nodes were told, which the soak benchmark uses too: pure, importable here
+# (pytest puts the rootdir on sys.path).
+from benchmarks.answers import Answer, AnswerLog, check
 
 RUN = "prop-run"
 MAX_N = 6
@@ -328,7 +328,7 @@ class ChurnMachine(RuleBasedStateMachine):
     def _begin(self, node: Node) -> None:
         # What next_rendezvous does before its first decision.
         node.holder.refresh_liveness()
-        node.holder.sync()
+        node.holder.read()
         node.executor.beat()
         node.left_round = node.holder.state.round
         node.deadline = CLOCK.t + JOIN_TIMEOUT

@@ -9,7 +9,7 @@ import random
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters, RendezvousStateError
 
-from rdzv_common.codec import Announcement, decode_announcement, decode_state, encode_join, encode_state
+from rdzv_common.codec import MembershipChange, decode_announcement, decode_state, encode_join, encode_state
 from rdzv_common.handler import _topology_label
 from rdzv_common.ops import fold, nodes_waiting, settle
 from rdzv_common.ranks import check_topology, natural_key, order_nodes
@@ -108,7 +108,7 @@ def _settings(min_nodes=1, max_nodes=8, **kw) -> RendezvousSettings:
 def _round(state: RendezvousState, nodes, settings, labels=None) -> dict[NodeDesc, int]:
     """Let ``nodes`` join ``state``'s open round, complete it, and return the ranks."""
     for node in nodes:
-        fold(state, Announcement("join", node, topology=(labels or {}).get(node)), settings)
+        fold(state, MembershipChange("join", node, topology=(labels or {}).get(node)), settings)
     settle(state, settings, WALL)
     settle(state, settings, WALL + settings.last_call_timeout + 1)
     assert state.complete
@@ -200,7 +200,7 @@ def test_a_round_completes_with_whole_units_and_extras_wait(min_nodes, max_nodes
     nodes = _nodes(*(f"n{i}" for i in range(joined)))
     state = RendezvousState()
     for node in nodes:
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
     settle(state, s, WALL + 2)
     assert state.complete and state.world_size == world
@@ -217,10 +217,10 @@ def test_a_round_waits_for_a_whole_unit():
     s = _settings(4, 8, node_unit=4)
     state = RendezvousState()
     for node in _nodes("n1", "n2", "n3"):
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
     assert state.deadline is None and not state.complete
-    fold(state, Announcement("join", NodeDesc("n4", 1, 0)), s)
+    fold(state, MembershipChange("join", NodeDesc("n4", 1, 0)), s)
     settle(state, s, WALL)
     assert state.deadline == WALL + 1 and not state.complete
     settle(state, s, WALL + 2)
@@ -231,7 +231,7 @@ def test_a_full_unit_completes_at_once_at_max_world():
     s = _settings(2, 7, node_unit=3)
     state = RendezvousState()
     for node in _nodes(*(f"n{i}" for i in range(6))):
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
     assert state.complete and state.world_size == 6
 
@@ -241,12 +241,12 @@ def test_num_nodes_waiting_counts_whole_units_only():
     state = RendezvousState()
     nodes = _nodes(*(f"n{i}" for i in range(5)))
     for node in nodes:
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL + 2)
     settle(state, s, WALL + 4)
     assert state.world_size == 4 and len(state.wait_list) == 1
     assert nodes_waiting(state, s) == 0  # one node cannot grow a group of pairs
-    fold(state, Announcement("join", NodeDesc("n9", 1, 0)), s)
+    fold(state, MembershipChange("join", NodeDesc("n9", 1, 0)), s)
     assert len(state.wait_list) == 2 and nodes_waiting(state, s) == 2
 
 
@@ -254,11 +254,11 @@ def test_nodes_beyond_max_world_of_a_complete_group_are_redundant():
     s = _settings(2, 5, node_unit=2)
     state = RendezvousState()
     for node in _nodes("n1", "n2", "n3", "n4"):
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
     assert state.complete and state.world_size == 4
     late = NodeDesc("n9", 1, 0)
-    fold(state, Announcement("join", late), s)
+    fold(state, MembershipChange("join", late), s)
     assert late in state.redundancy_list and nodes_waiting(state, s) == 0
 
 
@@ -341,7 +341,7 @@ def test_topology_travels_with_the_join_and_lives_in_the_state():
 def test_a_label_of_a_node_that_left_is_not_written():
     node = NodeDesc("10.0.0.1", 7, 0)
     state = RendezvousState()
-    fold(state, Announcement("join", node, topology="z1"), _settings())
+    fold(state, MembershipChange("join", node, topology="z1"), _settings())
     state.remove_node(node)
     assert "z1" not in encode_state(state).decode()
 
@@ -381,13 +381,13 @@ def test_num_nodes_waiting_counts_against_the_live_group_not_the_world_size_it_f
     state = RendezvousState()
     a, b, spare = _nodes("a", "b", "spare")
     for node in (a, b):
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
-    fold(state, Announcement("join", spare), s)
+    fold(state, MembershipChange("join", spare), s)
     assert spare in state.redundancy_list and nodes_waiting(state, s) == 0
     state.remove_node(b)  # b's liveness lapsed
     state.redundancy_list.discard(spare)
-    fold(state, Announcement("join", spare), s)
+    fold(state, MembershipChange("join", spare), s)
     assert state.world_size == 2 and spare in state.wait_list
     assert nodes_waiting(state, s) == 1
 
@@ -397,12 +397,12 @@ def test_num_nodes_waiting_after_a_loss_then_a_newcomer_below_max():
     state = RendezvousState()
     a, b, c, late = _nodes("a", "b", "c", "late")
     for node in (a, b, c):
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
     assert state.world_size == 3
     state.remove_node(c)
     assert nodes_waiting(state, s) == 0  # nobody to add: the survivors train on
-    fold(state, Announcement("join", late), s)
+    fold(state, MembershipChange("join", late), s)
     assert late in state.wait_list and nodes_waiting(state, s) == 1
 
 
@@ -411,9 +411,9 @@ def test_num_nodes_waiting_fills_lost_units_only_with_whole_units():
     state = RendezvousState()
     nodes = _nodes("n1", "n2", "n3", "n4")
     for node in nodes:
-        fold(state, Announcement("join", node), s)
+        fold(state, MembershipChange("join", node), s)
     settle(state, s, WALL)
     state.remove_node(nodes[3])  # 3 live members of a group of 4
     assert nodes_waiting(state, s) == 0  # a restart would form a group of 2
-    fold(state, Announcement("join", NodeDesc("n9", 1, 0)), s)
+    fold(state, MembershipChange("join", NodeDesc("n9", 1, 0)), s)
     assert nodes_waiting(state, s) == 1  # 3 + 1: a whole group of 4 again

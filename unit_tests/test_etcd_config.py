@@ -187,7 +187,7 @@ def test_plugin_overrides_torch_etcd_v2():
     import torch.distributed.elastic.rendezvous  # noqa: F401 (loads the plugins)
 
     from etcd_rdzv import plugin
-    from rdzv_common.torch_compat import registered_creator
+    from rdzv_common.torch_private import registered_creator
 
     assert registered_creator("etcd-v2") is plugin.create_handler
     assert registered_creator("etcd_rdzv") is plugin.create_handler
@@ -196,7 +196,7 @@ def test_plugin_overrides_torch_etcd_v2():
 def test_plugin_override_can_be_turned_off():
     code = (
         "import torch.distributed.elastic.rendezvous\n"
-        "from rdzv_common.torch_compat import registered_creator as c\n"
+        "from rdzv_common.torch_private import registered_creator as c\n"
         "print(c('etcd-v2').__module__, c('etcd_rdzv').__module__)\n"
     )
     env = {**os.environ, OVERRIDE_ENV: "0"}

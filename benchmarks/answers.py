@@ -129,14 +129,14 @@ def _seen(handler) -> int:
     """The newest revision of the run an etcd handler has seen (0 for other backends). Its floor
     covers its own liveness check; a state read from the process's view may be newer than it."""
     floor = getattr(getattr(handler, "_backend", None), "floor", None)
-    return max(floor.revision, handler._holder.token or 0) if floor is not None else 0
+    return max(floor.revision, handler._executor.token or 0) if floor is not None else 0
 
 
 def record_waiting(handler, log: AnswerLog) -> int:
     """``handler.num_nodes_waiting()`` as torchrun's monitor loop calls it, logged with the token
     of the state it answered from; returns the count."""
     count = handler.num_nodes_waiting()
-    log.add(Waiting(handler.node.key, count, handler._holder.token, time.monotonic()))
+    log.add(Waiting(handler.node.key, count, handler._executor.token, time.monotonic()))
     return count
 
 

@@ -1,4 +1,4 @@
-"""What ``torch_compat`` relies on in the installed torch: torchrun's loading of the
+"""What ``torch_private`` relies on in the installed torch: torchrun's loading of the
 ``torchrun.handlers`` entry points, and the private names it reaches for. Part of the torch matrix
 (``make test-torch``), where a torch that lacks one fails here first, by name."""
 
@@ -12,7 +12,7 @@ from torch.distributed import TCPStore
 
 import c10d_rdzv.plugin
 import etcd_rdzv.plugin
-from rdzv_common.torch_compat import (
+from rdzv_common.torch_private import (
     clone_tcp_store,
     matches_machine_hostname,
     registered_creator,

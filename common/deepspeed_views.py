@@ -20,6 +20,9 @@ of the state, the last time the backend confirmed it alive (asked afresh once th
 ``keep_alive_interval``); a node the backend reports dead has no entry. Times are naive UTC, as
 ``datetime.utcnow()`` gives and DeepSpeed compares them with (torch 2.13 itself stores aware ones,
 which that comparison would refuse).
+
+Here the package offers torch's private names to another agent; where the package itself reaches
+past torch's public API, and what differs between torch versions, is ``torch_private.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +36,11 @@ from typing import TYPE_CHECKING
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousSettings as TorchSettings
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousTimeout
 
+from .node import NodeDesc
 from .settings import RendezvousSettings
-from .state import NodeDesc
 
 if TYPE_CHECKING:
     from .executor import OpExecutor
-    from .holder import StateHolder
 
 
 def torch_settings(settings: RendezvousSettings) -> TorchSettings:
@@ -75,18 +77,17 @@ class TorchStateView:
 class TorchStateHolderView:
     """torch's ``_state_holder``, read-only: ``state`` is a fresh ``TorchStateView`` per read."""
 
-    def __init__(self, holder: StateHolder, executor: OpExecutor, lock: threading.Lock) -> None:
-        self._holder = holder
+    def __init__(self, executor: OpExecutor, lock: threading.Lock) -> None:
         self._executor = executor
         self._lock = lock
 
     @property
     def state(self) -> TorchStateView:
         with self._lock:
-            state = self._holder.state
+            state = self._executor.state
             node = self._executor.node
             others = state.nodes() - {node}
-            seen = self._holder.seen_alive(others) if others else {}
+            seen = self._executor.seen_alive(others) if others else {}
             if node in state.nodes() and self._executor.last_beat is not None:
                 seen[node.key] = self._executor.last_beat
             now_mono, now_utc = time.monotonic(), datetime.now(timezone.utc).replace(tzinfo=None)
