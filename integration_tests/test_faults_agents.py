@@ -191,7 +191,7 @@ def test_member_dying_while_its_round_is_folded_complete_does_not_shrink_it_belo
     from etcd_rdzv.factory import create_backend
     from rdzv_common.handler import DynamicRendezvousHandler
     from rdzv_common.settings import settings_from_params
-    from rdzv_common.state import NodeDescGenerator
+    from rdzv_common.node import NodeDescGenerator
 
     a, b, d = spawn(3, 3, 3)
     with checker_for(etcd_run, 3, 3) as checker:
