@@ -91,6 +91,9 @@ def aggregate(runs: list[dict]) -> dict[tuple[str, str, int], dict]:
         if final:
             entry["counters"] = final[0]["counters"]
             entry["core_writes"] = final[0].get("core_writes")
+            paid = [f["etcd"] for f in final if f.get("etcd")]
+            if paid:  # medians over the trials of what etcd itself paid
+                entry["etcd"] = {k: statistics.median(p.get(k, 0) for p in paid) for k in paid[0]}
         entry["note"] = next((r.get("note") or "; ".join(r["errors"][:1]) for r in rs if r["status"] != "ok"), "")
         out[key] = entry
     return out
@@ -174,8 +177,9 @@ def markdown(doc: dict) -> str:
                       f"({s['last_call']:g} s). Exit hook ran for: {', '.join(hooked) or 'none'}.", ""]
         lines += ["", "Writes to the backend during the timed phase, per rendezvous (all nodes together):", "",
                   "| N | backend | set_state calls (won) | state KB written | mailbox posts | mailbox KB | "
-                  "liveness beats | get_state calls | core CAS writes | requests per node |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "liveness beats | get_state calls | core CAS writes | requests per node | "
+                  "etcd raft entries per node | etcd CPU s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n in ns:
             for b in backends:
                 e = agg.get((b, scenario, n))
@@ -186,7 +190,8 @@ def markdown(doc: dict) -> str:
                     f"| {n} | {LABELS[b]} | {c.get('set_state_calls', 0)} ({c.get('set_state_won', 0)}) | "
                     f"{_kb(c.get('set_state_bytes', 0))} | {c.get('mailbox_posts', '—')} | {_kb(c.get('mailbox_bytes'))} | "
                     f"{c.get('liveness_beats', '—')} | {c.get('get_state_calls', 0)} | {e.get('core_writes') or '—'} | "
-                    f"{_per_node(c.get('requests'), n)} |"
+                    f"{_per_node(c.get('requests'), n)} | {_per_node(e.get('etcd', {}).get('raft_entries'), n)} | "
+                    f"{_seconds(e.get('etcd', {}).get('cpu_seconds'))} |"
                 )
         lines.append("")
     notes = list(doc.get("notes", []))
@@ -198,8 +203,12 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _per_node(count: int | None, n: int) -> str:
+def _per_node(count: float | None, n: int) -> str:
     return "—" if count is None else f"{count / n:.1f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def write_markdown(path: Path, doc: dict) -> None:

