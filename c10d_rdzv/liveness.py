@@ -38,7 +38,7 @@ class C10dLiveness(Liveness):
         # stretch of beats began, the ttl it beats with).
         self._beats: dict[str, tuple[float, float, float]] = {}
 
-    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None, announcing: bool = False) -> None:
         sent = time.monotonic()
         self._calls("set", self._keys.heartbeat(node_key), repr(time.time()).encode())
         replied = time.monotonic()

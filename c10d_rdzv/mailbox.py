@@ -113,7 +113,7 @@ class C10dMailbox(Mailbox):
         # it, so ``trim`` needs no request of its own to learn the value to compare against.
         self._seen: bytes | None = None
 
-    def post(self, record: bytes) -> Record:
+    def post(self, record: bytes, poster: str | None = None) -> Record:
         self._calls("append", self._key, frame(bytes(record)))
         return Record(bytes(record), None)
 

@@ -60,10 +60,11 @@ class Mailbox(ABC):
     """
 
     @abstractmethod
-    def post(self, record: bytes) -> Record:
+    def post(self, record: bytes, poster: str | None = None) -> Record:
         """Append ``record`` and return it with its handle (and its position, where the server
         says). The poster's own ``read``s that start after this returns see it; other nodes see it
-        once it reaches them."""
+        once it reaches them. ``poster``: the key of the node posting, whose liveness a backend
+        may write in the same request (it has beaten before it posts)."""
 
     @abstractmethod
     def read(self, cursor: int) -> list[Record]:
@@ -93,9 +94,12 @@ class Liveness(ABC):
     """
 
     @abstractmethod
-    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None, announcing: bool = False) -> None:
         """Record that ``node_key`` is alive for the next ``ttl`` seconds, giving up (with a
-        ``RendezvousConnectionError``) after ``timeout`` seconds if given."""
+        ``RendezvousConnectionError``) after ``timeout`` seconds if given. ``announcing``: the
+        node posts next (``Mailbox.post(..., poster=node_key)``), and a backend may leave the
+        record of a node not yet alive to that post (etcd: one transaction for both); the node's
+        next beat records it if no post came."""
 
     @abstractmethod
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:

@@ -121,15 +121,15 @@ class OpExecutor:
         """When (on ``clock``) this node last sent a heartbeat; ``None`` before its first."""
         return None if self._last_beat == float("-inf") else self._last_beat
 
-    def beat(self, timeout: float | None = None, if_due: bool = False) -> None:
+    def beat(self, timeout: float | None = None, if_due: bool = False, announcing: bool = False) -> None:
         """Send a heartbeat now, within ``timeout`` seconds if given; with ``if_due``, only if none
         was sent within ``keep_alive_interval`` (another thread's beat may have ended while this
-        one waited for it)."""
+        one waited for it); ``announcing``: the node posts next (``Liveness.beat``)."""
         with self._beat_lock:
             if if_due and not self._keep_alive_due():
                 return
             sent = self._clock()
-            self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout)
+            self._backend.liveness.beat(self._node.key, self._settings.liveness_ttl, timeout, announcing)
             # The next beat is due an interval after this one was *sent*: the server counts the TTL
             # from when it took the beat, no earlier. Counted from the reply, the interval would
             # grow by the reply's delay, which under load is most of the TTL.

@@ -158,7 +158,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     # Read before the first heartbeat: a corrupt state fails with nothing written.
                     # (The executor reads the state first thing anyway.)
                     self._executor.read()
-                    self._executor.beat()
+                    self._executor.beat(announcing=True)  # its join's post records it alive
                     self._start_heartbeats()
             deadline = started + self._config.join_timeout
             while True:

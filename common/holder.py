@@ -351,7 +351,7 @@ class StateHolder:
             data = encode_rejoin(self._node, state.round, self._topology)
         else:
             data = encode_join(self._node, self._topology)
-        record = self._backend.mailbox.post(data)
+        record = self._backend.mailbox.post(data, poster=self._node.key)
         posted_at = self._clock()
         self._pending = _Pending(state.round, action, record, posted_at, random.uniform(0.9, 1.1))
         self._posted = (key, repeat, posted_at + repost_delay(repeat + 1))

@@ -46,7 +46,7 @@ class MemoryMailbox(Mailbox):
         self._store = store
         self._run_id = run_id
 
-    def post(self, record: bytes) -> Record:
+    def post(self, record: bytes, poster: str | None = None) -> Record:
         with self._store.changed:
             log = self._store.logs.setdefault(self._run_id, [])
             log.append(bytes(record))
@@ -79,7 +79,7 @@ class MemoryLiveness(Liveness):
         self._store = store
         self._run_id = run_id
 
-    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None, announcing: bool = False) -> None:
         with self._store.changed:
             if not self._holds(node_key):
                 current = self._store.states.get(self._run_id)

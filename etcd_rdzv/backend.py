@@ -30,8 +30,8 @@ class EtcdRendezvousBackend(RendezvousBackend):
     def __init__(self, run: EtcdRun, name: str = "etcd-v2", release: Callable[[EtcdRun], None] | None = None) -> None:
         self._run, self._name, self._release = run, name, release
         self.floor = Floor()  # what this node wrote or read of the run
-        self._mailbox = EtcdMailbox(run, self.floor)
         self._liveness = EtcdLiveness(run, self.floor)
+        self._mailbox = EtcdMailbox(run, self.floor, self._liveness)
         self._quarantine = EtcdQuarantine(run, self.floor)
         self._close_lock = threading.Lock()
         self._closed = False

@@ -19,24 +19,48 @@ from .runtime.txn import Delete, Get, Put, Txn
 
 class EtcdLiveness(Liveness):
     """``<run>/alive/<node_key>`` exists while the node beats. Its first beat grants a lease of
-    ``ceil(ttl)`` seconds and puts the key on it; later beats only renew the lease (no write), and
-    count as the run's activity for the run's lease. Once beats stop, etcd deletes the key with
-    the lease (it rounds very short TTLs up to about two seconds)."""
+    ``ceil(ttl)`` seconds and puts the key on it; a first beat ``announcing`` a post leaves the
+    put to that post's own transaction (``first_put``): a joining node costs etcd one entry
+    fewer, and no node sees its announcement without its key. Later beats only renew the lease
+    (no write; a key still not put is put then), and count as the run's activity for the run's
+    lease. Once beats stop, etcd deletes the key with the lease (it rounds very short TTLs up to
+    about two seconds)."""
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run, self._floor = run, floor
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}
+        self._unput: set[str] = set()  # nodes whose lease is granted and key not put yet
 
-    def beat(self, node_key: str, ttl: float, timeout: float | None = None) -> None:
+    def beat(self, node_key: str, ttl: float, timeout: float | None = None, announcing: bool = False) -> None:
         run, lease_id = self._run, self._leases.get(node_key)
-        if lease_id is not None and run.etcd.request(lambda c: run.lease.current(c) and refresh(c, lease_id, ttl), timeout):
+        renewed = lease_id is not None and run.etcd.request(
+            lambda c: run.lease.current(c) and refresh(c, lease_id, ttl), timeout)
+        if renewed and node_key not in self._unput:
             return
-        new_id = grant(run.etcd, ttl, timeout)
-        value = json.dumps({"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-        run.txn(Txn(then=[Put(run.keys.alive_key(node_key).encode(), value.encode(), new_id)]), self._floor, timeout)
+        if not renewed:
+            lease_id = grant(run.etcd, ttl, timeout)
+            with self._lock:
+                self._leases[node_key] = lease_id
+                if announcing:
+                    self._unput.add(node_key)
+                    return
+        run.txn(Txn(then=[self._put(node_key, lease_id)]), self._floor, timeout)
+        self.put_done(node_key)
+
+    def first_put(self, node_key: str) -> list[Put]:
+        """The put of the node's key, for its first post to carry, while that key is not put."""
         with self._lock:
-            self._leases[node_key] = new_id
+            return [self._put(node_key, self._leases[node_key])] if node_key in self._unput else []
+
+    def put_done(self, node_key: str) -> None:
+        """The node's key is put (by ``first_put``'s transaction, or a beat)."""
+        with self._lock:
+            self._unput.discard(node_key)
+
+    def _put(self, node_key: str, lease_id: int) -> Put:
+        value = json.dumps({"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+        return Put(self._run.keys.alive_key(node_key).encode(), value.encode(), lease_id)
 
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         """Which nodes have a liveness key: from the cache when it can vouch for this node's floor

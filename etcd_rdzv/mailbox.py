@@ -11,6 +11,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 from rdzv_common.backend import Mailbox, Record
 
 from .keys import prefix_range
+from .liveness import EtcdLiveness
 from .run import EtcdRun, Floor
 from .runtime.client import MAX_TXN_OPS
 from .runtime.txn import Delete, Get, Put, Txn, absent, exists, mod_below
@@ -37,13 +38,17 @@ class EtcdMailbox(Mailbox):
     requires that key unchanged since the read (``fence``), whichever record was taken back.
     """
 
-    def __init__(self, run: EtcdRun, floor: Floor) -> None:
-        self._run, self._floor = run, floor
+    def __init__(self, run: EtcdRun, floor: Floor, liveness: EtcdLiveness) -> None:
+        self._run, self._floor, self._liveness = run, floor, liveness
 
-    def post(self, record: bytes) -> Record:
+    def post(self, record: bytes, poster: str | None = None) -> Record:
+        """Create the record; the poster's liveness key goes with it when not put yet."""
         key = (self._run.keys.joins + uuid.uuid4().hex).encode()
-        put = Txn([absent(key)], [Put(key, bytes(record), self._run.session)], [Get(key)])
+        alive = self._liveness.first_put(poster) if poster is not None else []
+        put = Txn([absent(key)], [Put(key, bytes(record), self._run.session), *alive], [Get(key)])
         result = self._run.txn(put, self._floor)
+        if alive:
+            self._liveness.put_done(poster)
         return Record(bytes(record), result.revision if result.succeeded else result.kv(0).create_revision, key)
 
     def read(self, cursor: int) -> Batch:

@@ -483,3 +483,17 @@ def test_a_record_put_again_by_another_client_keeps_its_place_in_the_log(make_ba
     records = backend.mailbox.read(0)
     assert [r.data for r in records] == [b"first", b"second"]
     assert [r.data for r in backend.mailbox.read(first.position)] == [b"second"]
+
+
+def test_a_joining_node_s_liveness_key_is_written_in_its_announcement_s_own_transaction(make_backend, etcd_admin):
+    """A join used to cost etcd three entries before any state write: the lease grant, the
+    liveness key, the announcement. A first beat that announces leaves the key to the post."""
+    backend = make_backend()
+    backend.liveness.beat("node-a", 5, announcing=True)
+    assert etcd_admin.get(backend.run.keys.alive_key("node-a"))[0] is None  # nothing written yet
+    record = backend.mailbox.post(b"join", poster="node-a")
+    _, meta = etcd_admin.get(backend.run.keys.alive_key("node-a"))
+    assert meta.create_revision == record.position  # one transaction, one raft entry
+    assert _lease_exists(etcd_admin, meta.lease_id)
+    later = backend.mailbox.post(b"again", poster="node-a")  # put once only
+    assert etcd_admin.get(backend.run.keys.alive_key("node-a"))[1].mod_revision < later.position

@@ -161,8 +161,8 @@ class _SlowMailboxBackend:
         outer = self
 
         class Mailbox:
-            def post(self, record):
-                return backend.mailbox.post(record)
+            def post(self, record, poster=None):
+                return backend.mailbox.post(record, poster)
 
             def read(self, cursor):
                 if outer._hook is not None and sys._getframe(1).f_code.co_name == "_fold_mailbox":

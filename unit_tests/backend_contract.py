@@ -199,6 +199,16 @@ class BackendContract:
             time.sleep(0.1)
         assert a.liveness.alive(["node-a"], ttl) == set()
 
+    def test_a_node_beating_before_it_announces_is_alive_once_its_post_or_its_next_beat_is_in(self, make_backend):
+        a, b = make_backend("run-announcing"), make_backend("run-announcing")
+        ttl = self.liveness_ttl
+        a.liveness.beat("node-a", ttl, announcing=True)
+        a.mailbox.post(b"join", poster="node-a")
+        assert b.liveness.alive(["node-a"], ttl, current=True) == {"node-a"}
+        b.liveness.beat("node-b", ttl, announcing=True)  # no post follows
+        b.liveness.beat("node-b", ttl)
+        assert a.liveness.alive(["node-b"], ttl, current=True) == {"node-b"}
+
     def _lapse(self, backend, node: str) -> None:
         """Wait until ``node`` (which stopped beating) is dead on the server."""
         ttl = self.liveness_ttl

@@ -62,11 +62,11 @@ class HookBackend(MemoryBackend):
         mailbox = self.mailbox
         post, withdraw = mailbox.post, mailbox.withdraw
 
-        def hooked_post(record):
+        def hooked_post(record, poster=None):
             hook, self.before_post = self.before_post, None
             if hook is not None:
                 hook()
-            return post(record)
+            return post(record, poster)
 
         mailbox.post = hooked_post
         self.withdrawn: list = []
@@ -228,10 +228,10 @@ class VanishingMailboxBackend(WaitRecordingBackend):
         mailbox = self.mailbox
         post = mailbox.post
 
-        def vanishing_post(record):
+        def vanishing_post(record, poster=None):
             self.posts.append(self.clock())
             assert len(self.posts) < storm, "a write storm: the node re-posts without backing off"
-            posted = post(record)
+            posted = post(record, poster)
             mailbox.withdraw(posted.handle)
             return posted
 
