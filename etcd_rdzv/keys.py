@@ -4,7 +4,7 @@ Below ``key_prefix`` (default ``/torch/elastic/rendezvous``) each run owns one d
 percent-escaped (no ``/`` or ``%`` in it), so the directories of two runs never nest::
 
     <key_prefix>/<run>/state              the state; its mod_revision is the compare-and-set token
-    <key_prefix>/<run>/joins/<uuid>       announcements, on the poster's session lease
+    <key_prefix>/<run>/joins/<uuid>       announcements, on the poster's liveness lease
     <key_prefix>/<run>/withdrawn          rewritten by each withdrawal: fences the folding writes
     <key_prefix>/<run>/alive/<node>       one key per live node, on the node's own lease
     <key_prefix>/<run>/store/<key>        the agents' ``torch.distributed.Store``

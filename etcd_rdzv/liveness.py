@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -13,27 +14,45 @@ from rdzv_common.backend import Liveness, LivenessLapsed, Token
 
 from .keys import node_of, prefix_range
 from .run import EtcdRun, Floor
+from .runtime.client import FailoverClient, Retryable
 from .runtime.lessor import grant, refresh, revoke
 from .runtime.txn import Delete, Get, Put, Txn
+
+
+class NodeLease:
+    """A node's liveness lease as the lease of a write (a ``txn.Put``'s): the lease it beats, or,
+    when etcd lost that one, a new one, whose key the node's next beat puts."""
+
+    def __init__(self, liveness: EtcdLiveness, node_key: str) -> None:
+        self._liveness, self._node = liveness, node_key
+
+    def current(self, client: FailoverClient) -> int:
+        return self._liveness.lease_for_write(self._node, client)
+
+    def lost(self, lease_id: int) -> None:
+        self._liveness.lapsed(self._node, lease_id)
+        raise Retryable(f"the liveness lease {lease_id:x} of '{self._node}' expired")
 
 
 class EtcdLiveness(Liveness):
     """``<run>/alive/<node_key>`` exists while the node beats. Its first beat grants a lease of
     ``ceil(ttl)`` seconds and puts the key on it; a first beat ``announcing`` a post leaves the
-    put to that post's own transaction (``first_put``): a joining node costs etcd one entry
-    fewer, and no node sees its announcement without its key. Later beats only renew the lease
-    (no write; a key still not put is put then), and count as the run's activity for the run's
-    lease. Once beats stop, etcd deletes the key with the lease (it rounds very short TTLs up to
-    about two seconds)."""
+    put to that post's own transaction (``first_put``): a joining node costs etcd one lease grant
+    and one transaction, and no node sees its announcement without its key. Later beats only
+    renew the lease (no write; a key still not put is put then), and count as the run's activity
+    for the run's lease. Once beats stop, etcd deletes the key with the lease (it rounds very
+    short TTLs up to about two seconds)."""
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run, self._floor = run, floor
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}
+        self._ttls: dict[str, float] = {}
         self._unput: set[str] = set()  # nodes whose lease is granted and key not put yet
 
     def beat(self, node_key: str, ttl: float, timeout: float | None = None, announcing: bool = False) -> None:
         run, lease_id = self._run, self._leases.get(node_key)
+        self._ttls[node_key] = ttl
         renewed = lease_id is not None and run.etcd.request(
             lambda c: run.lease.current(c) and refresh(c, lease_id, ttl), timeout)
         if renewed and node_key not in self._unput:
@@ -48,19 +67,34 @@ class EtcdLiveness(Liveness):
         run.txn(Txn(then=[self._put(node_key, lease_id)]), self._floor, timeout)
         self.put_done(node_key)
 
-    def first_put(self, node_key: str) -> list[Put]:
-        """The put of the node's key, for its first post to carry, while that key is not put."""
+    def lease_of(self, node_key: str) -> NodeLease | None:
+        """The node's lease, for a write of its own to go on; ``None`` if it never beat here."""
+        return NodeLease(self, node_key) if node_key in self._ttls else None
+
+    def lease_for_write(self, node_key: str, client: FailoverClient) -> int:
+        """The lease the node beats; one granted now if etcd lost it (call within a request)."""
         with self._lock:
-            return [self._put(node_key, self._leases[node_key])] if node_key in self._unput else []
+            lease_id = self._leases.get(node_key)
+        if lease_id is None:
+            lease_id = client.lease(max(1, math.ceil(self._ttls[node_key]))).id
+            with self._lock:
+                self._leases[node_key] = lease_id
+                self._unput.add(node_key)
+        return lease_id
+
+    def first_put(self, node_key: str, lease: NodeLease) -> list[Put]:
+        """The put of the node's key on ``lease``, for its post to carry, while that key is not put."""
+        with self._lock:
+            return [self._put(node_key, lease)] if node_key in self._unput else []
 
     def put_done(self, node_key: str) -> None:
         """The node's key is put (by ``first_put``'s transaction, or a beat)."""
         with self._lock:
             self._unput.discard(node_key)
 
-    def _put(self, node_key: str, lease_id: int) -> Put:
+    def _put(self, node_key: str, lease: int | NodeLease) -> Put:
         value = json.dumps({"node": node_key, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-        return Put(self._run.keys.alive_key(node_key).encode(), value.encode(), lease_id)
+        return Put(self._run.keys.alive_key(node_key).encode(), value.encode(), lease)
 
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         """Which nodes have a liveness key: from the cache when it can vouch for this node's floor

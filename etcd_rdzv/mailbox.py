@@ -28,10 +28,11 @@ class Batch(list):
 
 
 class EtcdMailbox(Mailbox):
-    """Announcements are keys ``<run>/joins/<uuid>`` on the poster's session lease (a poster that
-    dies before its record is folded takes it along); a record's position is its create revision,
-    and a cursor a revision. A post only creates its key: a retry whose first attempt landed finds
-    it and changes nothing, and no key's ``mod_revision`` is taken for its place.
+    """Announcements are keys ``<run>/joins/<uuid>`` on the poster's liveness lease (a poster that
+    dies before its record is folded takes it along; a post without a poster goes on the run's
+    lease); a record's position is its create revision, and a cursor a revision. A post only
+    creates its key: a retry whose first attempt landed finds it and changes nothing, and no key's
+    ``mod_revision`` is taken for its place.
 
     Fencing takes one compare however many records a write folds: a withdrawal deletes its record
     and rewrites ``<run>/withdrawn`` in one transaction, and a write folding a read's records
@@ -44,8 +45,9 @@ class EtcdMailbox(Mailbox):
     def post(self, record: bytes, poster: str | None = None) -> Record:
         """Create the record; the poster's liveness key goes with it when not put yet."""
         key = (self._run.keys.joins + uuid.uuid4().hex).encode()
-        alive = self._liveness.first_put(poster) if poster is not None else []
-        put = Txn([absent(key)], [Put(key, bytes(record), self._run.session), *alive], [Get(key)])
+        lease = self._liveness.lease_of(poster) if poster is not None else None
+        alive = self._liveness.first_put(poster, lease) if lease is not None else []
+        put = Txn([absent(key)], [Put(key, bytes(record), lease or self._run.lease), *alive], [Get(key)])
         result = self._run.txn(put, self._floor)
         if alive:
             self._liveness.put_done(poster)
@@ -96,7 +98,7 @@ class EtcdMailbox(Mailbox):
 
     def trim(self, cursor: int) -> None:
         """Delete the records up to ``cursor`` the cache knows of; best effort, records also lapse
-        with their poster's session."""
+        with their poster's liveness."""
         keys = self._run.cache.peek(lambda cache: [r.handle for r in cache.items("joins") if r.position <= cursor])
         try:
             for start in range(0, len(keys), MAX_TXN_OPS):

@@ -27,7 +27,7 @@ class EtcdRun:
     quarantine keys is on it) and the process's cache of its directory. Build it with ``acquire``."""
 
     def __init__(self, cluster: Cluster, run_id: str) -> None:
-        self.etcd, self.session = cluster.etcd, cluster.session
+        self.etcd = cluster.etcd
         self.keys = RunKeys(self.etcd.config.key_prefix, run_id)
         self.lease = SharedLease(self.keys.state, self.etcd.config.ttl)
         self.cache = Cache(self.etcd, self.keys.root.encode(), self.keys.classify, _item)

@@ -39,8 +39,8 @@ def compare_and_swap(
     Args:
         receipt: a key unique to the call, put with the write on the run's lease: a retry that
             finds it knows its write committed although its response was lost, so the change
-            applies once (on the process's session lease, an outage past its 10 s took the receipt
-            along, and a retry applied an add twice). It is deleted afterwards.
+            applies once (on the run's lease, it outlives any outage a retry can ride out). It is
+            deleted afterwards.
         floor: the caller's floor.
     """
     floor = floor or Floor()

@@ -121,16 +121,16 @@ def test_state_carries_the_run_lease_with_the_configured_ttl(etcd_run, etcd_admi
 def test_close_revokes_this_process_leases(make_backend, etcd_admin):
     backend = make_backend()
     backend.set_state(b"v1")
-    backend.mailbox.post(b"join")
     backend.liveness.beat("node-a", 2)
-    session = next(iter(etcd_admin.get_prefix(backend.run.keys.joins)))[1].lease_id
+    backend.mailbox.post(b"join", poster="node-a")
+    announced = next(iter(etcd_admin.get_prefix(backend.run.keys.joins)))[1].lease_id
     liveness = etcd_admin.get(backend.run.keys.alive_key("node-a"))[1].lease_id
-    assert all(_lease_exists(etcd_admin, lease) for lease in (session, liveness, backend.run.lease.id))
+    assert announced == liveness  # a poster's announcement goes with its liveness
+    assert all(_lease_exists(etcd_admin, lease) for lease in (liveness, backend.run.lease.id))
     backend.close()
     backend.close()  # idempotent
-    assert not _lease_exists(etcd_admin, session)
     assert not _lease_exists(etcd_admin, liveness)
-    assert not [t for t in threading.enumerate() if t.name == "etcd-rdzv-session" and t.is_alive()]
+    assert list(etcd_admin.get_prefix(backend.run.keys.joins)) == []
     # The run's shared lease stays for the nodes still using the state; it lapses after ttl.
     assert _lease_exists(etcd_admin, backend.run.lease.id)
 
@@ -184,17 +184,17 @@ def test_fails_over_from_a_dead_endpoint(etcd_run):
         backend.close()
 
 
-def test_mailbox_records_vanish_with_the_process_session(make_backend, etcd_admin):
+def test_mailbox_records_vanish_with_their_poster_s_liveness(make_backend, etcd_admin):
     poster, reader = make_backend(), make_backend()
-    poster.mailbox.post(b"join")
+    poster.liveness.beat("node-a", 5, announcing=True)
+    poster.mailbox.post(b"join", poster="node-a")
     # Another node's write reaches this one through the run's watch (a node waits only for its own).
     wait_until(lambda: [r.data for r in reader.mailbox.read(0)] == [b"join"], 5)
     joins = reader.run.keys.joins
-    poster.close()
-    # The backends of a process share its session: the record stays while one of them is open.
-    assert [r.data for r in reader.mailbox.read(0)] == [b"join"]
-    reader.close()
+    poster.close()  # its node's liveness ends, and the announcement it never saw folded with it
+    wait_until(lambda: [r.data for r in reader.mailbox.read(0)] == [], 5)
     assert list(etcd_admin.get_prefix(joins)) == []
+    reader.close()
 
 
 def test_mailbox_trim_deletes_folded_records(make_backend, etcd_admin):

@@ -1,6 +1,6 @@
 """The process's one registry of shared etcd objects, and what it does around ``fork()``.
 
-A process holds one ``Cluster`` (a client, so one gRPC channel per endpoint, and a session lease)
+A process holds one ``Cluster`` (a client, so one gRPC channel per endpoint)
 per configuration, and one shared object per (configuration, name) however many users it has
 (the rendezvous handlers of a run share the run's cache): ``acquire`` hands it out, made on first
 use, and the last ``release`` closes it, and its cluster once unused. ``registry`` is the etcd
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from ..config import EtcdConfig
 from .client import EtcdClient
-from .lessor import KeepAliveStreams, Session
+from .lessor import KeepAliveStreams
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +79,16 @@ class ForkGate:
 
 
 class Cluster:
-    """The process's connection to one etcd cluster: its client and its session lease."""
+    """The process's connection to one etcd cluster."""
 
     def __init__(self, config: EtcdConfig, gate: ForkGate) -> None:
         self.etcd = EtcdClient(config, gate.passage)
-        self.session = Session(self.etcd)
 
     def pause(self, timeout: float) -> None:
         KeepAliveStreams.of(self.etcd.raw).pause(timeout)
 
     def close(self) -> None:
-        try:
-            self.session.close()
-        finally:
-            self.etcd.close()
+        self.etcd.close()
 
 
 class Registry:

@@ -1,5 +1,5 @@
-"""Leases: the process's session lease, a key range's shared lease, and the keep-alive streams
-that renew every lease of a client (like the Go client's ``concurrency.Session``).
+"""Leases: granting and revoking one, a key range's shared lease, and the keep-alive streams that
+renew every lease of a client (the Go client's ``Lease`` keep-alive loop).
 
 etcd renews a lease only over the ``LeaseKeepAlive`` stream; etcd3 opens a stream (and gRPC a
 thread) per renewal. Here a renewal is one message on a stream that stays open, and a lease is
@@ -31,7 +31,6 @@ from .client import EtcdClient, FailoverClient, Retryable, RpcStatus, fail_over,
 logger = logging.getLogger(__name__)
 
 STREAMS = 8  # keep-alive streams per client, opened as used
-SESSION_TTL = 10  # rides out a leader election; a dead process's keys go soon
 
 
 class KeepAliveFailed(Exception):
@@ -223,74 +222,6 @@ def revoke(etcd: EtcdClient, lease_id: int) -> None:
         etcd.request(lambda c: c.revoke_lease(lease_id), budget=0)
     except RendezvousConnectionError as exc:
         logger.debug("Could not revoke etcd lease %x: %s", lease_id, exc)
-
-
-class Session:
-    """The process's session lease on one cluster: granted on first use, renewed every ``ttl / 3``
-    by a thread of its own, granted anew once lost; renewal trouble is logged when it starts and
-    ends (the client warns of an outage itself)."""
-
-    def __init__(self, etcd: EtcdClient, ttl: int = SESSION_TTL) -> None:
-        self._etcd, self._ttl = etcd, ttl
-        self._lock = threading.Lock()
-        self._lease_id: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
-
-    def current(self, client: etcd3.MultiEndpointEtcd3Client) -> int:
-        """The lease, granted through ``client`` if needed; call within a request."""
-        with self._lock:
-            if self._stop.is_set():
-                raise RuntimeError("The etcd session is closed.")
-            if self._lease_id is None:
-                self._lease_id = client.lease(self._ttl).id
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._keep_alive, name="etcd-rdzv-session", daemon=True)
-                    self._thread.start()
-            return self._lease_id
-
-    def lost(self, lease_id: int) -> None:
-        """``lease_id`` is gone: the next ``current`` grants anew, and the request is retried."""
-        with self._lock:
-            if self._lease_id == lease_id:
-                self._lease_id = None
-        raise Retryable(f"session lease {lease_id:x} expired")
-
-    def _keep_alive(self) -> None:
-        while not self._stop.wait(self._ttl / 3):
-            lease_id = self._lease_id
-            if lease_id is None:
-                continue
-            try:
-                # One attempt: a silent connection is left for a new one the next tick renews on.
-                alive = self._etcd.request(lambda c: refresh(c, lease_id, self._ttl), budget=0)
-            except RendezvousConnectionError as exc:
-                if self._stop.is_set():
-                    return
-                self._report(True, f"Could not renew etcd session lease {lease_id:x}: {exc}")
-                continue
-            self._report(False, f"Renewed etcd session lease {lease_id:x} again.")
-            if not alive:
-                try:
-                    self.lost(lease_id)
-                except Retryable:
-                    pass
-
-    def _report(self, failing: bool, message: str) -> None:
-        if failing != self._failing:
-            self._failing = failing
-            logger.info(message)
-
-    def close(self) -> None:
-        """Stop renewing and revoke the lease. Idempotent."""
-        with self._lock:
-            self._stop.set()
-            lease_id, self._lease_id = self._lease_id, None
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self._etcd.config.read_timeout)
-        if lease_id is not None:
-            revoke(self._etcd, lease_id)
 
 
 class SharedLease:

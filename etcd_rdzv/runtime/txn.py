@@ -1,7 +1,7 @@
 """Transactions as data, and the one executor that runs them.
 
 A ``Txn`` names its compares and the operations of each branch; a put names its lease as an id
-or as a lease object (``lessor.Session``, ``lessor.SharedLease``), resolved in each attempt and
+or as a lease object (``lessor.SharedLease``, a node's lease), resolved in each attempt and
 granted anew when etcd says it is gone. ``Executor.run`` sends it as one etcd transaction under
 the client's retry policy and raises the caller's ``Floor`` to the newest revision of the keys it
 wrote (the transaction's own revision) or read (the newest ``mod_revision`` it returned): the
