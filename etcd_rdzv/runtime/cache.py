@@ -1,21 +1,10 @@
-"""The read-your-writes rule, and the watch-fed copy of a key range that answers most reads.
+"""Read-your-writes: no decision rests on a read older than what its node wrote or read.
 
-    No decision may rest on a read older than what the deciding node has already written or read.
-
-Each user of a range (a node's backend, a store) has a ``Floor``: the newest revision of the range
-it wrote or read, raised by every transaction it runs (``txn.run``). ``Cache`` keeps a copy of
-every key under a prefix: it loads the range at one revision, then applies the watch's events in
-order (etcd sends them in revision order), so after the events up to ``a`` it equals the range at
-``a``. It answers a read only once it has applied the reader's floor and heard from etcd within
-``TRUSTED_FOR_SECONDS``; else ``ViewBehind``, and the reader asks etcd, in a read shared with the
-process's other readers of the same thing (``SharedReads``). A progress reply proves only that the
-stream is alive (etcd before 3.4.25/3.5.8 could send one ahead of queued events, etcd-io#15220).
-A stream silent although asked for progress is reopened; every wait here ends within
-``WAIT_CAP_SECONDS``: a silent stream costs a second, never a stale answer.
-
-Keys are kept in buckets, ``bucket_of(key) -> (bucket, id) | None``, each in the order the keys
-were created; ``item(bucket, kv)`` is what a bucket keeps of a key (its ``KeyValue`` by default).
-"""
+Each user of a range has a ``Floor``, raised by every transaction it runs (``txn.run``). ``Cache``
+is a copy of a key range, loaded at one revision and advanced by the watch's events only; it
+answers a read once it has applied the reader's floor and heard from etcd lately, else the reader
+asks etcd, sharing the request with the process's other readers (``SharedReads``). Every wait ends
+within ``WAIT_CAP_SECONDS``. Why it is built so: docs/design.md, "Waiting is a watch"."""
 
 from __future__ import annotations
 
@@ -27,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import tenacity
@@ -68,13 +58,6 @@ class Floor:
             self.revision = max(self.revision, revision)
 
 
-class _Flight:
-    def __init__(self) -> None:
-        self.landed = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
 class SharedReads:
     """Reads of etcd shared by the readers of one kind: per kind, one request in the air and one
     flight boarding. Every reader is answered by a request sent after it came, so a shared answer
@@ -82,8 +65,8 @@ class SharedReads:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._boarding: dict[Hashable, _Flight] = {}
-        self._flying: dict[Hashable, _Flight] = {}
+        self._boarding: dict[Hashable, Future] = {}
+        self._flying: dict[Hashable, Future] = {}
 
     def read(self, kind: Hashable, request: Callable[[], T]) -> T:
         """``request()``'s answer, shared with the readers of ``kind`` aboard; a failure reaches each
@@ -92,28 +75,28 @@ class SharedReads:
             flight = self._boarding.get(kind)
             leads = flight is None
             if leads:
-                flight = self._boarding[kind] = _Flight()
+                flight = self._boarding[kind] = Future()
                 ahead = self._flying.get(kind)
         if not leads:
-            flight.landed.wait()
-            if flight.error is not None:
-                raise _own_copy(flight.error) from flight.error
-            return flight.result
+            if (error := flight.exception()) is not None:
+                raise _own_copy(error) from error
+            return flight.result()
         if ahead is not None:
-            ahead.landed.wait()
+            ahead.exception()  # waits for it to land
         with self._lock:
             del self._boarding[kind]  # from now on a reader waits for the next flight
             self._flying[kind] = flight
         try:
-            flight.result = request()
-            return flight.result
+            result = request()
         except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
             with self._lock:
                 del self._flying[kind]
-            flight.landed.set()
+            flight.set_exception(exc)
+            raise
+        with self._lock:
+            del self._flying[kind]
+        flight.set_result(result)
+        return result
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -125,13 +108,10 @@ def _own_copy(error: BaseException) -> BaseException:
 
 
 class Cache:
-    """The watch-fed copy of every key under ``prefix`` (see the module docstring); ``pause`` and
-    ``resume`` take its stream down and up around a ``fork()``.
-
-    Args:
-        on_change: called, with the lock held, with ``(bucket, id, kv or None, loaded)`` for each key
-            loaded (``loaded``: from a read of the whole range) and each put or delete applied.
-    """
+    """The watch-fed copy of every key under ``prefix``, kept in buckets (``bucket_of(key) ->
+    (bucket, id) | None``), each in creation order; a bucket keeps ``item(bucket, kv)`` of a key.
+    ``on_change(bucket, id, kv or None, loaded)`` is called, under the lock, for each key loaded
+    and each put or delete applied. ``pause`` and ``resume`` bracket a ``fork()``."""
 
     def __init__(
         self,
@@ -188,20 +168,14 @@ class Cache:
     def changed(self, bucket: Hashable) -> int:
         return self._changed.get(bucket, 0)
 
-    def buckets(self) -> list[Hashable]:
-        return list(self._buckets)
-
     @property
     def healthy(self) -> bool:
         """Whether the copy is loaded and its stream open."""
         return self._healthy
 
     def read(self, floor: int, reader: Callable[[Cache], T]) -> T:
-        """``reader(self)`` once the cache can answer for ``floor``, under its lock.
-
-        Raises:
-            ViewBehind: it could not catch up (see ``CATCH_UP_SECONDS``).
-        """
+        """``reader(self)`` under the lock once the cache can answer for ``floor``; else
+        ``ViewBehind`` (see ``CATCH_UP_SECONDS``)."""
         give_up = time.monotonic() + CATCH_UP_LIMIT_SECONDS
         while True:
             with self._lock:
@@ -248,10 +222,7 @@ class Cache:
     # Waits: each ends within ``WAIT_CAP_SECONDS``; callers look again.
 
     def _condition(self, bucket: Hashable) -> threading.Condition:
-        condition = self._conditions.get(bucket)
-        if condition is None:
-            condition = self._conditions.setdefault(bucket, threading.Condition(self._lock))
-        return condition
+        return self._conditions.get(bucket) or self._conditions.setdefault(bucket, threading.Condition(self._lock))
 
     def wait_changed(self, bucket: Hashable, after: int, timeout: float) -> None:
         """Return once the bucket changed after revision ``after``, or after ``timeout``."""

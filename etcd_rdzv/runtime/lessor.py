@@ -1,13 +1,7 @@
 """Leases: the process's session lease, a key range's shared lease, and the keep-alive streams
-that renew every lease of a client (like the Go client's ``concurrency.Session``).
-
-etcd renews a lease only over the ``LeaseKeepAlive`` stream; etcd3 opens a stream (and gRPC a
-thread) per renewal. Here a renewal is one message on a stream that stays open, and a lease is
-renewed on one of ``STREAMS`` streams chosen by its id (a stream's renewals are answered one at a
-time, after etcd applied what it committed before them, so a busy run's renewals wait side by
-side). A renewal that gets no reply while its channel hears nothing else finds the connection
-silent (``client.silent_after``): the client dials a new one and the renewal is sent again there.
-"""
+that renew every lease of a client (like the Go client's ``concurrency.Session``). A renewal is one
+message on one of ``STREAMS`` streams that stay open, chosen by lease id (docs/design.md); one that
+gets no reply on a channel that hears nothing else redials it (``client.silent_after``)."""
 
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ import grpc
 from etcd3.etcdrpc import LeaseKeepAliveRequest, LeaseStub
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from .client import EtcdClient, FailoverClient, Retryable, RpcStatus, fail_over, silent_after, status_code
+from .client import EtcdClient, FailoverClient, Retryable, RpcStatus, fail_over, silent_after
 
 logger = logging.getLogger(__name__)
 
@@ -212,11 +206,6 @@ def grant(etcd: EtcdClient, ttl: float, budget: float | None = None) -> int:
     return etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id, budget)
 
 
-def is_lease_missing(exc: BaseException) -> bool:
-    """Whether etcd refused a write because its lease is gone (etcd's only NOT_FOUND)."""
-    return status_code(exc) == grpc.StatusCode.NOT_FOUND
-
-
 def revoke(etcd: EtcdClient, lease_id: int) -> None:
     """Revoke a lease with one attempt; a failure is only logged, its TTL ends it anyway."""
     try:
@@ -251,11 +240,10 @@ class Session:
             return self._lease_id
 
     def lost(self, lease_id: int) -> None:
-        """``lease_id`` is gone: the next ``current`` grants anew, and the request is retried."""
+        """``lease_id`` is gone: the next ``current`` grants anew."""
         with self._lock:
             if self._lease_id == lease_id:
                 self._lease_id = None
-        raise Retryable(f"session lease {lease_id:x} expired")
 
     def _keep_alive(self) -> None:
         while not self._stop.wait(self._ttl / 3):
@@ -272,10 +260,7 @@ class Session:
                 continue
             self._report(False, f"Renewed etcd session lease {lease_id:x} again.")
             if not alive:
-                try:
-                    self.lost(lease_id)
-                except Retryable:
-                    pass
+                self.lost(lease_id)
 
     def _report(self, failing: bool, message: str) -> None:
         if failing != self._failing:
@@ -331,7 +316,6 @@ class SharedLease:
                 pass  # another process granted it first
 
     def lost(self, lease_id: int) -> None:
-        """The lease lapsed: the next ``current`` grants it again, and the request is retried."""
+        """The lease lapsed: the next ``current`` grants it again."""
         with self._lock:
             self._renewed_at = None
-        raise Retryable(f"lease {lease_id:x} expired")

@@ -17,7 +17,7 @@ from typing import Any, Union
 import grpc
 from etcd3.etcdrpc import Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest
 
-from .client import EtcdClient, FailoverClient, Retryable, fail_over, status_code
+from .client import EtcdClient, FailoverClient, Retryable, fail_over
 
 
 @dataclass(frozen=True)
@@ -143,12 +143,9 @@ def _attempt(client: FailoverClient, txn: Txn) -> Result:
     try:
         response = client.kvstub.Txn(request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
     except grpc.RpcError as exc:
-        if status_code(exc) == grpc.StatusCode.NOT_FOUND and leases:  # etcd's only NOT_FOUND: a lease gone
+        if exc.code() == grpc.StatusCode.NOT_FOUND and leases:  # etcd's only NOT_FOUND: a lease gone
             for lease_id, lease in leases.items():
-                try:
-                    lease.lost(lease_id)
-                except Retryable:
-                    pass
+                lease.lost(lease_id)
             raise Retryable(f"a lease of the transaction expired: {exc.details()}") from exc
         fail_over(client, exc)
     return Result(response.succeeded, response.header.revision, list(response.responses))
