@@ -15,11 +15,7 @@ from typing import TYPE_CHECKING
 # Importing torch's rendezvous package loads the plugins, this module among them: a top-level
 # import of it here would hand torch a half-initialised module.
 if TYPE_CHECKING:
-    from torch.distributed.elastic.rendezvous import (
-        RendezvousHandler,
-        RendezvousHandlerCreator,
-        RendezvousParameters,
-    )
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousHandlerCreator, RendezvousParameters
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +37,8 @@ def handler_creator() -> RendezvousHandlerCreator:
 
 
 def etcd_v2_override() -> RendezvousHandlerCreator:
-    """The creator torchrun registers under ``etcd-v2``.
-
-    torch registers its own ``etcd-v2`` creator before loading plugins, and its registry refuses
-    a second creator for a name; so this drops torch's entry first, unless the override is turned
-    off, in which case torch's own creator is returned and its registration stands.
-    """
+    """The creator torchrun registers under ``etcd-v2``: torch's registry, which refuses a second
+    creator for a name, loses torch's own first, unless the override is off (then it stands)."""
     from rdzv_common.torch_private import registered_creator, unregister_creator
 
     if os.environ.get(OVERRIDE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):

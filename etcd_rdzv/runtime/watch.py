@@ -1,11 +1,6 @@
-"""The one etcd watch loop: a stream over a key range, read reply by reply.
-
-Every watcher of this package (a process's view of a run, the CLI's ``watch``, the tests' checkers)
-iterates a ``Watch``. It asks etcd to cancel the stream when the member it talks to has no leader
-(etcd's require-leader metadata), so a member cut off from its cluster cannot keep a watcher
-waiting on a stream that will never carry another event; and it can ask for progress replies on a
-timer, and cancel itself when even those stop coming (a half-open connection, a stalled member).
-"""
+"""The one etcd watch loop, which every watcher of the package iterates. Its stream carries the
+client's require-leader metadata (a member cut off from its cluster cancels it); it can ask for
+progress replies on a timer and cancel itself when even those stop (a half-open connection)."""
 
 from __future__ import annotations
 
@@ -35,23 +30,11 @@ class WatchStalled(etcd3.exceptions.Etcd3Exception):
 
 
 class Watch:
-    """A watch stream on ``[key, range_end)`` from ``start_revision`` (0: from now on).
-
-    Iterating yields etcd's ``WatchResponse`` replies in order, events and progress replies alike,
-    until ``cancel``, ``timeout`` seconds (the iteration then just ends) or a failure.
-
-    Args:
-        client: the etcd3 client whose channel (and endpoint) the stream uses.
-        progress_every: ask etcd every this many seconds to confirm the stream is current.
-        stall_after: with ``progress_every``, cancel the stream once this many seconds pass without
-            a reply; the iteration then raises ``WatchStalled``.
-
-    Raises (while iterating):
-        WatchCompacted: the start revision is compacted.
-        WatchCanceled: etcd refused or ended the watch.
-        WatchStalled: see ``stall_after``.
-        etcd3.exceptions.Etcd3Exception: the connection failed (its endpoint is marked failed).
-    """
+    """A watch stream on ``[key, range_end)`` of ``client``'s channel from ``start_revision`` (0:
+    from now on). Iterating yields etcd's replies in order, events and progress alike, until
+    ``cancel`` or ``timeout`` (then it just ends), or raises: ``WatchCompacted``, ``WatchCanceled``,
+    ``WatchStalled`` (no reply for ``stall_after`` seconds although progress was asked for every
+    ``progress_every``), or etcd3's exception of a failed connection (its endpoint benched)."""
 
     def __init__(
         self,
@@ -80,9 +63,9 @@ class Watch:
                 yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 
         channel = client.channel
-        # A failure of the stream benches the endpoint it runs on, not the one current by then.
+        # A failure benches the stream's endpoint, not the one current by then; every reply tells
+        # the client that the connection is alive (``client.Hearing``).
         self._endpoint = getattr(client, "_current_endpoint_label", None)
-        # Every reply tells the client the connection is alive (``client.Hearing``).
         self._hearing = getattr(client, "hearing", None)
         self._call = rpc.WatchStub(channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
 
