@@ -3,6 +3,7 @@ itself; a key per liveness lapse on a lease of the counting window."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
