@@ -96,7 +96,7 @@ class EtcdStore(dist.Store):
     def multi_set(self, keys: Sequence[str], values: Sequence[str | bytes]) -> None:
         if len(keys) != len(values):
             raise ValueError(f"multi_set got {len(keys)} keys but {len(values)} values.")
-        self._run.txns([Put(self._key(k), _as_bytes(v), self._run.lease) for k, v in zip(keys, values)])
+        self._run.txns([Put(self._key(k), _as_bytes(v), self._run.lease) for k, v in zip(keys, values)], self._floor)
 
     def get(self, key: str) -> bytes:
         return self._await([key], self.timeout)[0]

@@ -33,9 +33,8 @@ T = TypeVar("T")
 PROGRESS_EVERY_SECONDS = 1.0  # the stream asks etcd to confirm it is current
 TRUSTED_FOR_SECONDS = 3.0  # after the last word from etcd, reads are still answered
 STALL_AFTER_SECONDS = 3.0  # without any reply, the stream is reopened
-# A reader waits this long for the cache to reach its floor, and on while the cache keeps applying,
-# up to the limit: a cache busy with a burst is worth waiting for (the readers asking etcd instead
-# only slow it), one that applies nothing is not.
+# A reader waits this long for the cache to reach its floor, and on while the cache keeps applying
+# up to the limit: readers that ask etcd instead only slow a cache busy with a burst.
 CATCH_UP_SECONDS = 1.0
 CATCH_UP_LIMIT_SECONDS = 5.0
 WAIT_CAP_SECONDS = 1.0
@@ -46,8 +45,7 @@ class ViewBehind(Exception):
 
 
 class Floor:
-    """The newest revision of the range one user wrote or read; reads of the cache are at least
-    this new."""
+    """The newest revision of the range one user wrote or read: its reads are at least this new."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,8 +67,7 @@ class SharedReads:
         self._flying: dict[Hashable, Future] = {}
 
     def read(self, kind: Hashable, request: Callable[[], T]) -> T:
-        """``request()``'s answer, shared with the readers of ``kind`` aboard; a failure reaches each
-        of them (a copy each, where the error's class can be rebuilt)."""
+        """``request()``'s answer, shared with the readers of ``kind`` aboard; so is a failure."""
         with self._lock:
             flight = self._boarding.get(kind)
             leads = flight is None
@@ -100,7 +97,8 @@ class SharedReads:
 
 
 def _own_copy(error: BaseException) -> BaseException:
-    # One exception raised in many threads would gather all their tracebacks.
+    """A copy, where the error's class can be rebuilt: raised in many threads, one would gather
+    all their tracebacks."""
     try:
         return copy.copy(error)
     except Exception:
@@ -232,9 +230,8 @@ class Cache:
                                min(timeout, WAIT_CAP_SECONDS))
 
     def wait_for(self, bucket: Hashable, ready: Callable[[Cache], bool], floor: int, timeout: float) -> bool | None:
-        """Wait until ``ready(self)`` at ``floor`` or later, or ``timeout``. ``True``: ready and
-        vouched for; ``False``: vouched for, not ready (wait on without asking etcd); ``None``: the
-        cache cannot vouch."""
+        """Wait until ``ready(self)`` at ``floor`` or later, or ``timeout``; ``ready(self)`` if the
+        cache can vouch for ``floor`` (``False``: wait on without asking etcd), else ``None``."""
         condition = self._condition(bucket)
         with condition:
             condition.wait_for(
@@ -265,7 +262,7 @@ class Cache:
             with self._lock:
                 self._buckets, self._orders, self._creations, self.applied = {}, {}, {}, loaded.revision
                 for kv in sorted(loaded.kvs(0), key=lambda kv: kv.create_revision):
-                    self._put(kv, kv.mod_revision, loading=True)
+                    self._change(kv.key, kv, kv.mod_revision, loading=True)
                 self._heard_at, self._healthy = time.monotonic(), True
                 self._wake_all()
             watch = Watch(self.etcd.raw, self.prefix, self._end, loaded.revision + 1,
@@ -283,35 +280,30 @@ class Cache:
                 self._healthy, self._watch = False, None
                 self._wake_all()
 
-    def _put(self, kv: Any, revision: int, loading: bool = False) -> Hashable | None:
-        placed = self._bucket_of(kv.key)
+    def _change(self, key: bytes, kv: Any, revision: int, loading: bool = False) -> Hashable | None:
+        """Put ``kv`` in its bucket, or delete ``key`` (``kv`` ``None``); the bucket it changed."""
+        placed = self._bucket_of(key)
         if placed is None:
             return None
-        bucket, key = placed
+        bucket, id_ = placed
         found = self._buckets.setdefault(bucket, {})
-        order = self._orders.get(bucket)
-        item = self._item(bucket, kv)
-        if key in found or order is None:  # a put of a key kept: its place stays, the list is rebuilt
+        if kv is None:
+            if found.pop(id_, None) is None:
+                return None
             self._orders.pop(bucket, None)
+            self._creations[bucket].pop(id_, None)
         else:
-            order[0].append(item)
-            order[1].append(kv.create_revision)
-        found[key] = item
-        self._creations.setdefault(bucket, {})[key] = kv.create_revision
-        return self._changes(bucket, key, kv, revision, loading)
-
-    def _delete(self, key: bytes, revision: int) -> Hashable | None:
-        placed = self._bucket_of(key)
-        if placed is None or self._buckets.get(placed[0], {}).pop(placed[1], None) is None:
-            return None
-        self._orders.pop(placed[0], None)
-        self._creations[placed[0]].pop(placed[1], None)
-        return self._changes(*placed, None, revision)
-
-    def _changes(self, bucket: Hashable, key: Hashable, kv: Any, revision: int, loading: bool = False) -> Hashable:
+            item, order = self._item(bucket, kv), self._orders.get(bucket)
+            if id_ in found or order is None:  # a put of a key kept: its place stays, the list is rebuilt
+                self._orders.pop(bucket, None)
+            else:
+                order[0].append(item)
+                order[1].append(kv.create_revision)
+            found[id_] = item
+            self._creations.setdefault(bucket, {})[id_] = kv.create_revision
         self._changed[bucket] = max(self._changed.get(bucket, 0), revision)
         if self._on_change is not None:
-            self._on_change(bucket, key, kv, loading)
+            self._on_change(bucket, id_, kv, loading)
         return bucket
 
     def _apply(self, reply: Any) -> None:
@@ -320,10 +312,7 @@ class Cache:
             for event in reply.events:
                 revision = event.kv.mod_revision or reply.header.revision
                 self.applied = max(self.applied, revision)
-                if event.type == kv_pb2.Event.DELETE:
-                    concerned.add(self._delete(event.kv.key, revision))
-                else:
-                    concerned.add(self._put(event.kv, revision))
+                concerned.add(self._change(event.kv.key, None if event.type == kv_pb2.Event.DELETE else event.kv, revision))
             self._heard_at = time.monotonic()
             for bucket in concerned - {None}:
                 if bucket in self._conditions:
