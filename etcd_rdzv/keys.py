@@ -1,19 +1,7 @@
-"""Where a run's keys live in etcd, and which kind each key is: the one owner of the layout.
-
-Below ``key_prefix`` (default ``/torch/elastic/rendezvous``) each run owns one directory, its id
-percent-escaped (no ``/`` or ``%`` in it), so the directories of two runs never nest::
-
-    <key_prefix>/<run>/state              the state; its mod_revision is the compare-and-set token
-    <key_prefix>/<run>/joins/<uuid>       announcements, on the poster's session lease
-    <key_prefix>/<run>/withdrawn          rewritten by each withdrawal: fences the folding writes
-    <key_prefix>/<run>/alive/<node>       one key per live node, on the node's own lease
-    <key_prefix>/<run>/store/<key>        the agents' ``torch.distributed.Store``
-    <key_prefix>/<run>/ops/<uuid>         receipts of store operations that apply once, run lease
-    <key_prefix>/<run>/quarantine/<host>  a quarantined host, on a lease of its cool-down
-    <key_prefix>/<run>/lapses/<host>/<id> one liveness lapse of a host, on a lease of the window
-
-Every other key of the run is on the run's shared lease.
-"""
+"""Where a run's keys live in etcd, and which kind each key is: the one owner of the layout (the
+table of keys and their leases: docs/protocol.md). Each run owns one directory below ``key_prefix``,
+its id percent-escaped so that two runs' directories never nest: ``state``, ``withdrawn``, ``joins/``,
+``alive/``, ``store/``, ``ops/``, ``quarantine/``, ``lapses/<host>/``."""
 
 from __future__ import annotations
 
@@ -76,8 +64,7 @@ class RunKeys:
 
     @functools.cached_property
     def root(self) -> str:
-        """The run's directory: its id as one segment, every byte but letters, digits and ``_.-~``
-        escaped."""
+        """The run's directory: its id as one segment, all but letters, digits and ``_.-~`` escaped."""
         if not self.run_id:
             raise ValueError("The run id must be a non-empty string; pass --rdzv-id.")
         return f"{self.key_prefix}/{quote(self.run_id, safe='')}/"

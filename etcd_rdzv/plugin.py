@@ -1,10 +1,6 @@
-"""Entry points for torchrun's ``torchrun.handlers`` group (see pyproject.toml).
-
-``etcd_rdzv`` is this package's own name for the backend. ``etcd-v2`` replaces torch's etcd-v2
-backend (which needs the etcd v2 API, removed in etcd 3.6) with this one, so existing
-``--rdzv-backend=etcd-v2`` command lines move to the v3 API unchanged. Set
-``TORCH_RDZV_ETCD_V2_OVERRIDE=0`` to keep torch's.
-"""
+"""Entry points for torchrun's ``torchrun.handlers`` group: ``etcd_rdzv``, and ``etcd-v2``, which
+replaces torch's backend of that name (etcd's v2 API, removed in etcd 3.6) so that existing
+command lines move to the v3 API unchanged (``TORCH_RDZV_ETCD_V2_OVERRIDE=0`` keeps torch's)."""
 
 from __future__ import annotations
 

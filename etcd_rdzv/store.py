@@ -29,12 +29,10 @@ def compare_and_swap(
     receipt: bytes | None = None,
     floor: Floor | None = None,
 ) -> bytes | None:
-    """Replace the key's value ``v`` by ``change(v)`` (``None``: absent) on the run's lease, and
-    return what was written; when ``change`` returns ``None``, nothing is and ``v`` comes back.
-    ``change`` may be called more than once (first with ``None``: free when the key is absent);
-    its last call's decision stands. Conflicts are retried for ``timeout`` seconds, then raised.
-    ``receipt``: a key unique to the call, put with the write on the run's lease (not the session's,
-    which an outage can outlive), so that a retry after a lost response applies the change once."""
+    """Replace the key's value ``v`` by ``change(v)`` (``None``: absent; ``change`` may be called more
+    than once) on the run's lease and return what was written, or ``v`` if ``change`` returns
+    ``None``; conflicts are retried for ``timeout`` seconds. ``receipt``, a key unique to the call
+    put with the write, makes a retry after a lost response apply the change once."""
     floor = floor or Floor()
     seen: list = [None]  # the key's KeyValue as last read
 
@@ -136,9 +134,8 @@ class EtcdStore(dist.Store):
         self._swap(key, lambda old: (old or b"") + suffix)
 
     def compare_set(self, key: str, expected_value: str | bytes, desired_value: str | bytes) -> bytes:
-        """TCPStore's semantics: set ``desired_value`` if the key holds ``expected_value`` (or is
-        absent and it is empty); return the value held afterwards, except that an absent key with a
-        non-empty ``expected_value`` returns ``expected_value``."""
+        """TCPStore's: set ``desired_value`` if the key holds ``expected_value`` (or is absent and it
+        is empty); the value held afterwards (``expected_value`` for a key absent still)."""
         expected, desired = _as_bytes(expected_value), _as_bytes(desired_value)
         current = self._swap(key, lambda old: desired if (old == expected if old is not None else not expected) else None, once=False)
         return expected if current is None else current

@@ -325,13 +325,9 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
 
 
 class EtcdClient:
-    """An etcd v3 client for one ``EtcdConfig`` (TLS, authentication, failover); every request
-    runs under the one retry policy, inside ``passage()`` when given (``fork.ForkGate``: no request
-    may be inside gRPC at a ``fork()``). Bad credentials fail at construction.
-
-    Raises:
-        RendezvousConnectionError: etcd could not be reached or refused the credentials.
-    """
+    """An etcd v3 client for one ``EtcdConfig`` (TLS, authentication, failover); every request runs
+    under the one retry policy, inside ``passage()`` (``fork.ForkGate``). Bad credentials, or no
+    etcd, raise ``RendezvousConnectionError`` at construction."""
 
     def __init__(self, config: EtcdConfig, passage: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.config = config
@@ -383,10 +379,8 @@ class EtcdClient:
         self.raw.call_credentials = None
 
     def _policy(self, budget: float | None) -> tenacity.Retrying:
-        """The retry policy: transient failures retried with jittered exponential backoff for
-        ``budget`` seconds (``read_timeout``), then raised as a ``RendezvousConnectionError`` that
-        names the last failure a server gave when the last attempt found every endpoint resting.
-        One per budget, shared by threads (its call state is thread-local)."""
+        """The retry policy of ``budget``, shared by threads: transient failures retried with jittered
+        backoff, then a ``RendezvousConnectionError`` naming the last failure a server gave."""
         if budget in self._policies:
             return self._policies[budget]
         seconds = self.config.read_timeout if budget is None else budget
@@ -412,12 +406,8 @@ class EtcdClient:
         return self._policies[budget]
 
     def request(self, op: Callable[[etcd3.MultiEndpointEtcd3Client], T], budget: float | None = None) -> T:
-        """``op(client)``, retrying transient failures for ``budget`` seconds (``read_timeout``).
-        An attempt takes no longer than the budget (nor a quarter of ``read_timeout``).
-
-        Raises:
-            RendezvousConnectionError: the request failed for good.
-        """
+        """``op(client)``, retrying transient failures for ``budget`` seconds (``read_timeout``), each
+        attempt within the budget; else ``RendezvousConnectionError``."""
         limit = max(MIN_ATTEMPT_SECONDS, budget) if budget else None
 
         def attempt(client: FailoverClient) -> T:

@@ -6,6 +6,7 @@ gets no reply on a channel that hears nothing else redials it (``client.silent_a
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import math
@@ -130,12 +131,8 @@ class KeepAliveStreams:
         return streams
 
     def renew(self, lease_id: int, timeout: float, silent_after: float | None = None) -> int:
-        """Renew ``lease_id`` once; the TTL etcd gave it (0: the lease is gone).
-
-        Raises:
-            KeepAliveFailed: the stream failed or gave no reply within ``timeout``, or (after
-                ``silent_after`` seconds without a word on its channel) its connection went silent.
-        """
+        """Renew ``lease_id`` once; the TTL etcd gave it (0: gone). ``KeepAliveFailed``: the stream
+        failed, gave no reply within ``timeout``, or heard nothing for ``silent_after`` seconds."""
         with self._lock:
             if self._stopped:
                 raise KeepAliveFailed(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), None)
@@ -310,10 +307,8 @@ class SharedLease:
 
     def _renew(self, client: FailoverClient) -> None:
         if not refresh(client, self.id):
-            try:
+            with contextlib.suppress(etcd3.exceptions.PreconditionFailedError):  # granted by another process
                 client.lease(self._ttl, lease_id=self.id)
-            except etcd3.exceptions.PreconditionFailedError:
-                pass  # another process granted it first
 
     def lost(self, lease_id: int) -> None:
         """The lease lapsed: the next ``current`` grants it again."""

@@ -30,11 +30,10 @@ class WatchStalled(etcd3.exceptions.Etcd3Exception):
 
 
 class Watch:
-    """A watch stream on ``[key, range_end)`` of ``client``'s channel from ``start_revision`` (0:
-    from now on). Iterating yields etcd's replies in order, events and progress alike, until
-    ``cancel`` or ``timeout`` (then it just ends), or raises: ``WatchCompacted``, ``WatchCanceled``,
-    ``WatchStalled`` (no reply for ``stall_after`` seconds although progress was asked for every
-    ``progress_every``), or etcd3's exception of a failed connection (its endpoint benched)."""
+    """A watch stream on ``[key, range_end)`` from ``start_revision`` (0: now). Iterating yields
+    etcd's replies in order until ``cancel`` or ``timeout``, or raises ``WatchCompacted``,
+    ``WatchCanceled``, ``WatchStalled`` (no reply for ``stall_after`` seconds while progress is
+    asked for every ``progress_every``), or etcd3's exception of a failed connection."""
 
     def __init__(
         self,
