@@ -16,10 +16,8 @@ from .runtime.fork import Cluster, registry
 from .runtime.lessor import SharedLease
 from .runtime.watch import Watch, WatchCanceled, WatchCompacted
 
-__all__ = [
-    "Cache", "EtcdClient", "EtcdRun", "Floor", "Watch", "WatchCanceled", "WatchCompacted", "acquire", "release",
-    "release_soon",
-]
+__all__ = ["Cache", "EtcdClient", "EtcdRun", "Floor", "Watch", "WatchCanceled", "WatchCompacted", "acquire", "release",
+           "release_soon"]
 
 
 class EtcdRun:

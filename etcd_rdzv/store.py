@@ -21,14 +21,8 @@ class Conflict(Exception):
     """Another writer changed the key between this writer's read and its compare-and-set."""
 
 
-def compare_and_swap(
-    run: EtcdRun,
-    key: bytes,
-    change: Callable[[bytes | None], bytes | None],
-    timeout: float,
-    receipt: bytes | None = None,
-    floor: Floor | None = None,
-) -> bytes | None:
+def compare_and_swap(run: EtcdRun, key: bytes, change: Callable[[bytes | None], bytes | None], timeout: float,
+                     receipt: bytes | None = None, floor: Floor | None = None) -> bytes | None:
     """Replace the key's value ``v`` by ``change(v)`` (``None``: absent; ``change`` may be called more
     than once) on the run's lease and return what was written, or ``v`` if ``change`` returns
     ``None``; conflicts are retried for ``timeout`` seconds. ``receipt``, a key unique to the call

@@ -111,15 +111,9 @@ class Cache:
     ``on_change(bucket, id, kv or None, loaded)`` is called, under the lock, for each key loaded
     and each put or delete applied. ``pause`` and ``resume`` bracket a ``fork()``."""
 
-    def __init__(
-        self,
-        etcd: EtcdClient,
-        prefix: bytes,
-        bucket_of: Callable[[bytes], tuple[Hashable, Hashable] | None],
-        item: Callable[[Hashable, Any], Any] = lambda bucket, kv: kv,
-        on_change: Callable[[Hashable, Hashable, Any, bool], None] | None = None,
-        name: str = "etcd-rdzv-view",
-    ) -> None:
+    def __init__(self, etcd: EtcdClient, prefix: bytes, bucket_of: Callable[[bytes], tuple[Hashable, Hashable] | None],
+                 item: Callable[[Hashable, Any], Any] = lambda bucket, kv: kv,
+                 on_change: Callable[[Hashable, Hashable, Any, bool], None] | None = None, name: str = "etcd-rdzv-view") -> None:
         self.etcd, self.prefix, self._end = etcd, prefix, txn.prefix_end(prefix)
         self._bucket_of, self._item, self._on_change = bucket_of, item, on_change
         self._shared = SharedReads()

@@ -35,16 +35,9 @@ class Watch:
     ``WatchCanceled``, ``WatchStalled`` (no reply for ``stall_after`` seconds while progress is
     asked for every ``progress_every``), or etcd3's exception of a failed connection."""
 
-    def __init__(
-        self,
-        client: etcd3.MultiEndpointEtcd3Client,
-        key: bytes,
-        range_end: bytes | None = None,
-        start_revision: int = 0,
-        timeout: float | None = None,
-        progress_every: float | None = None,
-        stall_after: float | None = None,
-    ) -> None:
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client, key: bytes, range_end: bytes | None = None,
+                 start_revision: int = 0, timeout: float | None = None, progress_every: float | None = None,
+                 stall_after: float | None = None) -> None:
         self._client = client
         self._done = threading.Event()
         self._stalled = False
