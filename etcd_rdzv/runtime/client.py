@@ -38,17 +38,14 @@ KEEPALIVE_TIMEOUT_SECONDS = 3
 # A member without a leader refuses requests and cancels watches instead of serving a stale view.
 REQUIRE_LEADER = ("hasleader", "true")
 # A renewal waits this share of its lease's TTL (at least MIN_SILENT_SECONDS) on a channel that
-# hears nothing else before the connection counts as silent: resent on a new connection, it has
-# most of the TTL left; a slow reply on a quiet channel is not taken for silence.
+# hears nothing else before the connection counts as silent: resent, it has most of the TTL left.
 SILENT_FRACTION_OF_TTL = 0.2
 MIN_SILENT_SECONDS = 2.0
 # Unanswered this long, a client warns once: a restart passes unreported, a wrong endpoint does not.
 WARN_AFTER_SECONDS = 3.0
 
-_TRANSIENT_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-)
 _UNANSWERED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_TRANSIENT_CODES = _UNANSWERED_CODES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 # gRPC reports a refused TLS handshake as UNAVAILABLE, like an unreachable server: only the text
 # tells them apart (etcd 3.4 refuses a client without a certificate with a TSI error).
 _TLS_DETAILS = ("ssl", "tls", "handshake", "certificate", "tsi_")
@@ -56,7 +53,7 @@ _PLAIN_TO_TLS_DETAILS = ("socket closed", "http1")  # a TLS port closes a plain-
 # etcd's back-pressure ("etcdserver: too many requests") reached a client as UNKNOWN too.
 _BACK_PRESSURE = "too many requests"
 # etcd3's own tables: the statuses that bench an endpoint, and its exceptions.
-_FAILED_ENDPOINT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL})
+_FAILED_ENDPOINT_CODES = _UNANSWERED_CODES | {grpc.StatusCode.INTERNAL}
 _ETCD3_EXCEPTIONS = {
     grpc.StatusCode.INTERNAL: etcd3.exceptions.InternalServerError,
     grpc.StatusCode.UNAVAILABLE: etcd3.exceptions.ConnectionFailedError,
