@@ -13,7 +13,8 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Future
 
 import etcd3
 import etcd3.exceptions
@@ -38,44 +39,29 @@ class KeepAliveFailed(Exception):
         self.error, self.endpoint, self.abandoned = error, endpoint, abandoned
 
 
-class _Renewal:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.ttl = 0
-        self.error: RpcStatus | None = None
-
-    def finish(self, ttl: int = 0, error: RpcStatus | None = None) -> None:
-        self.ttl, self.error = ttl, error
-        self.done.set()
-
-
 class _Stream:
     """An open ``LeaseKeepAlive`` call, the thread that reads its replies, the renewals waiting."""
 
     def __init__(self, client: FailoverClient) -> None:
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[LeaseKeepAliveRequest | None] = queue.SimpleQueue()
-        self._waiting: dict[int, collections.deque[_Renewal]] = collections.defaultdict(collections.deque)
+        self._waiting: dict[int, collections.deque[Future]] = collections.defaultdict(collections.deque)  # TTLs
         self.failure: RpcStatus | None = None
         # The channel, not a cached stub: a stub made before a redial rides the abandoned connection.
         self.channel = client.channel
         self.endpoint = client._current_endpoint_label
         self._hearing = client.hearing
         self._call = LeaseStub(self.channel).LeaseKeepAlive(
-            self._feed(), credentials=client.call_credentials, metadata=client.metadata
+            iter(self._requests.get, None), credentials=client.call_credentials, metadata=client.metadata
         )
         self._reader = threading.Thread(target=self._read, name="etcd-rdzv-keepalive", daemon=True)
         self._reader.start()
 
-    def _feed(self) -> Iterator[LeaseKeepAliveRequest]:
-        while (request := self._requests.get()) is not None:
-            yield request
-
-    def send(self, lease_id: int) -> _Renewal:
-        renewal = _Renewal()
+    def send(self, lease_id: int) -> Future:
+        renewal = Future()
         with self._lock:
             if self.failure is not None:
-                renewal.finish(error=RpcStatus.of(self.failure))
+                renewal.set_exception(RpcStatus.of(self.failure))
                 return renewal
             self._waiting[lease_id].append(renewal)
         self._requests.put(LeaseKeepAliveRequest(ID=lease_id))
@@ -89,7 +75,7 @@ class _Stream:
                     waiting = self._waiting.get(reply.ID)
                     renewal = waiting.popleft() if waiting else None
                 if renewal is not None:
-                    renewal.finish(ttl=reply.TTL)
+                    renewal.set_result(reply.TTL)
             failure = RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream ended")
         except grpc.RpcError as exc:
             failure = RpcStatus.of(exc)
@@ -101,7 +87,7 @@ class _Stream:
             waiting, self._waiting = self._waiting, collections.defaultdict(collections.deque)
         self._requests.put(None)  # ends the feed thread
         for renewal in (r for renewals in waiting.values() for r in renewals):
-            renewal.finish(error=RpcStatus.of(self.failure))
+            renewal.set_exception(RpcStatus.of(self.failure))
 
     def cancel(self, why: RpcStatus, join: float | None = None) -> None:
         self._fail(why)
@@ -143,7 +129,7 @@ class KeepAliveStreams:
         renewal = stream.send(lease_id)
         end = time.monotonic() + timeout
         wait = timeout if silent_after is None else min(silent_after, timeout)
-        while not renewal.done.wait(wait):
+        while not futures.wait([renewal], wait).done:
             if silent_after is not None:
                 quiet = self._client.hearing.quiet_for(stream.endpoint)
                 if quiet >= silent_after:
@@ -158,9 +144,9 @@ class KeepAliveStreams:
                 raise KeepAliveFailed(RpcStatus.of(late), stream.endpoint)
             # The channel heard something lately: etcd is slow, not gone; look again later.
             wait = remaining if silent_after is None else min(remaining, max(0.05, silent_after - quiet))
-        if renewal.error is not None:
-            raise KeepAliveFailed(renewal.error, stream.endpoint)
-        return renewal.ttl
+        if renewal.exception() is not None:
+            raise KeepAliveFailed(renewal.exception(), stream.endpoint)
+        return renewal.result()
 
     def abandon(self, channel: object, why: RpcStatus) -> None:
         """Cancel the streams on ``channel``, whose connection was left."""
