@@ -47,10 +47,10 @@ class EtcdLiveness(Liveness):
             found = self._run.cache.fetch(request, self._floor, "alive").kvs(0)
             return {node_of(kv.key[prefix:]) for kv in found} - {None}
 
+        wanted = set(node_keys)
         if current:
-            return from_etcd().intersection(node_keys)
-        return self._run.cache.answer(lambda cache: cache.ids("alive") & set(node_keys),
-                                      lambda: from_etcd().intersection(node_keys), self._floor)
+            return from_etcd() & wanted
+        return self._run.cache.answer(lambda cache: cache.ids("alive") & wanted, lambda: from_etcd() & wanted, self._floor)
 
     def held_since(self, node_key: str, token: Token, since: float) -> bool:
         """From revisions: the node's key (cache at ``token`` or later, or etcd) was created by the

@@ -38,10 +38,8 @@ class ForkGate:
     def passage(self) -> Iterator[None]:
         with self._cond:
             if self._orphaned:
-                raise RuntimeError(
-                    "This etcd client was made by the parent of this forked process; build a new "
-                    "rendezvous handler in the child."
-                )
+                raise RuntimeError("This etcd client was made by the parent of this forked process; "
+                                   "build a new rendezvous handler in the child.")
             self._cond.wait_for(lambda: self._open)
             self._inside += 1
         try:

@@ -97,8 +97,7 @@ class _Stream:
 
 
 class KeepAliveStreams:
-    """The keep-alive streams of one client, each opened on first use and again after it failed;
-    ``of(client)`` makes the client's one set."""
+    """The keep-alive streams of ``of(client)``, each opened on first use and again after it failed."""
 
     def __init__(self, client: FailoverClient, streams: int = STREAMS) -> None:
         self._client = client
@@ -174,8 +173,8 @@ class KeepAliveStreams:
 
 
 def refresh(client: FailoverClient, lease_id: int, ttl: float | None = None) -> bool:
-    """Renew the lease once, within a request; ``False`` if it is gone. ``ttl``: its TTL, which
-    bounds the wait on a silent connection."""
+    """Renew the lease once, within a request; ``False`` if it is gone. Its ``ttl`` bounds the wait
+    on a silent connection."""
     try:
         return KeepAliveStreams.of(client).renew(lease_id, client.timeout, silent_after(ttl, client.timeout)) > 0
     except KeepAliveFailed as failed:
@@ -199,8 +198,7 @@ def revoke(etcd: EtcdClient, lease_id: int) -> None:
 
 class Session:
     """The process's session lease on one cluster: granted on first use, renewed every ``ttl / 3``
-    by a thread of its own, granted anew once lost; renewal trouble is logged when it starts and
-    ends (the client warns of an outage itself)."""
+    by a thread of its own (trouble logged when it starts and ends), granted anew once lost."""
 
     def __init__(self, etcd: EtcdClient, ttl: int = SESSION_TTL) -> None:
         self._etcd, self._ttl = etcd, ttl
