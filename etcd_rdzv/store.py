@@ -3,6 +3,7 @@ read-modify-write loop of a key (the store's atomic operations, the CLI's ``clos
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 import weakref
@@ -47,18 +48,12 @@ def compare_and_swap(run: EtcdRun, key: bytes, change: Callable[[bytes | None], 
         raise Conflict(key.decode(errors="replace"))
 
     try:
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(Conflict),
-            wait=tenacity.wait_random(0, 0.02),
-            stop=tenacity.stop_after_delay(timeout),
-            reraise=True,
-        )(attempt)
+        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(Conflict), wait=tenacity.wait_random(0, 0.02),
+                                 stop=tenacity.stop_after_delay(timeout), reraise=True)(attempt)
     finally:
         if receipt is not None:
-            try:
+            with contextlib.suppress(Exception):  # it lapses with the run's lease anyway
                 run.etcd.request(lambda c: c.delete(receipt), budget=0)
-            except Exception:  # noqa: BLE001 - it lapses with the run's lease anyway
-                pass
 
 
 def _as_bytes(value: str | bytes) -> bytes:

@@ -9,6 +9,7 @@ within ``WAIT_CAP_SECONDS``. Why it is built so: docs/design.md, "Waiting is a w
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import heapq
 import itertools
@@ -191,12 +192,10 @@ class Cache:
     def answer(self, reader: Callable[[Cache], T], from_etcd: Callable[[], T], floor: Any, at_least: int = 0) -> T:
         """``reader`` on the copy when it can vouch for ``floor`` (a ``Floor``, raised to what the
         copy had applied) and ``at_least``, else ``from_etcd()``."""
-        try:
+        with contextlib.suppress(ViewBehind):
             answer, applied = self.read(max(floor.revision, at_least), lambda cache: (reader(cache), cache.applied))
             floor.raise_to(applied)
             return answer
-        except ViewBehind:
-            pass
         return from_etcd()  # outside the handler: its failure must not carry ViewBehind
 
     def fetch(self, request: txn.Txn, floor: Any, kind: Hashable | None = None, budget: float | None = None) -> txn.Result:
@@ -243,10 +242,8 @@ class Cache:
             retry=tenacity.retry_if_exception(lambda exc: not self._closed and self._running.is_set()),
             before_sleep=lambda s: logger.debug("The cache of %r reconnects: %s", self.prefix, s.outcome.exception()),
         )
-        try:
+        with contextlib.suppress(Exception):  # reached only once closed or paused
             retrying(self._follow)
-        except Exception:
-            pass  # reached only once closed or paused
 
     def _follow(self) -> None:
         try:
