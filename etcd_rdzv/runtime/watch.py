@@ -4,7 +4,6 @@ progress replies on a timer and cancel itself when even those stop (a half-open 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -93,14 +92,3 @@ class Watch:
     def __exit__(self, *exc_info: object) -> None:
         self.cancel()
 
-
-def wait_for_events(client: etcd3.MultiEndpointEtcd3Client, key: bytes, start_revision: int | None, timeout: float) -> list:
-    """The events on ``key`` from ``start_revision`` on (``None``: from now), at the first reply that
-    has any, or ``[]`` after ``timeout`` seconds or if that history is compacted (re-read then)."""
-    with contextlib.suppress(WatchCompacted):
-        if timeout > 0:
-            with Watch(client, key, start_revision=start_revision or 0, timeout=timeout) as watch:
-                for reply in watch:
-                    if reply.events:
-                        return list(reply.events)
-    return []
