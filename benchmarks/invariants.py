@@ -16,6 +16,7 @@ and records, for each round, the group the first time the round is seen complete
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import etcd3
 
 from etcd_rdzv.runtime.client import REQUIRE_LEADER
-from etcd_rdzv.runtime.watch import wait_for_events
+from etcd_rdzv.runtime.watch import Watch, WatchCompacted
 from rdzv_common.codec import decode_state
 from rdzv_common.state import RendezvousState
 
@@ -235,3 +236,15 @@ class InvariantChecker:
                 f"wait={sorted(n.key for n in state.wait_list)} redundant={len(state.redundancy_list)}"
             )
         return "\n".join(lines)
+
+
+def wait_for_events(client: etcd3.MultiEndpointEtcd3Client, key: bytes, start_revision: int | None, timeout: float) -> list:
+    """The events on ``key`` from ``start_revision`` on (``None``: from now), at the first reply that
+    has any, or ``[]`` after ``timeout`` seconds or if that history is compacted (re-read then)."""
+    with contextlib.suppress(WatchCompacted):
+        if timeout > 0:
+            with Watch(client, key, start_revision=start_revision or 0, timeout=timeout) as watch:
+                for reply in watch:
+                    if reply.events:
+                        return list(reply.events)
+    return []

@@ -18,12 +18,8 @@ from .runtime.txn import Delete, Get, Put, Txn, absent, lease_is, mod_is
 
 class EtcdRendezvousBackend(RendezvousBackend):
     """The run's state compare-and-set by transaction on its ``mod_revision``, read from and waited
-    on in the process's cache. etcd keeps it, and its leases, through an outage of every member.
-
-    Args:
-        run: the process's run; the backend holds one use of it, handed to ``release`` on ``close``.
-        name: the backend name torchrun was asked for (``etcd-v2`` or ``etcd_rdzv``).
-    """
+    on in the process's cache; etcd keeps it through an outage of every member. The backend holds
+    one use of ``run``, handed to ``release`` on ``close``; ``name`` is the one torchrun asked for."""
 
     survives_outages = True
 
@@ -36,37 +32,17 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self._close_lock = threading.Lock()
         self._closed = False
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def run(self) -> EtcdRun:
-        return self._run
-
-    @property
-    def key(self) -> str:
-        return self._run.keys.state
-
-    @property
-    def location(self) -> str:
-        return self._run.describe()
-
-    @property
-    def mailbox(self) -> Mailbox:
-        return self._mailbox
-
-    @property
-    def liveness(self) -> Liveness:
-        return self._liveness
-
-    @property
-    def quarantine(self) -> Quarantine:
-        return self._quarantine
+    name: str = property(lambda self: self._name)
+    run: EtcdRun = property(lambda self: self._run)
+    key: str = property(lambda self: self._run.keys.state)
+    location: str = property(lambda self: self._run.describe())
+    mailbox: Mailbox = property(lambda self: self._mailbox)
+    liveness: Liveness = property(lambda self: self._liveness)
+    quarantine: Quarantine = property(lambda self: self._quarantine)
 
     def get_state(self, timeout: float | None = None) -> tuple[bytes, Token] | None:
-        """From the cache when it can vouch for this node's floor, else from etcd (within
-        ``timeout`` seconds, if given)."""
+        """From the cache when it can vouch for this node's floor, else from etcd (within ``timeout``)."""
+
         def state(kv) -> tuple[bytes, int] | None:
             return None if kv is None else (kv.value, kv.mod_revision)
 

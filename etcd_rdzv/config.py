@@ -10,13 +10,7 @@ from dataclasses import dataclass, field
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from rdzv_common.settings import (
-    choice_option,
-    existing_file,
-    seconds_option,
-    text_option,
-    warn_unknown_keys,
-)
+from rdzv_common.settings import choice_option, existing_file, seconds_option, text_option, warn_unknown_keys
 
 DEFAULT_PORT = 2379
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
@@ -25,64 +19,34 @@ DEFAULT_TTL = 7200.0
 
 # The ``--rdzv-conf`` keys this backend reads.
 ETCD_KEYS = frozenset(
-    {
-        "protocol",
-        "ca_cert",
-        "ssl_cert",
-        "ssl_cert_key",
-        "username",
-        "password",
-        "read_timeout",
-        "key_prefix",
-        "ttl",
-    }
+    {"protocol", "ca_cert", "ssl_cert", "ssl_cert_key", "username", "password", "read_timeout", "key_prefix", "ttl"}
 )
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 
 @dataclass(frozen=True)
 class EtcdConfig:
-    """How to reach etcd and where this run's keys live.
+    """How to reach etcd and where this run's keys live."""
 
-    Attributes:
-        endpoints: ``(host, port)`` pairs tried in turn on failure; an IPv6 host is kept bare.
-        protocol: ``"http"`` or ``"https"``.
-        ca_cert: root certificate that signs the server's; ``None`` uses the system roots.
-        ssl_cert, ssl_cert_key: the client certificate and its key, both or neither.
-        username, password: etcd credentials, both or neither.
-        read_timeout: seconds one request may take, and the bound on retrying a failed one.
-        key_prefix: the directory that holds one state key per run.
-        ttl: seconds a run's keys outlive the run's last activity.
-    """
-
-    endpoints: tuple[tuple[str, int], ...]
-    protocol: str = "http"
-    ca_cert: str | None = None
-    ssl_cert: str | None = None
+    endpoints: tuple[tuple[str, int], ...]  # tried in turn on failure; an IPv6 host is kept bare
+    protocol: str = "http"  # or "https"
+    ca_cert: str | None = None  # the root certificate of the server's; None: the system's roots
+    ssl_cert: str | None = None  # the client certificate and its key: both or neither
     ssl_cert_key: str | None = None
-    username: str | None = None
+    username: str | None = None  # etcd credentials: both or neither
     password: str | None = field(default=None, repr=False)
-    read_timeout: float = DEFAULT_READ_TIMEOUT
-    key_prefix: str = DEFAULT_KEY_PREFIX
-    ttl: float = DEFAULT_TTL
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds a request may take, and retry a failure
+    key_prefix: str = DEFAULT_KEY_PREFIX  # the directory that holds one directory per run
+    ttl: float = DEFAULT_TTL  # seconds a run's keys outlive the run's last activity
 
     def describe_endpoints(self) -> str:
-        """The endpoints as a user wrote them, for messages."""
-        return ",".join(format_endpoint(host, port) for host, port in self.endpoints)
-
-
-def format_endpoint(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets (as gRPC targets and URLs want it)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        """The endpoints as a user wrote them (an IPv6 host in brackets), for messages."""
+        return ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.endpoints)
 
 
 def parse_endpoints(endpoint: str | None) -> tuple[tuple[str, int], ...]:
-    """Parse ``host[:port][,host[:port]...]``; an empty endpoint means ``localhost:2379`` (torch's
-    default).
-
-    Raises:
-        ValueError: naming the malformed entry.
-    """
+    """Parse ``host[:port][,host[:port]...]`` (empty: torch's default ``localhost:2379``); a
+    ``ValueError`` names a malformed entry."""
     if endpoint is None or not endpoint.strip():
         return (("localhost", DEFAULT_PORT),)
     return tuple(_parse_one(item.strip(), endpoint) for item in endpoint.split(","))
@@ -128,47 +92,31 @@ def _parse_one(entry: str, endpoint: str) -> tuple[str, int]:
     return host, port
 
 
-def _pem_file(params: RendezvousParameters, key: str) -> str | None:
-    return existing_file(key, params.get(key), "a PEM file that exists on this node")
+def _pair(first: tuple[str, str | None], second: tuple[str, str | None], why: str) -> None:
+    """Refuse one of two options set without the other."""
+    if (first[1] is None) != (second[1] is None):
+        (given, _), (missing, _) = (first, second) if first[1] is not None else (second, first)
+        raise ValueError(f"The rendezvous configuration option '{given}' is set but '{missing}' is not; {why}.")
 
 
 def config_from_params(params: RendezvousParameters) -> EtcdConfig:
-    """Read and validate the etcd backend's options from ``params``.
-
-    Unknown ``--rdzv-conf`` keys are logged as warnings, not rejected, since torch and the shared
-    rendezvous core read keys of their own from the same dictionary.
-
-    Raises:
-        ValueError: for any invalid option, naming the key, the value and the fix.
-    """
+    """Read and validate the etcd backend's options from ``params``; a ``ValueError`` names the
+    key, the value and the fix. Unknown ``--rdzv-conf`` keys are warned of, not refused: torch and
+    the core read keys of their own from the same dictionary."""
     endpoints = parse_endpoints(params.endpoint)
-
     protocol = choice_option(params, "protocol", ("http", "https"), "http")
-
-    ca_cert = _pem_file(params, "ca_cert")
-    ssl_cert = _pem_file(params, "ssl_cert")
-    ssl_cert_key = _pem_file(params, "ssl_cert_key")
-    if (ssl_cert is None) != (ssl_cert_key is None):
-        given, missing = ("ssl_cert", "ssl_cert_key") if ssl_cert else ("ssl_cert_key", "ssl_cert")
-        raise ValueError(
-            f"The rendezvous configuration option '{given}' is set but '{missing}' is not; a "
-            "client certificate needs its private key, so pass both or neither."
-        )
+    ca_cert, ssl_cert, ssl_cert_key = (
+        existing_file(key, params.get(key), "a PEM file that exists on this node") for key in ("ca_cert", "ssl_cert", "ssl_cert_key")
+    )
+    _pair(("ssl_cert", ssl_cert), ("ssl_cert_key", ssl_cert_key), "a client certificate needs its private key, so pass both or neither")
     if protocol == "http" and (ca_cert or ssl_cert):
         raise ValueError(
             "The rendezvous configuration sets TLS files (ca_cert/ssl_cert/ssl_cert_key) but "
             "'protocol' is 'http'; set protocol=https to use TLS, or drop the TLS options."
         )
-
     username = text_option(params, "username")
     password = text_option(params, "password", strip=False, secret=True)
-    if (username is None) != (password is None):
-        given, missing = ("username", "password") if username else ("password", "username")
-        raise ValueError(
-            f"The rendezvous configuration option '{given}' is set but '{missing}' is not; etcd "
-            "authentication needs both."
-        )
-
+    _pair(("username", username), ("password", password), "etcd authentication needs both")
     key_prefix = text_option(params, "key_prefix") or DEFAULT_KEY_PREFIX
     if not key_prefix.startswith("/") or key_prefix == "/":
         raise ValueError(
@@ -177,13 +125,7 @@ def config_from_params(params: RendezvousParameters) -> EtcdConfig:
         )
 
     config = EtcdConfig(
-        endpoints=endpoints,
-        protocol=protocol,
-        ca_cert=ca_cert,
-        ssl_cert=ssl_cert,
-        ssl_cert_key=ssl_cert_key,
-        username=username,
-        password=password,
+        endpoints, protocol, ca_cert, ssl_cert, ssl_cert_key, username, password,
         read_timeout=seconds_option(params, "read_timeout", DEFAULT_READ_TIMEOUT),
         key_prefix=key_prefix.rstrip("/"),
         ttl=seconds_option(params, "ttl", DEFAULT_TTL),

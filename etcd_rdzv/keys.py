@@ -1,19 +1,7 @@
-"""Where a run's keys live in etcd, and which kind each key is: the one owner of the layout.
-
-Below ``key_prefix`` (default ``/torch/elastic/rendezvous``) each run owns one directory, its id
-percent-escaped (no ``/`` or ``%`` in it), so the directories of two runs never nest::
-
-    <key_prefix>/<run>/state              the state; its mod_revision is the compare-and-set token
-    <key_prefix>/<run>/joins/<uuid>       announcements, on the poster's liveness lease
-    <key_prefix>/<run>/withdrawn          rewritten by each withdrawal: fences the folding writes
-    <key_prefix>/<run>/alive/<node>       one key per live node, on the node's own lease
-    <key_prefix>/<run>/store/<key>        the agents' ``torch.distributed.Store``
-    <key_prefix>/<run>/ops/<uuid>         receipts of store operations that apply once, run lease
-    <key_prefix>/<run>/quarantine/<host>  a quarantined host, on a lease of its cool-down
-    <key_prefix>/<run>/lapses/<host>/<id> one liveness lapse of a host, on a lease of the window
-
-Every other key of the run is on the run's shared lease.
-"""
+"""Where a run's keys live in etcd, and which kind each key is: the one owner of the layout (the
+table of keys and their leases: docs/protocol.md). Each run owns one directory below ``key_prefix``,
+its id percent-escaped so that two runs' directories never nest: ``state``, ``withdrawn``, ``joins/``,
+``alive/``, ``store/``, ``ops/``, ``quarantine/``, ``lapses/<host>/``."""
 
 from __future__ import annotations
 
@@ -28,16 +16,8 @@ from .runtime.txn import prefix_end
 logger = logging.getLogger(__name__)
 
 # The kinds of key of a run, by their name in the run's directory (a trailing / is a directory).
-KINDS = {"state": "state", "withdrawn": "withdrawn", "joins/": "joins", "alive/": "alive",
-         "store/": "store", "ops/": "ops", "quarantine/": "quarantine", "lapses/": "lapses"}
-_KINDS = [(name.encode(), kind) for name, kind in KINDS.items()]
-
-
-def escape_run_id(run_id: str) -> str:
-    """The run id as one path segment: every byte but letters, digits and ``_.-~`` escaped."""
-    if not run_id:
-        raise ValueError("The run id must be a non-empty string; pass --rdzv-id.")
-    return quote(run_id, safe="")
+_NAMES = ("state", "withdrawn", "joins/", "alive/", "store/", "ops/", "quarantine/", "lapses/")
+_KINDS = [(name.encode(), name.rstrip("/")) for name in _NAMES]
 
 
 def prefix_range(prefix: str | bytes) -> tuple[bytes, bytes]:
@@ -48,7 +28,7 @@ def prefix_range(prefix: str | bytes) -> tuple[bytes, bytes]:
 
 def parse(key_prefix: str, key: bytes) -> tuple[str, str, bytes] | None:
     """``(run id, kind, the rest of the key)`` of a key under ``key_prefix``; ``None`` for a key
-    of no run. The kind is a value of ``KINDS``, or ``"other"``."""
+    of no run. The kind is a name of ``_NAMES`` without its ``/``, or ``"other"``."""
     head = (key_prefix + "/").encode()
     if not key.startswith(head):
         return None
@@ -67,8 +47,7 @@ def _kind_of(rest: bytes) -> tuple[str, bytes]:
 
 
 def node_of(rest: bytes) -> str | None:
-    """The node key a liveness key names; ``None`` if it is not UTF-8 (no node of this package
-    writes such a key: another client's, or a hostile one)."""
+    """The node key a liveness key names; ``None`` if it is not UTF-8 (not a key of this package)."""
     try:
         return rest.decode()
     except UnicodeDecodeError:
@@ -85,22 +64,19 @@ class RunKeys:
 
     @functools.cached_property
     def root(self) -> str:
-        return f"{self.key_prefix}/{escape_run_id(self.run_id)}/"
+        """The run's directory: its id as one segment, all but letters, digits and ``_.-~`` escaped."""
+        if not self.run_id:
+            raise ValueError("The run id must be a non-empty string; pass --rdzv-id.")
+        return f"{self.key_prefix}/{quote(self.run_id, safe='')}/"
 
-    @functools.cached_property
-    def _raw_root(self) -> bytes:
-        return self.root.encode()
-
-    def _key(self, name: str) -> str:
-        return self.root + name
-
-    state = functools.cached_property(lambda self: self._key("state"))
-    withdrawn = functools.cached_property(lambda self: self._key("withdrawn"))
-    joins = functools.cached_property(lambda self: self._key("joins/"))
-    alive = functools.cached_property(lambda self: self._key("alive/"))
-    store = functools.cached_property(lambda self: self._key("store/"))
-    ops = functools.cached_property(lambda self: self._key("ops/"))
-    quarantine = functools.cached_property(lambda self: self._key("quarantine/"))
+    _raw_root = functools.cached_property(lambda self: self.root.encode())
+    state = functools.cached_property(lambda self: self.root + "state")
+    withdrawn = functools.cached_property(lambda self: self.root + "withdrawn")
+    joins = functools.cached_property(lambda self: self.root + "joins/")
+    alive = functools.cached_property(lambda self: self.root + "alive/")
+    store = functools.cached_property(lambda self: self.root + "store/")
+    ops = functools.cached_property(lambda self: self.root + "ops/")
+    quarantine = functools.cached_property(lambda self: self.root + "quarantine/")
 
     def alive_key(self, node_key: str) -> str:
         return self.alive + node_key

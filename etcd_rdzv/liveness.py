@@ -14,7 +14,7 @@ from rdzv_common.backend import Liveness, LivenessLapsed, Token
 
 from .keys import node_of, prefix_range
 from .run import EtcdRun, Floor
-from .runtime.client import FailoverClient, Retryable
+from .runtime.client import FailoverClient
 from .runtime.lessor import grant, refresh, revoke
 from .runtime.txn import Delete, Get, Put, Txn
 
@@ -31,17 +31,14 @@ class NodeLease:
 
     def lost(self, lease_id: int) -> None:
         self._liveness.lapsed(self._node, lease_id)
-        raise Retryable(f"the liveness lease {lease_id:x} of '{self._node}' expired")
 
 
 class EtcdLiveness(Liveness):
-    """``<run>/alive/<node_key>`` exists while the node beats. Its first beat grants a lease of
-    ``ceil(ttl)`` seconds and puts the key on it; a first beat ``announcing`` a post leaves the
-    put to that post's own transaction (``first_put``): a joining node costs etcd one lease grant
-    and one transaction, and no node sees its announcement without its key. Later beats only
-    renew the lease (no write; a key still not put is put then), and count as the run's activity
-    for the run's lease. Once beats stop, etcd deletes the key with the lease (it rounds very
-    short TTLs up to about two seconds)."""
+    """``<run>/alive/<node_key>`` exists while the node beats: its first beat grants a lease of
+    ``ceil(ttl)`` seconds and puts the key on it, or, ``announcing`` a post, leaves the put to that
+    post's transaction (``first_put``: one lease grant and one transaction a join); later beats
+    renew the lease (and the run's), putting a key still not put. etcd deletes the key with the
+    lease once beats stop (it rounds very short TTLs up to about two seconds)."""
 
     def __init__(self, run: EtcdRun, floor: Floor) -> None:
         self._run, self._floor = run, floor
@@ -98,9 +95,7 @@ class EtcdLiveness(Liveness):
 
     def alive(self, node_keys: Collection[str], ttl: float, current: bool = False) -> set[str]:
         """Which nodes have a liveness key: from the cache when it can vouch for this node's floor
-        and ``current`` is not asked for, else from etcd. A node beats before it announces, so a
-        cache that holds its announcement holds its key; it may trail another node's lapse, which
-        ``current`` reads from etcd itself."""
+        (a node beats before it announces), from etcd when ``current`` (the cache may trail a lapse)."""
         request = Txn(then=[Get(*prefix_range(self._run.keys.alive), keys_only=True)])
         prefix = len(self._run.keys.alive)
 
@@ -108,15 +103,14 @@ class EtcdLiveness(Liveness):
             found = self._run.cache.fetch(request, self._floor, "alive").kvs(0)
             return {node_of(kv.key[prefix:]) for kv in found} - {None}
 
+        wanted = set(node_keys)
         if current:
-            return from_etcd().intersection(node_keys)
-        return self._run.cache.answer(lambda cache: cache.ids("alive") & set(node_keys),
-                                      lambda: from_etcd().intersection(node_keys), self._floor)
+            return from_etcd() & wanted
+        return self._run.cache.answer(lambda cache: cache.ids("alive") & wanted, lambda: from_etcd() & wanted, self._floor)
 
     def held_since(self, node_key: str, token: Token, since: float) -> bool:
-        """From revisions: the node's key, as the cache at ``token`` or later (or etcd) shows it,
-        was created at or before the write of ``token`` and is on the lease the node beats, so it
-        existed from that write until then."""
+        """From revisions: the node's key (cache at ``token`` or later, or etcd) was created by the
+        write of ``token`` and is on the lease the node beats, so it existed from then on."""
         if not isinstance(token, int):
             return False
         key = self._run.keys.alive_key(node_key).encode()
@@ -125,20 +119,15 @@ class EtcdLiveness(Liveness):
         return kv is not None and kv.create_revision <= token and kv.lease == self._leases.get(node_key)
 
     def member_lease(self, node_key: str) -> tuple[bytes, int]:
-        """The node's liveness key and the lease it beats: a write comparing the one to the other
-        lands only while the node is alive.
-
-        Raises:
-            LivenessLapsed: the node has no liveness (it never beat, or it lapsed).
-        """
+        """The node's liveness key and the lease it beats, for a write that lands only while the
+        node is alive; ``LivenessLapsed`` if it has none (it never beat, or it lapsed)."""
         lease_id = self._leases.get(node_key)
         if lease_id is None:
             raise LivenessLapsed(f"the node '{node_key}' has no liveness in run '{self._run.run_id}'")
         return self._run.keys.alive_key(node_key).encode(), lease_id
 
     def lapsed(self, node_key: str, lease_id: int) -> None:
-        """Forget ``lease_id``, gone or no longer on the node's key: the next beat grants a new
-        lease and puts the key again."""
+        """Forget ``lease_id``, gone or off the node's key: the next beat puts the key on a new one."""
         with self._lock:
             if self._leases.get(node_key) == lease_id:
                 del self._leases[node_key]

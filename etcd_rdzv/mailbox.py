@@ -13,7 +13,6 @@ from rdzv_common.backend import Mailbox, Record
 from .keys import prefix_range
 from .liveness import EtcdLiveness
 from .run import EtcdRun, Floor
-from .runtime.client import MAX_TXN_OPS
 from .runtime.txn import Delete, Get, Put, Txn, absent, exists, mod_below
 
 logger = logging.getLogger(__name__)
@@ -28,16 +27,11 @@ class Batch(list):
 
 
 class EtcdMailbox(Mailbox):
-    """Announcements are keys ``<run>/joins/<uuid>`` on the poster's liveness lease (a poster that
-    dies before its record is folded takes it along; a post without a poster goes on the run's
-    lease); a record's position is its create revision, and a cursor a revision. A post only
-    creates its key: a retry whose first attempt landed finds it and changes nothing, and no key's
-    ``mod_revision`` is taken for its place.
-
-    Fencing takes one compare however many records a write folds: a withdrawal deletes its record
-    and rewrites ``<run>/withdrawn`` in one transaction, and a write folding a read's records
-    requires that key unchanged since the read (``fence``), whichever record was taken back.
-    """
+    """Announcements are keys ``<run>/joins/<uuid>`` on the poster's liveness lease (the run's,
+    without a poster); a record's position is its create revision, a cursor a revision. A post only
+    creates its key, so a retry whose first attempt landed changes nothing. A withdrawal deletes its
+    record and rewrites ``<run>/withdrawn``; a folding write requires that key unchanged since its
+    read (``fence``)."""
 
     def __init__(self, run: EtcdRun, floor: Floor, liveness: EtcdLiveness) -> None:
         self._run, self._floor, self._liveness = run, floor, liveness
@@ -54,12 +48,8 @@ class EtcdMailbox(Mailbox):
         return Record(bytes(record), result.revision if result.succeeded else result.kv(0).create_revision, key)
 
     def read(self, cursor: int) -> Batch:
-        """The records after ``cursor``, from the cache when it can vouch for them.
-
-        Raises:
-            RendezvousStateError: ``cursor`` is past etcd's newest revision: no state written by
-                this package holds such a cursor.
-        """
+        """The records after ``cursor``, from the cache when it can vouch for them; a cursor past
+        etcd's newest revision (no state of this package holds one) raises ``RendezvousStateError``."""
         marker = self._run.keys.withdrawn.encode()
         request = Txn(then=[Get(*prefix_range(self._run.keys.joins), after=cursor), Get(marker)])
 
@@ -101,7 +91,6 @@ class EtcdMailbox(Mailbox):
         with their poster's liveness."""
         keys = self._run.cache.peek(lambda cache: [r.handle for r in cache.items("joins") if r.position <= cursor])
         try:
-            for start in range(0, len(keys), MAX_TXN_OPS):
-                self._run.txn(Txn(then=[Delete(key) for key in keys[start : start + MAX_TXN_OPS]]), self._floor)
+            self._run.txns([Delete(key) for key in keys], self._floor)
         except RendezvousConnectionError as exc:
             logger.warning("Could not trim the mailbox at %s: %s", self._run.keys.joins, exc)

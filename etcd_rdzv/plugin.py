@@ -1,10 +1,6 @@
-"""Entry points for torchrun's ``torchrun.handlers`` group (see pyproject.toml).
-
-``etcd_rdzv`` is this package's own name for the backend. ``etcd-v2`` replaces torch's etcd-v2
-backend (which needs the etcd v2 API, removed in etcd 3.6) with this one, so existing
-``--rdzv-backend=etcd-v2`` command lines move to the v3 API unchanged. Set
-``TORCH_RDZV_ETCD_V2_OVERRIDE=0`` to keep torch's.
-"""
+"""Entry points for torchrun's ``torchrun.handlers`` group: ``etcd_rdzv``, and ``etcd-v2``, which
+replaces torch's backend of that name (etcd's v2 API, removed in etcd 3.6) so that existing
+command lines move to the v3 API unchanged (``TORCH_RDZV_ETCD_V2_OVERRIDE=0`` keeps torch's)."""
 
 from __future__ import annotations
 
@@ -15,11 +11,7 @@ from typing import TYPE_CHECKING
 # Importing torch's rendezvous package loads the plugins, this module among them: a top-level
 # import of it here would hand torch a half-initialised module.
 if TYPE_CHECKING:
-    from torch.distributed.elastic.rendezvous import (
-        RendezvousHandler,
-        RendezvousHandlerCreator,
-        RendezvousParameters,
-    )
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousHandlerCreator, RendezvousParameters
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +33,8 @@ def handler_creator() -> RendezvousHandlerCreator:
 
 
 def etcd_v2_override() -> RendezvousHandlerCreator:
-    """The creator torchrun registers under ``etcd-v2``.
-
-    torch registers its own ``etcd-v2`` creator before loading plugins, and its registry refuses
-    a second creator for a name; so this drops torch's entry first, unless the override is turned
-    off, in which case torch's own creator is returned and its registration stands.
-    """
+    """The creator torchrun registers under ``etcd-v2``: torch's registry, which refuses a second
+    creator for a name, loses torch's own first, unless the override is off (then it stands)."""
     from rdzv_common.torch_private import registered_creator, unregister_creator
 
     if os.environ.get(OVERRIDE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):

@@ -3,6 +3,7 @@ itself; a key per liveness lapse on a lease of the counting window."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
@@ -17,12 +18,8 @@ from .runtime.txn import Delete, Get, Put, Txn
 
 
 def decode_entry(kv: Any) -> QuarantineEntry | None:
-    """The entry of a quarantine key, ``None`` once ended (its lease may outlive ``until`` by
-    etcd's rounding of TTLs up to whole seconds).
-
-    Raises:
-        RendezvousStateError: the value is not an entry; names the key.
-    """
+    """The entry of a quarantine key, ``None`` once ended (etcd rounds its lease's TTL up to whole
+    seconds); ``RendezvousStateError`` naming the key if the value is not an entry."""
     entry = decode_quarantine_entry(kv.value, kv.key.decode(errors="replace"))
     return entry if entry.until > time.time() else None
 
@@ -42,8 +39,7 @@ class EtcdQuarantine(Quarantine):
         self._with_lease(entry.until - time.time(), [], key, encode_quarantine_entry(entry))
 
     def get(self, host: str) -> QuarantineEntry | None:
-        """From the cache when it can vouch for this node's floor (admission asks once per join:
-        a large process would ask etcd once per node)."""
+        """From the cache when it can vouch for this node's floor (admission asks once per join)."""
         key = self._run.keys.quarantine_key(host).encode()
         kv = self._run.cache.answer(
             lambda cache: cache.get("quarantine", key),

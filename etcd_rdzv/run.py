@@ -11,15 +11,13 @@ from .config import EtcdConfig
 from .keys import RunKeys
 from .runtime import txn
 from .runtime.cache import Cache, Floor
-from .runtime.client import EtcdClient
+from .runtime.client import MAX_TXN_OPS, EtcdClient
 from .runtime.fork import Cluster, registry
 from .runtime.lessor import SharedLease
 from .runtime.watch import Watch, WatchCanceled, WatchCompacted
 
-__all__ = [
-    "Cache", "EtcdClient", "EtcdRun", "Floor", "Watch", "WatchCanceled", "WatchCompacted", "acquire", "release",
-    "release_soon",
-]
+__all__ = ["Cache", "EtcdClient", "EtcdRun", "Floor", "Watch", "WatchCanceled", "WatchCompacted", "acquire", "release",
+           "release_soon"]
 
 
 class EtcdRun:
@@ -43,6 +41,10 @@ class EtcdRun:
     def txn(self, request: txn.Txn, floor: Floor, budget: float | None = None) -> txn.Result:
         return txn.run(self.etcd, request, floor, budget)
 
+    def txns(self, ops: list, floor: Floor) -> list[txn.Result]:
+        """``ops`` in transactions of at most ``MAX_TXN_OPS`` operations, one after another."""
+        return [self.txn(txn.Txn(then=ops[i : i + MAX_TXN_OPS]), floor) for i in range(0, len(ops), MAX_TXN_OPS)]
+
     def pause(self, timeout: float) -> None:
         self.cache.pause(timeout)
 
@@ -64,10 +66,7 @@ def _item(kind: str, kv: Any) -> Any:
 
 def acquire(config: EtcdConfig, run_id: str) -> EtcdRun:
     """The process's ``EtcdRun`` of ``run_id`` (made on first use); ``release`` it when done.
-
-    Raises:
-        RendezvousConnectionError: etcd could not be reached or refused the credentials.
-    """
+    Raises ``RendezvousConnectionError`` if etcd could not be reached or refused the credentials."""
     return registry.acquire(config, run_id, lambda cluster: EtcdRun(cluster, run_id))
 
 

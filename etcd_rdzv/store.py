@@ -1,8 +1,9 @@
-"""``EtcdStore``: torch's key-value ``Store`` on etcd v3, for the agents of one run; and the one
+"""``EtcdStore``, torch's ``Store`` for the agents of one run, and ``compare_and_swap``, the one
 read-modify-write loop of a key (the store's atomic operations, the CLI's ``close``)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 import weakref
@@ -14,7 +15,6 @@ import torch.distributed as dist
 
 from .keys import prefix_range
 from .run import EtcdRun, Floor
-from .runtime.client import MAX_TXN_OPS
 from .runtime.txn import Delete, Get, Put, Txn, absent, mod_is
 
 
@@ -22,27 +22,12 @@ class Conflict(Exception):
     """Another writer changed the key between this writer's read and its compare-and-set."""
 
 
-def compare_and_swap(
-    run: EtcdRun,
-    key: bytes,
-    change: Callable[[bytes | None], bytes | None],
-    timeout: float,
-    receipt: bytes | None = None,
-    floor: Floor | None = None,
-) -> bytes | None:
-    """Replace the key's value ``v`` by ``change(v)`` (``None``: absent) on the run's lease, and
-    return what was written; when ``change`` returns ``None``, nothing is and ``v`` comes back.
-    ``change`` may be called more than once (first with ``None``, a guess that costs nothing when
-    the key is absent); only its last call's decision stands. Conflicts are retried with jittered
-    backoff for ``timeout`` seconds, then ``Conflict`` is raised.
-
-    Args:
-        receipt: a key unique to the call, put with the write on the run's lease: a retry that
-            finds it knows its write committed although its response was lost, so the change
-            applies once (on the run's lease, it outlives any outage a retry can ride out). It is
-            deleted afterwards.
-        floor: the caller's floor.
-    """
+def compare_and_swap(run: EtcdRun, key: bytes, change: Callable[[bytes | None], bytes | None], timeout: float,
+                     receipt: bytes | None = None, floor: Floor | None = None) -> bytes | None:
+    """Replace the key's value ``v`` by ``change(v)`` (``None``: absent; ``change`` may be called more
+    than once) on the run's lease and return what was written, or ``v`` if ``change`` returns
+    ``None``; conflicts are retried for ``timeout`` seconds. ``receipt``, a key unique to the call
+    put with the write, makes a retry after a lost response apply the change once."""
     floor = floor or Floor()
     seen: list = [None]  # the key's KeyValue as last read
 
@@ -63,18 +48,12 @@ def compare_and_swap(
         raise Conflict(key.decode(errors="replace"))
 
     try:
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(Conflict),
-            wait=tenacity.wait_random(0, 0.02),
-            stop=tenacity.stop_after_delay(timeout),
-            reraise=True,
-        )(attempt)
+        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(Conflict), wait=tenacity.wait_random(0, 0.02),
+                                 stop=tenacity.stop_after_delay(timeout), reraise=True)(attempt)
     finally:
         if receipt is not None:
-            try:
+            with contextlib.suppress(Exception):  # it lapses with the run's lease anyway
                 run.etcd.request(lambda c: c.delete(receipt), budget=0)
-            except Exception:  # noqa: BLE001 - it lapses with the run's lease anyway
-                pass
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -83,13 +62,9 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 class EtcdStore(dist.Store):
     """A ``torch.distributed.Store`` whose key ``k`` is ``<run>/store/k``, on the run's lease.
-    Blocking reads wait on the process's cache, not by polling, and fail with ``DistStoreError``
-    after the store's timeout; ``add``, ``append`` and ``compare_set`` are transactions, and
-    ``add`` and ``append`` apply once even when retried after a lost response.
-
-    Args:
-        release: called with ``run`` once the store is collected, if it holds a use of the run.
-    """
+    Blocking reads wait on the process's cache and fail with ``DistStoreError`` after the store's
+    timeout; ``add`` and ``append`` apply once even when retried after a lost response.
+    ``release(run)`` is called once the store is collected, if it holds a use of the run."""
 
     def __init__(self, run: EtcdRun, timeout: timedelta | None = None, release: Callable[[EtcdRun], None] | None = None) -> None:
         super().__init__()
@@ -102,17 +77,13 @@ class EtcdStore(dist.Store):
     def _key(self, key: str) -> bytes:
         return (self.prefix + key).encode()
 
-    def _txns(self, ops: list) -> list:
-        """Results of ``ops`` in transactions of at most ``MAX_TXN_OPS`` operations."""
-        return [self._run.txn(Txn(then=ops[i : i + MAX_TXN_OPS]), self._floor) for i in range(0, len(ops), MAX_TXN_OPS)]
-
     def set(self, key: str, value: str | bytes) -> None:
         self.multi_set([key], [value])
 
     def multi_set(self, keys: Sequence[str], values: Sequence[str | bytes]) -> None:
         if len(keys) != len(values):
             raise ValueError(f"multi_set got {len(keys)} keys but {len(values)} values.")
-        self._txns([Put(self._key(k), _as_bytes(v), self._run.lease) for k, v in zip(keys, values)])
+        self._run.txns([Put(self._key(k), _as_bytes(v), self._run.lease) for k, v in zip(keys, values)], self._floor)
 
     def get(self, key: str) -> bytes:
         return self._await([key], self.timeout)[0]
@@ -152,23 +123,21 @@ class EtcdStore(dist.Store):
         self._swap(key, lambda old: (old or b"") + suffix)
 
     def compare_set(self, key: str, expected_value: str | bytes, desired_value: str | bytes) -> bytes:
-        """TCPStore's semantics: set ``desired_value`` if the key holds ``expected_value`` (or is
-        absent and it is empty); return the value held afterwards, except that an absent key with a
-        non-empty ``expected_value`` returns ``expected_value``."""
+        """TCPStore's: set ``desired_value`` if the key holds ``expected_value`` (or is absent and it
+        is empty); the value held afterwards (``expected_value`` for a key absent still)."""
         expected, desired = _as_bytes(expected_value), _as_bytes(desired_value)
         current = self._swap(key, lambda old: desired if (old == expected if old is not None else not expected) else None, once=False)
         return expected if current is None else current
 
     def _read(self, keys: list[str]) -> dict[str, bytes]:
         """The values of those ``keys`` that exist, from etcd."""
-        results = self._txns([Get(self._key(k)) for k in keys])
+        results = self._run.txns([Get(self._key(k)) for k in keys], self._floor)
         kvs = [result.kv(i) for result in results for i in range(len(result.responses))]
         return {key: kv.value for key, kv in zip(keys, kvs) if kv is not None}
 
     def _await(self, keys: list[str], timeout: timedelta, read: bool = True) -> list[bytes]:
-        """Block until every key exists: wait on the cache until it shows them, then read them from
-        etcd (a value never comes from the cache); without a current cache, read etcd at once and
-        whenever the cache may have news. A ``wait`` (``read=False``) needs no values."""
+        """Wait until every key exists: on the cache until it shows them, then read their values
+        from etcd (``read``); without a current cache, read etcd whenever the cache may have news."""
         deadline = time.monotonic() + timeout.total_seconds()
         values: dict[str, bytes] = {}
         while missing := [key for key in keys if key not in values]:

@@ -1,25 +1,15 @@
-"""The read-your-writes rule, and the watch-fed copy of a key range that answers most reads.
+"""Read-your-writes: no decision rests on a read older than what its node wrote or read.
 
-    No decision may rest on a read older than what the deciding node has already written or read.
-
-Each user of a range (a node's backend, a store) has a ``Floor``: the newest revision of the range
-it wrote or read, raised by every transaction it runs (``txn.run``). ``Cache`` keeps a copy of
-every key under a prefix: it loads the range at one revision, then applies the watch's events in
-order (etcd sends them in revision order), so after the events up to ``a`` it equals the range at
-``a``. It answers a read only once it has applied the reader's floor and heard from etcd within
-``TRUSTED_FOR_SECONDS``; else ``ViewBehind``, and the reader asks etcd, in a read shared with the
-process's other readers of the same thing (``SharedReads``). A progress reply proves only that the
-stream is alive (etcd before 3.4.25/3.5.8 could send one ahead of queued events, etcd-io#15220).
-A stream silent although asked for progress is reopened; every wait here ends within
-``WAIT_CAP_SECONDS``: a silent stream costs a second, never a stale answer.
-
-Keys are kept in buckets, ``bucket_of(key) -> (bucket, id) | None``, each in the order the keys
-were created; ``item(bucket, kv)`` is what a bucket keeps of a key (its ``KeyValue`` by default).
-"""
+Each user of a range has a ``Floor``, raised by every transaction it runs (``txn.run``). ``Cache``
+is a copy of a key range, loaded at one revision and advanced by the watch's events only; it
+answers a read once it has applied the reader's floor and heard from etcd lately, else the reader
+asks etcd, sharing the request with the process's other readers (``SharedReads``). Every wait ends
+within ``WAIT_CAP_SECONDS``. Why it is built so: docs/design.md, "Waiting is a watch"."""
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import heapq
 import itertools
@@ -27,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import tenacity
@@ -43,9 +34,8 @@ T = TypeVar("T")
 PROGRESS_EVERY_SECONDS = 1.0  # the stream asks etcd to confirm it is current
 TRUSTED_FOR_SECONDS = 3.0  # after the last word from etcd, reads are still answered
 STALL_AFTER_SECONDS = 3.0  # without any reply, the stream is reopened
-# A reader waits this long for the cache to reach its floor, and on while the cache keeps applying,
-# up to the limit: a cache busy with a burst is worth waiting for (the readers asking etcd instead
-# only slow it), one that applies nothing is not.
+# A reader waits this long for the cache to reach its floor, and on while the cache keeps applying
+# up to the limit: readers that ask etcd instead only slow a cache busy with a burst.
 CATCH_UP_SECONDS = 1.0
 CATCH_UP_LIMIT_SECONDS = 5.0
 WAIT_CAP_SECONDS = 1.0
@@ -56,8 +46,7 @@ class ViewBehind(Exception):
 
 
 class Floor:
-    """The newest revision of the range one user wrote or read; reads of the cache are at least
-    this new."""
+    """The newest revision of the range one user wrote or read: its reads are at least this new."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -68,13 +57,6 @@ class Floor:
             self.revision = max(self.revision, revision)
 
 
-class _Flight:
-    def __init__(self) -> None:
-        self.landed = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
 class SharedReads:
     """Reads of etcd shared by the readers of one kind: per kind, one request in the air and one
     flight boarding. Every reader is answered by a request sent after it came, so a shared answer
@@ -82,42 +64,42 @@ class SharedReads:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._boarding: dict[Hashable, _Flight] = {}
-        self._flying: dict[Hashable, _Flight] = {}
+        self._boarding: dict[Hashable, Future] = {}
+        self._flying: dict[Hashable, Future] = {}
 
     def read(self, kind: Hashable, request: Callable[[], T]) -> T:
-        """``request()``'s answer, shared with the readers of ``kind`` aboard; a failure reaches each
-        of them (a copy each, where the error's class can be rebuilt)."""
+        """``request()``'s answer, shared with the readers of ``kind`` aboard; so is a failure."""
         with self._lock:
             flight = self._boarding.get(kind)
             leads = flight is None
             if leads:
-                flight = self._boarding[kind] = _Flight()
+                flight = self._boarding[kind] = Future()
                 ahead = self._flying.get(kind)
         if not leads:
-            flight.landed.wait()
-            if flight.error is not None:
-                raise _own_copy(flight.error) from flight.error
-            return flight.result
+            if (error := flight.exception()) is not None:
+                raise _own_copy(error) from error
+            return flight.result()
         if ahead is not None:
-            ahead.landed.wait()
+            ahead.exception()  # waits for it to land
         with self._lock:
             del self._boarding[kind]  # from now on a reader waits for the next flight
             self._flying[kind] = flight
         try:
-            flight.result = request()
-            return flight.result
+            result = request()
         except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
             with self._lock:
                 del self._flying[kind]
-            flight.landed.set()
+            flight.set_exception(exc)
+            raise
+        with self._lock:
+            del self._flying[kind]
+        flight.set_result(result)
+        return result
 
 
 def _own_copy(error: BaseException) -> BaseException:
-    # One exception raised in many threads would gather all their tracebacks.
+    """A copy, where the error's class can be rebuilt: raised in many threads, one would gather
+    all their tracebacks."""
     try:
         return copy.copy(error)
     except Exception:
@@ -125,23 +107,14 @@ def _own_copy(error: BaseException) -> BaseException:
 
 
 class Cache:
-    """The watch-fed copy of every key under ``prefix`` (see the module docstring); ``pause`` and
-    ``resume`` take its stream down and up around a ``fork()``.
+    """The watch-fed copy of every key under ``prefix``, kept in buckets (``bucket_of(key) ->
+    (bucket, id) | None``), each in creation order; a bucket keeps ``item(bucket, kv)`` of a key.
+    ``on_change(bucket, id, kv or None, loaded)`` is called, under the lock, for each key loaded
+    and each put or delete applied. ``pause`` and ``resume`` bracket a ``fork()``."""
 
-    Args:
-        on_change: called, with the lock held, with ``(bucket, id, kv or None, loaded)`` for each key
-            loaded (``loaded``: from a read of the whole range) and each put or delete applied.
-    """
-
-    def __init__(
-        self,
-        etcd: EtcdClient,
-        prefix: bytes,
-        bucket_of: Callable[[bytes], tuple[Hashable, Hashable] | None],
-        item: Callable[[Hashable, Any], Any] = lambda bucket, kv: kv,
-        on_change: Callable[[Hashable, Hashable, Any, bool], None] | None = None,
-        name: str = "etcd-rdzv-view",
-    ) -> None:
+    def __init__(self, etcd: EtcdClient, prefix: bytes, bucket_of: Callable[[bytes], tuple[Hashable, Hashable] | None],
+                 item: Callable[[Hashable, Any], Any] = lambda bucket, kv: kv,
+                 on_change: Callable[[Hashable, Hashable, Any, bool], None] | None = None, name: str = "etcd-rdzv-view") -> None:
         self.etcd, self.prefix, self._end = etcd, prefix, txn.prefix_end(prefix)
         self._bucket_of, self._item, self._on_change = bucket_of, item, on_change
         self._shared = SharedReads()
@@ -188,20 +161,14 @@ class Cache:
     def changed(self, bucket: Hashable) -> int:
         return self._changed.get(bucket, 0)
 
-    def buckets(self) -> list[Hashable]:
-        return list(self._buckets)
-
     @property
     def healthy(self) -> bool:
         """Whether the copy is loaded and its stream open."""
         return self._healthy
 
     def read(self, floor: int, reader: Callable[[Cache], T]) -> T:
-        """``reader(self)`` once the cache can answer for ``floor``, under its lock.
-
-        Raises:
-            ViewBehind: it could not catch up (see ``CATCH_UP_SECONDS``).
-        """
+        """``reader(self)`` under the lock once the cache can answer for ``floor``; else
+        ``ViewBehind`` (see ``CATCH_UP_SECONDS``)."""
         give_up = time.monotonic() + CATCH_UP_LIMIT_SECONDS
         while True:
             with self._lock:
@@ -225,12 +192,10 @@ class Cache:
     def answer(self, reader: Callable[[Cache], T], from_etcd: Callable[[], T], floor: Any, at_least: int = 0) -> T:
         """``reader`` on the copy when it can vouch for ``floor`` (a ``Floor``, raised to what the
         copy had applied) and ``at_least``, else ``from_etcd()``."""
-        try:
+        with contextlib.suppress(ViewBehind):
             answer, applied = self.read(max(floor.revision, at_least), lambda cache: (reader(cache), cache.applied))
             floor.raise_to(applied)
             return answer
-        except ViewBehind:
-            pass
         return from_etcd()  # outside the handler: its failure must not carry ViewBehind
 
     def fetch(self, request: txn.Txn, floor: Any, kind: Hashable | None = None, budget: float | None = None) -> txn.Result:
@@ -248,10 +213,7 @@ class Cache:
     # Waits: each ends within ``WAIT_CAP_SECONDS``; callers look again.
 
     def _condition(self, bucket: Hashable) -> threading.Condition:
-        condition = self._conditions.get(bucket)
-        if condition is None:
-            condition = self._conditions.setdefault(bucket, threading.Condition(self._lock))
-        return condition
+        return self._conditions.get(bucket) or self._conditions.setdefault(bucket, threading.Condition(self._lock))
 
     def wait_changed(self, bucket: Hashable, after: int, timeout: float) -> None:
         """Return once the bucket changed after revision ``after``, or after ``timeout``."""
@@ -261,9 +223,8 @@ class Cache:
                                min(timeout, WAIT_CAP_SECONDS))
 
     def wait_for(self, bucket: Hashable, ready: Callable[[Cache], bool], floor: int, timeout: float) -> bool | None:
-        """Wait until ``ready(self)`` at ``floor`` or later, or ``timeout``. ``True``: ready and
-        vouched for; ``False``: vouched for, not ready (wait on without asking etcd); ``None``: the
-        cache cannot vouch."""
+        """Wait until ``ready(self)`` at ``floor`` or later, or ``timeout``; ``ready(self)`` if the
+        cache can vouch for ``floor`` (``False``: wait on without asking etcd), else ``None``."""
         condition = self._condition(bucket)
         with condition:
             condition.wait_for(
@@ -281,10 +242,8 @@ class Cache:
             retry=tenacity.retry_if_exception(lambda exc: not self._closed and self._running.is_set()),
             before_sleep=lambda s: logger.debug("The cache of %r reconnects: %s", self.prefix, s.outcome.exception()),
         )
-        try:
+        with contextlib.suppress(Exception):  # reached only once closed or paused
             retrying(self._follow)
-        except Exception:
-            pass  # reached only once closed or paused
 
     def _follow(self) -> None:
         try:
@@ -294,7 +253,7 @@ class Cache:
             with self._lock:
                 self._buckets, self._orders, self._creations, self.applied = {}, {}, {}, loaded.revision
                 for kv in sorted(loaded.kvs(0), key=lambda kv: kv.create_revision):
-                    self._put(kv, kv.mod_revision, loading=True)
+                    self._change(kv.key, kv, kv.mod_revision, loading=True)
                 self._heard_at, self._healthy = time.monotonic(), True
                 self._wake_all()
             watch = Watch(self.etcd.raw, self.prefix, self._end, loaded.revision + 1,
@@ -312,35 +271,30 @@ class Cache:
                 self._healthy, self._watch = False, None
                 self._wake_all()
 
-    def _put(self, kv: Any, revision: int, loading: bool = False) -> Hashable | None:
-        placed = self._bucket_of(kv.key)
+    def _change(self, key: bytes, kv: Any, revision: int, loading: bool = False) -> Hashable | None:
+        """Put ``kv`` in its bucket, or delete ``key`` (``kv`` ``None``); the bucket it changed."""
+        placed = self._bucket_of(key)
         if placed is None:
             return None
-        bucket, key = placed
+        bucket, id_ = placed
         found = self._buckets.setdefault(bucket, {})
-        order = self._orders.get(bucket)
-        item = self._item(bucket, kv)
-        if key in found or order is None:  # a put of a key kept: its place stays, the list is rebuilt
+        if kv is None:
+            if found.pop(id_, None) is None:
+                return None
             self._orders.pop(bucket, None)
+            self._creations[bucket].pop(id_, None)
         else:
-            order[0].append(item)
-            order[1].append(kv.create_revision)
-        found[key] = item
-        self._creations.setdefault(bucket, {})[key] = kv.create_revision
-        return self._changes(bucket, key, kv, revision, loading)
-
-    def _delete(self, key: bytes, revision: int) -> Hashable | None:
-        placed = self._bucket_of(key)
-        if placed is None or self._buckets.get(placed[0], {}).pop(placed[1], None) is None:
-            return None
-        self._orders.pop(placed[0], None)
-        self._creations[placed[0]].pop(placed[1], None)
-        return self._changes(*placed, None, revision)
-
-    def _changes(self, bucket: Hashable, key: Hashable, kv: Any, revision: int, loading: bool = False) -> Hashable:
+            item, order = self._item(bucket, kv), self._orders.get(bucket)
+            if id_ in found or order is None:  # a put of a key kept: its place stays, the list is rebuilt
+                self._orders.pop(bucket, None)
+            else:
+                order[0].append(item)
+                order[1].append(kv.create_revision)
+            found[id_] = item
+            self._creations.setdefault(bucket, {})[id_] = kv.create_revision
         self._changed[bucket] = max(self._changed.get(bucket, 0), revision)
         if self._on_change is not None:
-            self._on_change(bucket, key, kv, loading)
+            self._on_change(bucket, id_, kv, loading)
         return bucket
 
     def _apply(self, reply: Any) -> None:
@@ -349,10 +303,7 @@ class Cache:
             for event in reply.events:
                 revision = event.kv.mod_revision or reply.header.revision
                 self.applied = max(self.applied, revision)
-                if event.type == kv_pb2.Event.DELETE:
-                    concerned.add(self._delete(event.kv.key, revision))
-                else:
-                    concerned.add(self._put(event.kv, revision))
+                concerned.add(self._change(event.kv.key, None if event.type == kv_pb2.Event.DELETE else event.kv, revision))
             self._heard_at = time.monotonic()
             for bucket in concerned - {None}:
                 if bucket in self._conditions:

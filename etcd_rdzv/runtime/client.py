@@ -1,19 +1,7 @@
-"""One connection to an etcd cluster: endpoints and failover, the one retry policy, the one
-mapping of failures to torch's ``RendezvousConnectionError``.
-
-Transient failures (no endpoint answering, timeouts, leader changes, back-pressure, an expired
-auth token) are retried with jittered exponential backoff for the request's budget
-(``read_timeout`` by default), on the next endpoint after each failure; what retrying cannot fix
-(credentials, a refused TLS handshake, permissions) fails at once. The error names the endpoints,
-the cause, how long the request tried, and the fix.
-
-A half-open connection looks like a quiet one: gRPC keeps the channel READY and every call on it
-waits. So the client notes, per endpoint, when its channel last heard anything (``Hearing``); a
-lease renewal or a call that times out on a channel that heard nothing for as long is the sign of a
-silent connection, and the channel is left for a new TCP connection (``FailoverClient.redial``).
-An attempt that finds no endpoint answering for ``WARN_AFTER_SECONDS`` is warned of once
-(``Unanswered``), long before its request gives up.
-"""
+"""One connection to an etcd cluster: endpoints and failover, the one retry policy, the one mapping
+of failures to torch's ``RendezvousConnectionError`` (docs/design.md, "Connections"). Transient
+failures are retried with jittered backoff for the request's budget, on the next endpoint each time;
+what retrying cannot fix (credentials, TLS, permissions) fails at once, saying what to fix."""
 
 from __future__ import annotations
 
@@ -22,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import etcd3
@@ -49,17 +38,14 @@ KEEPALIVE_TIMEOUT_SECONDS = 3
 # A member without a leader refuses requests and cancels watches instead of serving a stale view.
 REQUIRE_LEADER = ("hasleader", "true")
 # A renewal waits this share of its lease's TTL (at least MIN_SILENT_SECONDS) on a channel that
-# hears nothing else before the connection counts as silent: resent on a new connection, it has
-# most of the TTL left; a slow reply on a quiet channel is not taken for silence.
+# hears nothing else before the connection counts as silent: resent, it has most of the TTL left.
 SILENT_FRACTION_OF_TTL = 0.2
 MIN_SILENT_SECONDS = 2.0
 # Unanswered this long, a client warns once: a restart passes unreported, a wrong endpoint does not.
 WARN_AFTER_SECONDS = 3.0
 
-_TRANSIENT_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-)
 _UNANSWERED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_TRANSIENT_CODES = _UNANSWERED_CODES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 # gRPC reports a refused TLS handshake as UNAVAILABLE, like an unreachable server: only the text
 # tells them apart (etcd 3.4 refuses a client without a certificate with a TSI error).
 _TLS_DETAILS = ("ssl", "tls", "handshake", "certificate", "tsi_")
@@ -67,7 +53,7 @@ _PLAIN_TO_TLS_DETAILS = ("socket closed", "http1")  # a TLS port closes a plain-
 # etcd's back-pressure ("etcdserver: too many requests") reached a client as UNKNOWN too.
 _BACK_PRESSURE = "too many requests"
 # etcd3's own tables: the statuses that bench an endpoint, and its exceptions.
-_FAILED_ENDPOINT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL})
+_FAILED_ENDPOINT_CODES = _UNANSWERED_CODES | {grpc.StatusCode.INTERNAL}
 _ETCD3_EXCEPTIONS = {
     grpc.StatusCode.INTERNAL: etcd3.exceptions.InternalServerError,
     grpc.StatusCode.UNAVAILABLE: etcd3.exceptions.ConnectionFailedError,
@@ -86,65 +72,47 @@ class RpcStatus(grpc.RpcError):
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
-        self._code, self._details = code, details
+        self.code, self.details = lambda: code, lambda: details
 
     @classmethod
     def of(cls, error: grpc.RpcError) -> RpcStatus:
         return cls(error.code(), error.details() or "")
 
-    def code(self) -> grpc.StatusCode:
-        return self._code
 
-    def details(self) -> str:
-        return self._details
-
-
-def rpc_error(exc: BaseException | None) -> grpc.RpcError | None:
-    """The gRPC error behind ``exc`` (etcd3 raises its own exceptions from it)."""
+def status(exc: BaseException | None) -> tuple[grpc.StatusCode | None, str]:
+    """The gRPC status code and details behind ``exc`` (etcd3 raises its own exceptions from it)."""
     for candidate in (exc, getattr(exc, "__cause__", None), getattr(exc, "__context__", None)):
         if isinstance(candidate, grpc.RpcError) and hasattr(candidate, "code"):
-            return candidate
-    return None
+            return candidate.code(), candidate.details() or ""
+    return None, ""
 
 
-def status_code(exc: BaseException | None) -> grpc.StatusCode | None:
-    rpc = rpc_error(exc)
-    return rpc.code() if rpc is not None else None
-
-
-def _details(exc: BaseException) -> str:
-    rpc = rpc_error(exc)
-    return f"{rpc.code().name}: {rpc.details()}" if rpc is not None else f"{type(exc).__name__}: {exc}"
-
-
-def _rpc_text(exc: BaseException) -> str:
-    rpc = rpc_error(exc)
-    return (rpc.details() or "").lower() if rpc is not None else ""
-
-
-def is_token_expired(exc: BaseException | None) -> bool:
-    return status_code(exc) == grpc.StatusCode.UNAUTHENTICATED
+def _describe(exc: BaseException) -> str:
+    code, details = status(exc)
+    return f"{code.name}: {details}" if code is not None else f"{type(exc).__name__}: {exc}"
 
 
 def _is_tls_failure(exc: BaseException) -> bool:
-    return any(d in _rpc_text(exc) for d in _TLS_DETAILS)
+    return any(d in status(exc)[1].lower() for d in _TLS_DETAILS)
 
 
 def is_transient(exc: BaseException | None) -> bool:
-    """Whether ``exc`` may go away when the request is retried."""
-    if isinstance(exc, (Retryable, etcd3.exceptions.NoServerAvailableError)) or is_token_expired(exc):
-        return True
-    if status_code(exc) in _TRANSIENT_CODES and not _is_tls_failure(exc):
-        return True
-    return rpc_error(exc) is not None and _BACK_PRESSURE in _rpc_text(exc)
+    """Whether ``exc`` may go away when the request is retried (an expired token is renewed)."""
+    code, details = status(exc)
+    return (
+        isinstance(exc, (Retryable, etcd3.exceptions.NoServerAvailableError))
+        or code == grpc.StatusCode.UNAUTHENTICATED
+        or (code in _TRANSIENT_CODES and not _is_tls_failure(exc))
+        or _BACK_PRESSURE in details.lower()
+    )
 
 
 def _on_abandoned_channel(exc: BaseException) -> bool:
-    """Whether ``exc`` ended a call because the client left its silent channel (``redial``): gRPC
-    cancels the calls in flight and refuses new ones with a ``ValueError``."""
+    """Whether ``exc`` ended a call on a channel ``redial`` left: gRPC cancels the calls in flight
+    and refuses new ones with a ``ValueError``."""
     if isinstance(exc, ValueError):
         return "closed channel" in str(exc)
-    return status_code(exc) == grpc.StatusCode.CANCELLED and rpc_error(exc).details() == "Channel closed!"
+    return status(exc) == (grpc.StatusCode.CANCELLED, "Channel closed!")
 
 
 def connection_error(
@@ -152,7 +120,7 @@ def connection_error(
 ) -> RendezvousConnectionError:
     """A failed request as a ``RendezvousConnectionError`` that says what to fix; ``waited``: how
     long a transient failure was retried, within ``budget`` (``read_timeout`` by default)."""
-    code, details = status_code(exc), (rpc_error(exc).details() or "") if rpc_error(exc) else ""
+    code, details = status(exc)
     # etcd answers a wrong password, and a request without one where auth is on, INVALID_ARGUMENT.
     if code == grpc.StatusCode.INVALID_ARGUMENT and config.username is not None:
         problem = f"authentication failed for user '{config.username}' ({details}); check the 'username' and 'password' options"
@@ -167,50 +135,17 @@ def connection_error(
         )
     elif is_transient(exc):
         if waited is None:
-            problem = f"it could not be reached (last error {_details(exc)})"
+            problem = f"it could not be reached (last error {_describe(exc)})"
         elif budget is None or budget == config.read_timeout:
-            problem = f"it could not be reached within read_timeout={config.read_timeout:g}s (tried for {waited:.1f}s; last error {_details(exc)})"
+            problem = f"it could not be reached within read_timeout={config.read_timeout:g}s (tried for {waited:.1f}s; last error {_describe(exc)})"
         else:
-            problem = f"it could not be reached in {waited:.1f}s of trying (last error {_details(exc)})"
-        if config.protocol == "http" and any(s in _rpc_text(exc) for s in _PLAIN_TO_TLS_DETAILS):
+            problem = f"it could not be reached in {waited:.1f}s of trying (last error {_describe(exc)})"
+        if config.protocol == "http" and any(s in details.lower() for s in _PLAIN_TO_TLS_DETAILS):
             problem += "; if the server uses TLS, set protocol=https"
     else:
-        problem = f"the request failed ({_details(exc)})"
+        problem = f"the request failed ({_describe(exc)})"
     return RendezvousConnectionError(
         f"The rendezvous backend etcd at {config.protocol}://{config.describe_endpoints()} failed: {problem}."
-    )
-
-
-def retrying(
-    config: EtcdConfig,
-    budget: float | None = None,
-    before_retry: Callable[[BaseException], None] | None = None,
-    *,
-    last_rpc_failure: Callable[[], BaseException | None],
-) -> tenacity.Retrying:
-    """The retry policy: transient failures retried with jittered exponential backoff for
-    ``budget`` seconds (``read_timeout``), then raised as a ``RendezvousConnectionError`` that
-    reports ``last_rpc_failure()`` when the last attempt only found every endpoint resting."""
-    budget = config.read_timeout if budget is None else budget
-
-    def give_up(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception()
-        if rpc_error(exc) is None:
-            exc = last_rpc_failure() or exc
-        raise connection_error(config, exc, state.seconds_since_start, budget) from exc
-
-    def prepare(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception()
-        logger.debug("etcd request failed (%s); retry %d", _details(exc), state.attempt_number)
-        if before_retry is not None:
-            before_retry(exc)
-
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_random_exponential(multiplier=0.05, max=max(0.05, min(2.0, budget / 4))),
-        stop=tenacity.stop_before_delay(budget),
-        before_sleep=prepare,
-        retry_error_callback=give_up,
     )
 
 
@@ -270,16 +205,30 @@ _attempt = threading.local()  # the endpoint label this thread's attempt uses (`
 
 
 @contextmanager
-def pinned_endpoint(client: etcd3.MultiEndpointEtcd3Client) -> Iterator[str]:
-    """Within the block, a failed call of this thread benches the endpoint the client was on when
-    the block began, whatever other threads moved it to meanwhile. Yields its label."""
-    client.channel  # noqa: B018 - moves off a benched endpoint first
-    label, before = client._current_endpoint_label, getattr(_attempt, "label", None)
-    _attempt.label = label
+def _on_endpoint(label: str | None) -> Iterator[str | None]:
+    before, _attempt.label = getattr(_attempt, "label", None), label
     try:
         yield label
     finally:
         _attempt.label = before
+
+
+def pinned_endpoint(client: etcd3.MultiEndpointEtcd3Client) -> AbstractContextManager[str]:
+    """Within the block, a failed call of this thread benches the endpoint the client was on when
+    the block began, whatever other threads moved it to meanwhile. Yields its label."""
+    client.channel  # noqa: B018 - moves off a benched endpoint first
+    return _on_endpoint(client._current_endpoint_label)
+
+
+def fail_over(client: etcd3.MultiEndpointEtcd3Client, exc: grpc.RpcError, endpoint: str | None = None) -> NoReturn:
+    """Handle ``exc`` of a call made outside etcd3's methods as they do: bench the endpoint it used
+    (``endpoint``, when known) and raise etcd3's exception, caused by ``exc``."""
+    with _on_endpoint(getattr(_attempt, "label", None) if endpoint is None else endpoint):
+        try:
+            client._manage_grpc_errors(exc)
+        except etcd3.exceptions.Etcd3Exception as mapped:
+            raise mapped from exc
+    raise exc
 
 
 class FailoverClient(etcd3.MultiEndpointEtcd3Client):
@@ -296,8 +245,8 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
             self.hearing.heard(label)
         self._dial_lock = threading.Lock()
         self._redialled_at: dict[str, float] = {}
-        # Streams riding on the channels (the lessor's keep-alives): told of a channel left, and
-        # of the client closing.
+        # The streams riding on the channels (the lessor's keep-alives), told of a channel left
+        # and of the client closing.
         self.on_redial: list[Callable[[grpc.Channel, RpcStatus], None]] = []
         self.on_close: list[Callable[[], None]] = []
 
@@ -325,13 +274,16 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
                 del self._attempt_timeout.seconds
 
     def redial(self, label: str, channel: grpc.Channel, why: str) -> None:
-        """Leave ``channel`` of endpoint ``label`` for a new TCP connection: its calls end (and are
-        retried there, the watch reopens); with other endpoints, this one also rests."""
+        """Leave ``channel`` of endpoint ``label`` for a new TCP connection (``options`` hold
+        ``grpc.use_local_subchannel_pool``, or gRPC would hand it the old one): its calls end and
+        are retried there, the watch reopens; with other endpoints, this one also rests."""
         endpoint, now = self.endpoints[label], time.monotonic()
         with self._dial_lock:
             if endpoint.channel is not channel:
                 return  # left already
-            endpoint.channel = _dial(endpoint, self._options)
+            dial = grpc.secure_channel if endpoint.secure else grpc.insecure_channel
+            credentials = (endpoint.credentials,) if endpoint.secure else ()
+            endpoint.channel = dial(endpoint.netloc, *credentials, options=self._options)
             if label == self._current_endpoint_label:
                 self._clear_old_stubs()
             if len(self.endpoints) > 1:
@@ -369,42 +321,10 @@ class FailoverClient(etcd3.MultiEndpointEtcd3Client):
         raise exception() from exc
 
 
-def _dial(endpoint: etcd3.Endpoint, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
-    """A new channel to ``endpoint``; ``options`` must hold ``grpc.use_local_subchannel_pool``,
-    or gRPC hands it the connection of the channel it replaces."""
-    if endpoint.secure:
-        return grpc.secure_channel(endpoint.netloc, endpoint.credentials, options=options)
-    return grpc.insecure_channel(endpoint.netloc, options=options)
-
-
-def fail_over(client: etcd3.MultiEndpointEtcd3Client, exc: grpc.RpcError, endpoint: str | None = None) -> NoReturn:
-    """Handle ``exc`` of a call made outside etcd3's methods as they do: bench the endpoint it used
-    (``endpoint``, when known) and raise etcd3's exception, caused by ``exc``."""
-    before = getattr(_attempt, "label", None)
-    if endpoint is not None:
-        _attempt.label = endpoint
-    try:
-        client._manage_grpc_errors(exc)
-    except etcd3.exceptions.Etcd3Exception as mapped:
-        raise mapped from exc
-    finally:
-        _attempt.label = before
-    raise exc
-
-
-def attempt_timeout(config: EtcdConfig) -> float:
-    """One attempt: a quarter of ``read_timeout``, at least 2 s, leaving time to fail over."""
-    return min(config.read_timeout, max(2.0, config.read_timeout / 4))
-
-
 class EtcdClient:
-    """An etcd v3 client for one ``EtcdConfig`` (TLS, authentication, failover); every request
-    runs under ``retrying``, and inside ``passage()`` when given (``fork.ForkGate``: no request
-    may be inside gRPC at a ``fork()``). Bad credentials fail at construction.
-
-    Raises:
-        RendezvousConnectionError: etcd could not be reached or refused the credentials.
-    """
+    """An etcd v3 client for one ``EtcdConfig`` (TLS, authentication, failover); every request runs
+    under the one retry policy, inside ``passage()`` (``fork.ForkGate``). Bad credentials, or no
+    etcd, raise ``RendezvousConnectionError`` at construction."""
 
     def __init__(self, config: EtcdConfig, passage: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.config = config
@@ -420,23 +340,24 @@ class EtcdClient:
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
             ("grpc.use_local_subchannel_pool", 1),  # a redial gets a connection of its own
         ]
-        credentials = _credentials(config) if secure else None
+        files = (config.ca_cert, config.ssl_cert_key, config.ssl_cert)
+        credentials = grpc.ssl_channel_credentials(*(p and Path(p).read_bytes() for p in files)) if secure else None
         endpoints = [
             etcd3.Endpoint(f"[{host}]" if ":" in host else host, port, secure=secure, creds=credentials,
                            time_retry=ENDPOINT_REST_SECONDS, opts=options)
             for host, port in config.endpoints
         ]
-        self.raw = FailoverClient(endpoints, timeout=attempt_timeout(config), failover=True, options=options)
+        # An attempt takes a quarter of read_timeout, at least 2 s: time is left to fail over.
+        attempt = min(config.read_timeout, max(2.0, config.read_timeout / 4))
+        self.raw = FailoverClient(endpoints, timeout=attempt, failover=True, options=options)
         self.raw.metadata = (REQUIRE_LEADER,)
-        self._token_expired = False
+        self._token_expired = self._closed = False
         # The last failure a server (or the network) gave, until a request succeeds, as a bare
         # status: what a request that only found the endpoints resting reports.
         self._rpc_failure: RpcStatus | None = None
-        # One retry policy per budget, shared by threads (its call state is thread-local).
         self._policies: dict[float | None, tenacity.Retrying] = {}
         where = f"etcd at {config.protocol}://{config.describe_endpoints()}"
         self._unanswered = Unanswered(where, f"read_timeout={config.read_timeout:g}s")
-        self._closed = False
         if config.username is not None:
             try:
                 self.request(lambda _: self._authenticate())
@@ -454,16 +375,36 @@ class EtcdClient:
         self.raw.metadata = (("token", response.token), REQUIRE_LEADER)
         self.raw.call_credentials = None
 
-    def _before_retry(self, exc: BaseException) -> None:
-        self._token_expired = self._token_expired or is_token_expired(exc)
+    def _policy(self, budget: float | None) -> tenacity.Retrying:
+        """The retry policy of ``budget``, shared by threads: transient failures retried with jittered
+        backoff, then a ``RendezvousConnectionError`` naming the last failure a server gave."""
+        if budget in self._policies:
+            return self._policies[budget]
+        seconds = self.config.read_timeout if budget is None else budget
+
+        def give_up(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception()
+            if status(exc)[0] is None:
+                exc = self._rpc_failure or exc
+            raise connection_error(self.config, exc, state.seconds_since_start, seconds) from exc
+
+        def prepare(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception()
+            logger.debug("etcd request failed (%s); retry %d", _describe(exc), state.attempt_number)
+            self._token_expired = self._token_expired or status(exc)[0] == grpc.StatusCode.UNAUTHENTICATED
+
+        self._policies[budget] = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            wait=tenacity.wait_random_exponential(multiplier=0.05, max=max(0.05, min(2.0, seconds / 4))),
+            stop=tenacity.stop_before_delay(seconds),
+            before_sleep=prepare,
+            retry_error_callback=give_up,
+        )
+        return self._policies[budget]
 
     def request(self, op: Callable[[etcd3.MultiEndpointEtcd3Client], T], budget: float | None = None) -> T:
-        """``op(client)``, retrying transient failures for ``budget`` seconds (``read_timeout``).
-        An attempt takes no longer than the budget (nor a quarter of ``read_timeout``).
-
-        Raises:
-            RendezvousConnectionError: the request failed for good.
-        """
+        """``op(client)``, retrying transient failures for ``budget`` seconds (``read_timeout``), each
+        attempt within the budget; else ``RendezvousConnectionError``."""
         limit = max(MIN_ATTEMPT_SECONDS, budget) if budget else None
 
         def attempt(client: FailoverClient) -> T:
@@ -483,26 +424,21 @@ class EtcdClient:
                 refused = self._rpc_failure
                 if refused is not None and _is_tls_failure(refused):
                     raise connection_error(self.config, refused) from refused
-                self._unanswered.failed(_details(refused) if refused else "every endpoint rests after a failure")
+                self._unanswered.failed(_describe(refused) if refused else "every endpoint rests after a failure")
                 raise
             except Exception as exc:
                 self._check_open()  # closed meanwhile: gRPC says only "Channel closed!"
                 if _on_abandoned_channel(exc):
                     raise Retryable("the request's connection went silent and was left for a new one") from exc
-                rpc = rpc_error(exc)
-                if rpc is not None:
-                    self._rpc_failure = RpcStatus.of(rpc)
-                    if rpc.code() in _UNANSWERED_CODES and not _is_tls_failure(rpc):
-                        self._unanswered.failed(_details(rpc))
+                code, details = status(exc)
+                if code is not None:
+                    self._rpc_failure = RpcStatus(code, details)
+                    if code in _UNANSWERED_CODES and not _is_tls_failure(exc):
+                        self._unanswered.failed(_describe(exc))
                 raise
 
-        policy = self._policies.get(budget)
-        if policy is None:
-            policy = self._policies[budget] = retrying(
-                self.config, budget, self._before_retry, last_rpc_failure=lambda: self._rpc_failure
-            )
         try:
-            return policy(attempt, self.raw)
+            return self._policy(budget)(attempt, self.raw)
         except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
             raise connection_error(self.config, exc) from exc
 
@@ -517,13 +453,3 @@ class EtcdClient:
         """Close the channels; later requests fail with ``RendezvousConnectionError``. Idempotent."""
         self._closed = True
         self.raw.close()
-
-
-def _credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
-    def read(path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        with open(path, "rb") as f:
-            return f.read()
-
-    return grpc.ssl_channel_credentials(read(config.ca_cert), read(config.ssl_cert_key), read(config.ssl_cert))

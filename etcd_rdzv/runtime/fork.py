@@ -1,17 +1,7 @@
-"""The process's one registry of shared etcd objects, and what it does around ``fork()``.
-
-A process holds one ``Cluster`` (a client, so one gRPC channel per endpoint)
-per configuration, and one shared object per (configuration, name) however many users it has
-(the rendezvous handlers of a run share the run's cache): ``acquire`` hands it out, made on first
-use, and the last ``release`` closes it, and its cluster once unused. ``registry`` is the etcd
-side's only process-wide mutable state.
-
-gRPC cannot be carried across ``fork()`` while a thread is inside it. So before a fork the
-registry pauses every shared object's stream and every client's keep-alive streams, collects the
-garbage they left (their finalizers take locks a parent thread may hold at the fork), and closes
-the gate every request passes through, waiting briefly for those in flight; afterwards the parent
-opens it and resumes the streams. The child starts empty and never touches what it inherited.
-"""
+"""``registry``, the etcd side's only process-wide state: one ``Cluster`` (a client) per
+configuration and one shared object per (configuration, name), counted by their users.
+Around ``fork()`` it pauses every stream and holds requests at the ``ForkGate`` (gRPC cannot be
+carried across a fork with a thread inside it); the child starts empty (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -48,10 +38,8 @@ class ForkGate:
     def passage(self) -> Iterator[None]:
         with self._cond:
             if self._orphaned:
-                raise RuntimeError(
-                    "This etcd client was made by the parent of this forked process; build a new "
-                    "rendezvous handler in the child."
-                )
+                raise RuntimeError("This etcd client was made by the parent of this forked process; "
+                                   "build a new rendezvous handler in the child.")
             self._cond.wait_for(lambda: self._open)
             self._inside += 1
         try:
@@ -103,23 +91,16 @@ class Registry:
 
     def acquire(self, config: EtcdConfig, name: Hashable, make: Callable[[Cluster], T]) -> T:
         """The process's object ``name`` on the cluster of ``config``, made by ``make(cluster)`` on
-        first use (it has ``pause``, ``resume`` and ``close``); ``release`` it when done.
-
-        Raises:
-            RendezvousConnectionError: etcd could not be reached or refused the credentials.
-        """
+        first use (it has ``pause``, ``resume`` and ``close``); ``release`` it when done. Raises
+        ``RendezvousConnectionError`` if etcd could not be reached or refused the credentials."""
         with self._lock:
             held = self._shared.get((config, name))
             if held is not None:
                 held[1] += 1
                 return held[0]
-            cluster = self._clusters.setdefault(config, [None, 0])
-            if cluster[0] is None:
-                try:
-                    cluster[0] = Cluster(config, self.gate)
-                except BaseException:
-                    del self._clusters[config]
-                    raise
+            if config not in self._clusters:
+                self._clusters[config] = [Cluster(config, self.gate), 0]
+            cluster = self._clusters[config]
             cluster[1] += 1
             try:
                 made = make(cluster[0])
@@ -145,9 +126,8 @@ class Registry:
             self._release_cluster(key[0])
 
     def release_soon(self, shared: Any) -> None:
-        """``release``, safe from a finalizer: garbage collection runs it on whatever thread
-        allocates, which may hold a lock releasing needs (the registry's, a keep-alive stream's).
-        So it runs on a thread of its own, waited for a moment unless the registry is locked."""
+        """``release`` on a thread of its own, waited for a moment unless the registry is locked:
+        a finalizer runs on whatever thread allocates, which may hold a lock releasing needs."""
         free = self._lock.acquire(blocking=False)
         if free:
             self._lock.release()

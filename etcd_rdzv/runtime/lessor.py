@@ -1,24 +1,20 @@
 """Leases: granting and revoking one, a key range's shared lease, and the keep-alive streams that
-renew every lease of a client (the Go client's ``Lease`` keep-alive loop).
-
-etcd renews a lease only over the ``LeaseKeepAlive`` stream; etcd3 opens a stream (and gRPC a
-thread) per renewal. Here a renewal is one message on a stream that stays open, and a lease is
-renewed on one of ``STREAMS`` streams chosen by its id (a stream's renewals are answered one at a
-time, after etcd applied what it committed before them, so a busy run's renewals wait side by
-side). A renewal that gets no reply while its channel hears nothing else finds the connection
-silent (``client.silent_after``): the client dials a new one and the renewal is sent again there.
-"""
+renew every lease of a client (the Go client's ``Lease`` keep-alive loop). A renewal is one message
+on one of ``STREAMS`` streams that stay open, chosen by lease id (docs/design.md); one that gets no
+reply on a channel that hears nothing else redials it (``client.silent_after``)."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Future
 
 import etcd3
 import etcd3.exceptions
@@ -26,7 +22,7 @@ import grpc
 from etcd3.etcdrpc import LeaseKeepAliveRequest, LeaseStub
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from .client import EtcdClient, FailoverClient, Retryable, RpcStatus, fail_over, silent_after, status_code
+from .client import EtcdClient, FailoverClient, Retryable, RpcStatus, fail_over, silent_after
 
 logger = logging.getLogger(__name__)
 
@@ -42,44 +38,29 @@ class KeepAliveFailed(Exception):
         self.error, self.endpoint, self.abandoned = error, endpoint, abandoned
 
 
-class _Renewal:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.ttl = 0
-        self.error: RpcStatus | None = None
-
-    def finish(self, ttl: int = 0, error: RpcStatus | None = None) -> None:
-        self.ttl, self.error = ttl, error
-        self.done.set()
-
-
 class _Stream:
     """An open ``LeaseKeepAlive`` call, the thread that reads its replies, the renewals waiting."""
 
     def __init__(self, client: FailoverClient) -> None:
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[LeaseKeepAliveRequest | None] = queue.SimpleQueue()
-        self._waiting: dict[int, collections.deque[_Renewal]] = collections.defaultdict(collections.deque)
+        self._waiting: dict[int, collections.deque[Future]] = collections.defaultdict(collections.deque)  # TTLs
         self.failure: RpcStatus | None = None
         # The channel, not a cached stub: a stub made before a redial rides the abandoned connection.
         self.channel = client.channel
         self.endpoint = client._current_endpoint_label
         self._hearing = client.hearing
         self._call = LeaseStub(self.channel).LeaseKeepAlive(
-            self._feed(), credentials=client.call_credentials, metadata=client.metadata
+            iter(self._requests.get, None), credentials=client.call_credentials, metadata=client.metadata
         )
         self._reader = threading.Thread(target=self._read, name="etcd-rdzv-keepalive", daemon=True)
         self._reader.start()
 
-    def _feed(self) -> Iterator[LeaseKeepAliveRequest]:
-        while (request := self._requests.get()) is not None:
-            yield request
-
-    def send(self, lease_id: int) -> _Renewal:
-        renewal = _Renewal()
+    def send(self, lease_id: int) -> Future:
+        renewal = Future()
         with self._lock:
             if self.failure is not None:
-                renewal.finish(error=RpcStatus.of(self.failure))
+                renewal.set_exception(RpcStatus.of(self.failure))
                 return renewal
             self._waiting[lease_id].append(renewal)
         self._requests.put(LeaseKeepAliveRequest(ID=lease_id))
@@ -93,7 +74,7 @@ class _Stream:
                     waiting = self._waiting.get(reply.ID)
                     renewal = waiting.popleft() if waiting else None
                 if renewal is not None:
-                    renewal.finish(ttl=reply.TTL)
+                    renewal.set_result(reply.TTL)
             failure = RpcStatus(grpc.StatusCode.UNAVAILABLE, "the lease keep-alive stream ended")
         except grpc.RpcError as exc:
             failure = RpcStatus.of(exc)
@@ -105,7 +86,7 @@ class _Stream:
             waiting, self._waiting = self._waiting, collections.defaultdict(collections.deque)
         self._requests.put(None)  # ends the feed thread
         for renewal in (r for renewals in waiting.values() for r in renewals):
-            renewal.finish(error=RpcStatus.of(self.failure))
+            renewal.set_exception(RpcStatus.of(self.failure))
 
     def cancel(self, why: RpcStatus, join: float | None = None) -> None:
         self._fail(why)
@@ -115,8 +96,7 @@ class _Stream:
 
 
 class KeepAliveStreams:
-    """The keep-alive streams of one client, each opened on first use and again after it failed;
-    ``of(client)`` makes the client's one set."""
+    """The keep-alive streams of ``of(client)``, each opened on first use and again after it failed."""
 
     def __init__(self, client: FailoverClient, streams: int = STREAMS) -> None:
         self._client = client
@@ -135,12 +115,8 @@ class KeepAliveStreams:
         return streams
 
     def renew(self, lease_id: int, timeout: float, silent_after: float | None = None) -> int:
-        """Renew ``lease_id`` once; the TTL etcd gave it (0: the lease is gone).
-
-        Raises:
-            KeepAliveFailed: the stream failed or gave no reply within ``timeout``, or (after
-                ``silent_after`` seconds without a word on its channel) its connection went silent.
-        """
+        """Renew ``lease_id`` once; the TTL etcd gave it (0: gone). ``KeepAliveFailed``: the stream
+        failed, gave no reply within ``timeout``, or heard nothing for ``silent_after`` seconds."""
         with self._lock:
             if self._stopped:
                 raise KeepAliveFailed(RpcStatus(grpc.StatusCode.CANCELLED, "the etcd client is closed"), None)
@@ -151,7 +127,7 @@ class KeepAliveStreams:
         renewal = stream.send(lease_id)
         end = time.monotonic() + timeout
         wait = timeout if silent_after is None else min(silent_after, timeout)
-        while not renewal.done.wait(wait):
+        while not futures.wait([renewal], wait).done:
             if silent_after is not None:
                 quiet = self._client.hearing.quiet_for(stream.endpoint)
                 if quiet >= silent_after:
@@ -166,9 +142,9 @@ class KeepAliveStreams:
                 raise KeepAliveFailed(RpcStatus.of(late), stream.endpoint)
             # The channel heard something lately: etcd is slow, not gone; look again later.
             wait = remaining if silent_after is None else min(remaining, max(0.05, silent_after - quiet))
-        if renewal.error is not None:
-            raise KeepAliveFailed(renewal.error, stream.endpoint)
-        return renewal.ttl
+        if renewal.exception() is not None:
+            raise KeepAliveFailed(renewal.exception(), stream.endpoint)
+        return renewal.result()
 
     def abandon(self, channel: object, why: RpcStatus) -> None:
         """Cancel the streams on ``channel``, whose connection was left."""
@@ -196,8 +172,8 @@ class KeepAliveStreams:
 
 
 def refresh(client: FailoverClient, lease_id: int, ttl: float | None = None) -> bool:
-    """Renew the lease once, within a request; ``False`` if it is gone. ``ttl``: its TTL, which
-    bounds the wait on a silent connection."""
+    """Renew the lease once, within a request; ``False`` if it is gone. Its ``ttl`` bounds the wait
+    on a silent connection."""
     try:
         return KeepAliveStreams.of(client).renew(lease_id, client.timeout, silent_after(ttl, client.timeout)) > 0
     except KeepAliveFailed as failed:
@@ -209,11 +185,6 @@ def refresh(client: FailoverClient, lease_id: int, ttl: float | None = None) -> 
 def grant(etcd: EtcdClient, ttl: float, budget: float | None = None) -> int:
     """A new lease of ``ttl`` seconds, rounded up to whole seconds (etcd's unit); its id."""
     return etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id, budget)
-
-
-def is_lease_missing(exc: BaseException) -> bool:
-    """Whether etcd refused a write because its lease is gone (etcd's only NOT_FOUND)."""
-    return status_code(exc) == grpc.StatusCode.NOT_FOUND
 
 
 def revoke(etcd: EtcdClient, lease_id: int) -> None:
@@ -256,13 +227,10 @@ class SharedLease:
 
     def _renew(self, client: FailoverClient) -> None:
         if not refresh(client, self.id):
-            try:
+            with contextlib.suppress(etcd3.exceptions.PreconditionFailedError):  # granted by another process
                 client.lease(self._ttl, lease_id=self.id)
-            except etcd3.exceptions.PreconditionFailedError:
-                pass  # another process granted it first
 
     def lost(self, lease_id: int) -> None:
-        """The lease lapsed: the next ``current`` grants it again, and the request is retried."""
+        """The lease lapsed: the next ``current`` grants it again."""
         with self._lock:
             self._renewed_at = None
-        raise Retryable(f"lease {lease_id:x} expired")

@@ -1,12 +1,7 @@
-"""Transactions as data, and the one executor that runs them.
-
-A ``Txn`` names its compares and the operations of each branch; a put names its lease as an id
-or as a lease object (``lessor.SharedLease``, a node's lease), resolved in each attempt and
-granted anew when etcd says it is gone. ``Executor.run`` sends it as one etcd transaction under
-the client's retry policy and raises the caller's ``Floor`` to the newest revision of the keys it
-wrote (the transaction's own revision) or read (the newest ``mod_revision`` it returned): the
-read-your-writes rule of ``cache.py`` holds without any caller choosing a revision.
-"""
+"""Transactions as data, and the one executor that runs them. A put names its lease as an id or a
+lease object (``lessor.SharedLease``, ``liveness.NodeLease``), resolved in each attempt and granted
+anew when etcd says it is gone. ``run`` raises the caller's ``Floor`` to what the transaction wrote
+or read (``Result.seen``): no caller ever chooses a revision (``cache.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +12,7 @@ from typing import Any, Union
 import grpc
 from etcd3.etcdrpc import Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest
 
-from .client import EtcdClient, FailoverClient, Retryable, fail_over, status_code
+from .client import EtcdClient, FailoverClient, Retryable, fail_over
 
 
 @dataclass(frozen=True)
@@ -112,21 +107,14 @@ class Result:
     @property
     def seen(self) -> int:
         """The newest revision of the keys it wrote (its own) or else read (0: none)."""
-        kinds = [r.WhichOneof("response") for r in self.responses]
-        if "response_put" in kinds or any(k == "response_delete_range" and r.response_delete_range.deleted
-                                          for k, r in zip(kinds, self.responses)):
+        if any(r.HasField("response_put") or r.response_delete_range.deleted for r in self.responses):
             return self.revision
-        return max((kv.mod_revision for r, k in zip(self.responses, kinds) if k == "response_range"
-                    for kv in r.response_range.kvs), default=0)
+        return max((kv.mod_revision for r in self.responses for kv in r.response_range.kvs), default=0)
 
 
 def run(etcd: EtcdClient, txn: Txn, floor: Any = None, budget: float | None = None) -> Result:
-    """Run ``txn`` on ``etcd`` for up to ``budget`` seconds (``read_timeout``); raise ``floor``
-    (anything with ``raise_to``) to what it wrote or read.
-
-    Raises:
-        RendezvousConnectionError: it failed for good.
-    """
+    """Run ``txn`` on ``etcd`` for up to ``budget`` seconds (``read_timeout``), else raise
+    ``RendezvousConnectionError``; raise ``floor`` (anything with ``raise_to``) to what it saw."""
     result = etcd.request(lambda client: _attempt(client, txn), budget)
     if floor is not None:
         floor.raise_to(result.seen)
@@ -143,12 +131,9 @@ def _attempt(client: FailoverClient, txn: Txn) -> Result:
     try:
         response = client.kvstub.Txn(request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
     except grpc.RpcError as exc:
-        if status_code(exc) == grpc.StatusCode.NOT_FOUND and leases:  # etcd's only NOT_FOUND: a lease gone
+        if exc.code() == grpc.StatusCode.NOT_FOUND and leases:  # etcd's only NOT_FOUND: a lease gone
             for lease_id, lease in leases.items():
-                try:
-                    lease.lost(lease_id)
-                except Retryable:
-                    pass
+                lease.lost(lease_id)
             raise Retryable(f"a lease of the transaction expired: {exc.details()}") from exc
         fail_over(client, exc)
     return Result(response.succeeded, response.header.revision, list(response.responses))

@@ -1,11 +1,6 @@
-"""The one etcd watch loop: a stream over a key range, read reply by reply.
-
-Every watcher of this package (a process's view of a run, the CLI's ``watch``, the tests' checkers)
-iterates a ``Watch``. It asks etcd to cancel the stream when the member it talks to has no leader
-(etcd's require-leader metadata), so a member cut off from its cluster cannot keep a watcher
-waiting on a stream that will never carry another event; and it can ask for progress replies on a
-timer, and cancel itself when even those stop coming (a half-open connection, a stalled member).
-"""
+"""The one etcd watch loop, which every watcher of the package iterates. Its stream carries the
+client's require-leader metadata (a member cut off from its cluster cancels it); it can ask for
+progress replies on a timer and cancel itself when even those stop (a half-open connection)."""
 
 from __future__ import annotations
 
@@ -35,34 +30,14 @@ class WatchStalled(etcd3.exceptions.Etcd3Exception):
 
 
 class Watch:
-    """A watch stream on ``[key, range_end)`` from ``start_revision`` (0: from now on).
+    """A watch stream on ``[key, range_end)`` from ``start_revision`` (0: now). Iterating yields
+    etcd's replies in order until ``cancel`` or ``timeout``, or raises ``WatchCompacted``,
+    ``WatchCanceled``, ``WatchStalled`` (no reply for ``stall_after`` seconds while progress is
+    asked for every ``progress_every``), or etcd3's exception of a failed connection."""
 
-    Iterating yields etcd's ``WatchResponse`` replies in order, events and progress replies alike,
-    until ``cancel``, ``timeout`` seconds (the iteration then just ends) or a failure.
-
-    Args:
-        client: the etcd3 client whose channel (and endpoint) the stream uses.
-        progress_every: ask etcd every this many seconds to confirm the stream is current.
-        stall_after: with ``progress_every``, cancel the stream once this many seconds pass without
-            a reply; the iteration then raises ``WatchStalled``.
-
-    Raises (while iterating):
-        WatchCompacted: the start revision is compacted.
-        WatchCanceled: etcd refused or ended the watch.
-        WatchStalled: see ``stall_after``.
-        etcd3.exceptions.Etcd3Exception: the connection failed (its endpoint is marked failed).
-    """
-
-    def __init__(
-        self,
-        client: etcd3.MultiEndpointEtcd3Client,
-        key: bytes,
-        range_end: bytes | None = None,
-        start_revision: int = 0,
-        timeout: float | None = None,
-        progress_every: float | None = None,
-        stall_after: float | None = None,
-    ) -> None:
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client, key: bytes, range_end: bytes | None = None,
+                 start_revision: int = 0, timeout: float | None = None, progress_every: float | None = None,
+                 stall_after: float | None = None) -> None:
         self._client = client
         self._done = threading.Event()
         self._stalled = False
@@ -80,9 +55,9 @@ class Watch:
                 yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 
         channel = client.channel
-        # A failure of the stream benches the endpoint it runs on, not the one current by then.
+        # A failure benches the stream's endpoint, not the one current by then; every reply tells
+        # the client that the connection is alive (``client.Hearing``).
         self._endpoint = getattr(client, "_current_endpoint_label", None)
-        # Every reply tells the client the connection is alive (``client.Hearing``).
         self._hearing = getattr(client, "hearing", None)
         self._call = rpc.WatchStub(channel).Watch(requests(), timeout=timeout, metadata=client.metadata)
 
@@ -117,19 +92,3 @@ class Watch:
     def __exit__(self, *exc_info: object) -> None:
         self.cancel()
 
-
-def wait_for_events(
-    client: etcd3.MultiEndpointEtcd3Client, key: bytes, start_revision: int | None, timeout: float
-) -> list:
-    """The events on ``key`` from ``start_revision`` on (``None``: from now), at the first reply that
-    has any, or ``[]`` after ``timeout`` seconds or if that history is compacted (re-read then)."""
-    if timeout <= 0:
-        return []
-    try:
-        with Watch(client, key, start_revision=start_revision or 0, timeout=timeout) as watch:
-            for reply in watch:
-                if reply.events:
-                    return list(reply.events)
-    except WatchCompacted:
-        pass
-    return []
