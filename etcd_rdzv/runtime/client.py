@@ -72,7 +72,13 @@ class RpcStatus(grpc.RpcError):
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
-        self.code, self.details = lambda: code, lambda: details
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
     @classmethod
     def of(cls, error: grpc.RpcError) -> RpcStatus:
