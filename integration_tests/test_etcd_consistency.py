@@ -210,3 +210,32 @@ def test_the_mailbox_keeps_nothing_per_record_read(make):
         poster.mailbox.post(b"join-%d" % i)
     wait_until(lambda: len(reader.mailbox.read(0)) == 20, 5)
     assert vars(reader.mailbox) == before
+
+
+def test_reads_a_client_gives_up_on_leave_etcd_running(etcd_server):
+    """etcd before 3.5.5 panics when the client of a read-only transaction gives up while etcd
+    serves it (etcd-io/etcd#14110): the runtime's reads, which waited for a busy etcd no longer
+    than an attempt, crashed the etcd 3.5.1 that a 4,096-node benchmark and the test suite ran on.
+    Reads go as ``Range`` requests, which etcd abandons cleanly."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from etcd_rdzv.config import config_from_params
+    from etcd_rdzv.runtime.client import EtcdClient
+
+    server = etcd_server()
+    etcd = EtcdClient(config_from_params(RendezvousParameters("etcd_rdzv", server.endpoint, "reads", 1, 1)))
+    try:
+        value = b"x" * 1024
+        for first in range(0, 20_000, 100):  # 20 MB: reading it all takes etcd longer than the client waits
+            txn.run(etcd, txn.Txn(then=[txn.Put(b"/big/%06d" % i, value) for i in range(first, first + 100)]))
+        read = txn.Txn(then=[txn.Get(b"/big/", txn.prefix_end(b"/big/"))])
+        for attempt in range(30):
+            with etcd.raw.attempt_limit(0.005 + (attempt % 10) * 0.003):
+                try:
+                    txn._attempt(etcd.raw, read)
+                except Exception:  # noqa: BLE001 - the client gave up: what matters is the server
+                    pass
+        assert server.running, "etcd crashed serving a read its client gave up on"
+        assert txn.run(etcd, txn.Txn(then=[txn.Get(b"/big/", txn.prefix_end(b"/big/"), count_only=True)])).count(0) == 20_000
+    finally:
+        etcd.close()
