@@ -61,7 +61,9 @@ class EtcdLiveness(Liveness):
                 if announcing:
                     self._unput.add(node_key)
                     return
-        run.txn(Txn(then=[self._put(node_key, lease_id)]), self._floor, timeout)
+        # On the node's lease as an object: one that lapsed before the put (a busy etcd can take a
+        # TTL to answer) is granted anew, not a failure.
+        run.txn(Txn(then=[self._put(node_key, NodeLease(self, node_key))]), self._floor, timeout)
         self.put_done(node_key)
 
     def lease_of(self, node_key: str) -> NodeLease | None:

@@ -497,3 +497,28 @@ def test_a_joining_node_s_liveness_key_is_written_in_its_announcement_s_own_tran
     assert _lease_exists(etcd_admin, meta.lease_id)
     later = backend.mailbox.post(b"again", poster="node-a")  # put once only
     assert etcd_admin.get(backend.run.keys.alive_key("node-a"))[1].mod_revision < later.position
+
+
+def test_a_beat_whose_new_lease_lapses_before_its_key_is_put_grants_another(make_backend, etcd_admin, monkeypatch):
+    """Under a busy etcd a grant and the put that follows it can lie a TTL apart (the 4,096-node
+    benchmark saw requests take longer than 15 s): the put then found its lease gone, and the beat
+    failed with NOT_FOUND "requested lease not found" instead of granting another."""
+    from etcd_rdzv import liveness
+
+    backend = make_backend()
+    granted = liveness.grant
+    lapsed: list[int] = []
+
+    def lapsing(etcd, ttl, timeout=None):
+        lease_id = granted(etcd, ttl, timeout)
+        if not lapsed:
+            lapsed.append(lease_id)
+            etcd_admin.revoke_lease(lease_id)
+        return lease_id
+
+    monkeypatch.setattr(liveness, "grant", lapsing)
+    backend.liveness.beat("node-a", 5)
+    _, meta = etcd_admin.get(backend.run.keys.alive_key("node-a"))
+    assert lapsed and meta is not None and meta.lease_id != lapsed[0]
+    assert _lease_exists(etcd_admin, meta.lease_id)
+    assert backend.liveness.alive(["node-a"], 5, current=True) == {"node-a"}

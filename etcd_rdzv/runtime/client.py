@@ -118,7 +118,8 @@ def _on_abandoned_channel(exc: BaseException) -> bool:
     and refuses new ones with a ``ValueError``."""
     if isinstance(exc, ValueError):
         return "closed channel" in str(exc)
-    return status(exc) == (grpc.StatusCode.CANCELLED, "Channel closed!")
+    code, details = status(exc)
+    return code == grpc.StatusCode.CANCELLED and "Channel closed!" in details  # a stream's: "Stream removed (...)"
 
 
 def connection_error(
