@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import threading
@@ -15,7 +14,7 @@ from rdzv_common.backend import Liveness, LivenessLapsed, Token
 from .keys import node_of, prefix_range
 from .run import EtcdRun, Floor
 from .runtime.client import FailoverClient
-from .runtime.lessor import grant, refresh, revoke
+from .runtime.lessor import grant, grant_within, refresh, revoke
 from .runtime.txn import Delete, Get, Put, Txn
 
 
@@ -75,7 +74,7 @@ class EtcdLiveness(Liveness):
         with self._lock:
             lease_id = self._leases.get(node_key)
         if lease_id is None:
-            lease_id = client.lease(max(1, math.ceil(self._ttls[node_key]))).id
+            lease_id = grant_within(client, self._ttls[node_key])
             with self._lock:
                 self._leases[node_key] = lease_id
                 self._unput.add(node_key)

@@ -183,8 +183,13 @@ def refresh(client: FailoverClient, lease_id: int, ttl: float | None = None) -> 
 
 
 def grant(etcd: EtcdClient, ttl: float, budget: float | None = None) -> int:
-    """A new lease of ``ttl`` seconds, rounded up to whole seconds (etcd's unit); its id."""
-    return etcd.request(lambda c: c.lease(max(1, math.ceil(ttl))).id, budget)
+    """A new lease of ``ttl`` seconds (``grant_within``), as a request of its own; its id."""
+    return etcd.request(lambda c: grant_within(c, ttl), budget)
+
+
+def grant_within(client: FailoverClient, ttl: float) -> int:
+    """A new lease of ``ttl`` seconds, rounded up to whole seconds (etcd's unit), within a request."""
+    return client.lease(max(1, math.ceil(ttl))).id
 
 
 def revoke(etcd: EtcdClient, lease_id: int) -> None:
